@@ -1,0 +1,68 @@
+"""Functional dimension: the rank of the Jacobian of the outputs w.r.t. the parameters.
+
+Directions along a gauge orbit do not change the function, so
+$\\mathrm{rank}\\, J \\le \\dim\\theta - \\dim(\\text{orbit})$ for every input set; generic
+ReLU networks whose hidden widths do not increase reach it on enough random inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.flatten_util
+import numpy as np
+from jaxtyping import PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionalDimension:
+    """Result of [`gaugejax.functional_dimension`][].
+
+    **Fields:** `rank` (numerical rank of the Jacobian), `num_params`, `num_outputs` (rows
+    of the Jacobian), `singular_values` (descending), `tol` (the absolute threshold used)
+    and `gap` (ratio of the last singular value counted to the first one dropped: large
+    means the rank is unambiguous).
+    """
+
+    rank: int
+    num_params: int
+    num_outputs: int
+    singular_values: np.ndarray = dataclasses.field(repr=False)
+    tol: float
+    gap: float
+
+
+def functional_dimension(
+    fn: Callable[[PyTree, Any], Any], params: PyTree, inputs: Any, *, rtol: float | None = None
+) -> FunctionalDimension:
+    """Numerical rank of $\\partial f(\\theta, X) / \\partial \\theta$ over a batch of inputs.
+
+    **Arguments:**
+
+    - `fn`: `fn(params, inputs) -> outputs` for the whole batch.
+    - `params`: the parameters (differentiated over every inexact array leaf).
+    - `inputs`: a batch of inputs; use enough of them that
+      `outputs.size >= number of parameters`. Use float64 for a clean rank.
+    - `rtol`: relative threshold on singular values (default: NumPy's, `max(M, N) * eps`).
+    """
+    arrays, static = eqx.partition(params, eqx.is_inexact_array)
+    flat, unravel = jax.flatten_util.ravel_pytree(arrays)
+
+    def f(v):
+        out = fn(eqx.combine(unravel(v), static), inputs)
+        return jax.flatten_util.ravel_pytree(out)[0]
+
+    n_out = f(flat).size
+    jac = (jax.jacrev if n_out < flat.size else jax.jacfwd)(f)(flat)
+    jac = np.asarray(jac)
+    s = np.linalg.svd(jac, compute_uv=False)
+    eps = np.finfo(jac.dtype).eps
+    rtol = max(jac.shape) * eps if rtol is None else rtol
+    tol = float(rtol * s[0]) if s.size else 0.0
+    rank = int(np.sum(s > tol))
+    gap = float(s[rank - 1] / s[rank]) if 0 < rank < s.size and s[rank] > 0 else float("inf")
+    return FunctionalDimension(rank, int(flat.size), int(n_out), s, tol, gap)

@@ -1,0 +1,738 @@
+"""The gauge engine: sites and couplings in, pure pytree-to-pytree maps out.
+
+A [`gaugejax.Gauge`][] is *data*: a set of sites (hidden spaces, each carrying a group)
+and a table of couplings (which leaf axis produces or consumes which site). From that
+data alone the engine derives the group operations (`identity`, `sample`, `compose`,
+`inverse`), the left action `act(g, params)`, the Lie algebra (`exp`, `sample_algebra`),
+the infinitesimal action `vertical` and the orbit dimension. Every architecture in
+gaugejax (MLPs, ResNets, neural ODEs, transformers) is one such table; none has code of
+its own here.
+
+Semidirect products are derived from the table, not declared: when a site's batch axis
+(one GL block per head, say) sits on a leaf axis that a permutation site acts on (the
+heads), the permutation acts on the blocks, and `compose` / `inverse` re-index the blocks
+accordingly: $(P, M)(P', M') = (PP', M[\\pi'^{-1}]\\,M')$.
+"""
+
+from __future__ import annotations
+
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import Array, PRNGKeyArray, PyTree
+
+from . import _paths
+from ._coupling import Consume, Coupling, Link, Produce, Translate
+from ._groups.base import AbstractGroup, invert_permutation
+from ._groups.permutation import Permutation
+from ._groups.translation import Translation
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class _Linear(NamedTuple):
+    axis: int
+    site: str
+    kind: str  # "produce" | "consume"
+    batch_axes: tuple[int, ...]
+
+
+class _LinkPlan(NamedTuple):
+    out_site: str | None
+    in_site: str | None
+    h: float
+
+
+class _LeafPlan(NamedTuple):
+    index: int
+    path: str
+    shape: tuple[int, ...]
+    linear: tuple[_Linear, ...]
+    links: tuple[_LinkPlan, ...]
+    translate: str | None
+
+
+def _describe_coupling(c: Coupling) -> str:
+    if isinstance(c, (Produce, Consume)):
+        extra = f", batch_axes={c.batch_axes}" if c.batch_axes else ""
+        return f"{type(c).__name__}(leaf={c.leaf!r}, axis={c.axis}, site={c.site!r}{extra})"
+    return repr(c)
+
+
+def _expand(arr: Array, dims: tuple[int, ...], ndim: int) -> Array:
+    """Broadcast `arr`, whose dimensions index leaf axes `dims`, against a leaf of `ndim`."""
+    order = sorted(range(len(dims)), key=lambda i: dims[i])
+    arr = jnp.transpose(arr, order) if order != list(range(len(dims))) else arr
+    shape = [1] * ndim
+    for i in order:
+        shape[dims[i]] = arr.shape[order.index(i)]
+    return arr.reshape(shape)
+
+
+_LETTERS = "abcdefghijklmnopqrstuvw"
+
+
+def _matmul_axis(x: Array, m: Array, batch_axes: tuple[int, ...], axis: int) -> Array:
+    """`x` with `m` (shape `(*batch, n, n)`) applied along `axis`, batched over `batch_axes`."""
+    xs = _LETTERS[: x.ndim]
+    out_letter, in_letter = "y", xs[axis]
+    ms = "".join(xs[a] for a in batch_axes) + out_letter + in_letter
+    outs = xs[:axis] + out_letter + xs[axis + 1 :]
+    return jnp.einsum(f"{ms},{xs}->{outs}", m, x, precision=_HIGHEST)
+
+
+def _float_dtypes(tree: Any) -> set[Any]:
+    return {
+        jnp.dtype(x.dtype)
+        for x in jtu.tree_leaves(tree)
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+    }
+
+
+class Gauge(eqx.Module):
+    """A gauge group acting on a parameter pytree, described by sites and couplings.
+
+    The action is a **left action** (MATH.md conventions): `act(identity(), p) == p` and
+    `act(compose(g, h), p) == act(g, act(h, p))`. A produced axis transforms by $g$, a
+    consumed axis by $g^{-T}$, so a weight between sites $g'$ (input) and $g$ (output)
+    transforms as $W \\mapsto g W g'^{-1}$ and a bias written into $g$ as $b \\mapsto g b$.
+
+    Group elements (and Lie-algebra elements) are dicts `{site name: element}` of arrays:
+    they `jit`, `vmap` and differentiate like any pytree.
+
+    **Arguments:**
+
+    - `sites`: a mapping from site name to its group, e.g.
+      `{"h1": gaugejax.PositiveMonomial(64)}`.
+    - `couplings`: a sequence of [`gaugejax.Produce`][], [`gaugejax.Consume`][],
+      [`gaugejax.Link`][] and [`gaugejax.Translate`][].
+    - `params`: an example parameter pytree (arrays or `jax.ShapeDtypeStruct`s). Shapes are
+      validated against the couplings here, once; a wrong spec raises a `ValueError` that
+      names the leaf path, the axis and the expected and received sizes.
+
+    !!! example
+
+        ```python
+        params = [(W1, b1), (W2, b2)]  # W1: (64, 32), W2: (10, 64)
+        gauge = gaugejax.Gauge(
+            sites={"h1": gaugejax.PositiveMonomial(64)},
+            couplings=[
+                gaugejax.Produce("[0][0]", axis=0, site="h1"),
+                gaugejax.Produce("[0][1]", axis=0, site="h1"),
+                gaugejax.Consume("[1][0]", axis=1, site="h1"),
+            ],
+            params=params,
+        )
+        g = gauge.sample(jax.random.key(0))
+        new_params = gauge.act(g, params)
+        ```
+    """
+
+    sites: tuple[tuple[str, AbstractGroup], ...] = eqx.field(static=True)
+    couplings: tuple[Coupling, ...] = eqx.field(static=True)
+    treedef: Any = eqx.field(static=True)
+    paths: tuple[str, ...] = eqx.field(static=True)
+    plans: tuple[_LeafPlan, ...] = eqx.field(static=True)
+    outer: tuple[tuple[str, tuple[str | None, ...]], ...] = eqx.field(static=True)
+
+    def __init__(
+        self,
+        sites: Mapping[str, AbstractGroup],
+        couplings: Sequence[Coupling],
+        params: PyTree,
+    ):
+        if not isinstance(sites, Mapping):
+            raise TypeError(f"`sites` must be a mapping {{name: group}}, got {type(sites).__name__}.")
+        for name, group in sites.items():
+            if not isinstance(name, str):
+                raise TypeError(f"site names must be strings, got {name!r}.")
+            if not isinstance(group, AbstractGroup):
+                raise TypeError(
+                    f"site {name!r}: expected a group such as gaugejax.PositiveDiagonal(n), "
+                    f"got {group!r}."
+                )
+        couplings = tuple(couplings)
+        for c in couplings:
+            if not isinstance(c, (Produce, Consume, Link, Translate)):
+                raise TypeError(
+                    "couplings must be gaugejax.Produce, Consume, Link or Translate, got "
+                    f"{c!r}."
+                )
+        with_path, treedef = jtu.tree_flatten_with_path(params)
+        paths = tuple(_paths.canonical(p) for p, _ in with_path)
+        leaves = [leaf for _, leaf in with_path]
+        table = _paths.lookup_table(params)
+
+        def resolve(c: Coupling) -> int:
+            path = _paths.normalise(c.leaf)
+            if path not in table:
+                raise ValueError(
+                    f"{_describe_coupling(c)}: no leaf at path {c.leaf!r} in the parameters."
+                    f"{_paths.close_matches(path, list(paths))} The leaves are: "
+                    f"{', '.join(repr(p) for p in paths)}."
+                )
+            i = table[path]
+            if not hasattr(leaves[i], "shape"):
+                raise ValueError(
+                    f"{_describe_coupling(c)}: the leaf at {paths[i]!r} is not an array "
+                    f"(got {type(leaves[i]).__name__})."
+                )
+            return i
+
+        def norm_axis(c: Coupling, axis: int, ndim: int, what: str = "axis") -> int:
+            if not -ndim <= axis < ndim:
+                raise ValueError(
+                    f"{_describe_coupling(c)}: {what} {axis} is out of range for the leaf "
+                    f"{c.leaf!r} of shape {tuple(leaves[resolve(c)].shape)}."
+                )
+            return axis % ndim
+
+        site_map = dict(sites)
+        used: set[str] = set()
+
+        def need_site(c: Coupling, name: str | None) -> AbstractGroup | None:
+            if name is None:
+                return None
+            if name not in site_map:
+                raise ValueError(
+                    f"{_describe_coupling(c)}: site {name!r} is not declared; declared sites "
+                    f"are {sorted(site_map)}."
+                )
+            used.add(name)
+            return site_map[name]
+
+        linear: dict[int, list[_Linear]] = {}
+        links: dict[int, list[_LinkPlan]] = {}
+        translate: dict[int, str] = {}
+        # (site -> [(leaf path, axis, size, kind)]) for the dimension check
+        sizes: dict[str, list[tuple[str, int, int, str]]] = {}
+
+        def add_linear(c: Coupling, i: int, axis: int, site: str, kind: str, batch_axes) -> None:
+            group = need_site(c, site)
+            shape = tuple(leaves[i].shape)
+            if isinstance(group, Translation):
+                raise ValueError(
+                    f"{_describe_coupling(c)}: site {site!r} is a Translation; use "
+                    "gaugejax.Translate for it."
+                )
+            axis = norm_axis(c, axis, len(shape))
+            batch_axes = tuple(norm_axis(c, b, len(shape), "batch axis") for b in batch_axes)
+            if len(batch_axes) != len(group.batch):
+                raise ValueError(
+                    f"{_describe_coupling(c)}: site {site!r} has {group!r} with batch shape "
+                    f"{group.batch}, so the coupling needs {len(group.batch)} batch axes; "
+                    f"got {len(batch_axes)}."
+                )
+            if axis in batch_axes or len(set(batch_axes)) != len(batch_axes):
+                raise ValueError(f"{_describe_coupling(c)}: the axis and batch axes must differ.")
+            for b, size in zip(batch_axes, group.batch):
+                if shape[b] != size:
+                    raise ValueError(
+                        f"{_describe_coupling(c)}: site {site!r} is batched with shape "
+                        f"{group.batch} but leaf {paths[i]!r} has size {shape[b]} on batch "
+                        f"axis {b} (shape {shape}); expected {size}."
+                    )
+            for other in linear.get(i, []):
+                if other.axis == axis:
+                    raise ValueError(
+                        f"{_describe_coupling(c)}: axis {axis} of leaf {paths[i]!r} is already "
+                        f"coupled to site {other.site!r}; an axis carries at most one site."
+                    )
+            linear.setdefault(i, []).append(_Linear(axis, site, kind, batch_axes))
+            sizes.setdefault(site, []).append((paths[i], axis, shape[axis], kind))
+
+        for c in couplings:
+            i = resolve(c)
+            if isinstance(c, (Produce, Consume)):
+                add_linear(c, i, c.axis, c.site, c.kind, c.batch_axes)
+            elif isinstance(c, Link):
+                if leaves[i].ndim != 2 or leaves[i].shape[0] != leaves[i].shape[1]:
+                    raise ValueError(
+                        f"{_describe_coupling(c)}: a link leaf must be a square matrix A in "
+                        f"U = I + hA; leaf {paths[i]!r} has shape {tuple(leaves[i].shape)}."
+                    )
+                if not (isinstance(c.h, (int, float)) and c.h > 0):
+                    raise ValueError(f"{_describe_coupling(c)}: the step h must be a positive float, got {c.h!r}.")
+                for s in (c.out_site, c.in_site):
+                    g = need_site(c, s)
+                    if g is not None and g.batch:
+                        raise ValueError(f"{_describe_coupling(c)}: link sites must be unbatched; {s!r} has batch {g.batch}.")
+                if c.out_site is not None:
+                    add_linear(c, i, 0, c.out_site, "produce", ())
+                if c.in_site is not None:
+                    add_linear(c, i, 1, c.in_site, "consume", ())
+                links.setdefault(i, []).append(_LinkPlan(c.out_site, c.in_site, float(c.h)))
+            else:  # Translate
+                group = need_site(c, c.site)
+                if not isinstance(group, Translation):
+                    raise ValueError(
+                        f"{_describe_coupling(c)}: site {c.site!r} must be a "
+                        f"gaugejax.Translation, got {group!r}."
+                    )
+                if tuple(group.shape) != tuple(leaves[i].shape):
+                    raise ValueError(
+                        f"{_describe_coupling(c)}: Translation shape {group.shape} does not match "
+                        f"leaf {paths[i]!r} of shape {tuple(leaves[i].shape)}."
+                    )
+                if i in translate:
+                    raise ValueError(f"{_describe_coupling(c)}: leaf {paths[i]!r} is translated twice.")
+                translate[i] = c.site
+
+        for i in links:
+            if i in translate:
+                raise ValueError(f"leaf {paths[i]!r} cannot be both a Link and translated.")
+
+        # Every site's couplings must agree on its dimension.
+        for site, entries in sizes.items():
+            n = site_map[site].n
+            bad = [e for e in entries if e[2] != n]
+            if not bad:
+                continue
+            producers = [e for e in entries if e[3] == "produce"]
+            ref = next((e for e in producers if e[2] == n), None) or next(
+                (e for e in entries if e[2] == n), None
+            )
+            path, axis, size, kind = bad[0]
+            if ref is not None:
+                raise ValueError(
+                    f"site {site!r} has dimension {n} (group {site_map[site]!r}; "
+                    f"{'produced' if ref[3] == 'produce' else 'consumed'} by leaf {ref[0]!r} "
+                    f"axis {ref[1]}) but leaf {path!r} {'produces' if kind == 'produce' else 'consumes'} "
+                    f"it on axis {axis} of size {size}; expected {n}, received {size}."
+                )
+            raise ValueError(
+                f"site {site!r} has group {site_map[site]!r} of dimension {n} but leaf {path!r} "
+                f"{'produces' if kind == 'produce' else 'consumes'} it on axis {axis} of size "
+                f"{size}; expected {n}, received {size}."
+            )
+
+        unused = sorted(set(site_map) - used)
+        if unused:
+            raise ValueError(
+                f"sites {unused} are declared but no coupling uses them (their orbit "
+                "dimension would be counted for nothing)."
+            )
+
+        # Semidirect structure: which site permutes each batch dimension of each site.
+        outer: dict[str, list[str | None]] = {
+            name: [None] * len(group.batch) for name, group in site_map.items()
+        }
+        seen: dict[tuple[str, int], set[str | None]] = {}
+        for i, lins in linear.items():
+            by_axis = {lin.axis: lin for lin in lins}
+            for lin in lins:
+                for j, b in enumerate(lin.batch_axes):
+                    o = by_axis.get(b)
+                    o_site = o.site if o is not None else None
+                    if o is not None:
+                        og = site_map[o.site]
+                        if not og.is_permutation or og.batch:
+                            raise ValueError(
+                                f"leaf {paths[i]!r}: batch axis {b} of site {lin.site!r} carries "
+                                f"site {o.site!r} ({og!r}); only an unbatched gaugejax.Permutation "
+                                "can act on another site's batch axis."
+                            )
+                    seen.setdefault((lin.site, j), set()).add(o_site)
+        for (site, j), found in seen.items():
+            if len(found) > 1:
+                raise ValueError(
+                    f"site {site!r}: its batch dimension {j} is permuted by "
+                    f"{sorted(map(str, found))} on different leaves; the semidirect structure "
+                    "must be the same on every leaf that carries the site."
+                )
+            outer[site][j] = next(iter(found))
+
+        plans = []
+        for i in sorted(set(linear) | set(links) | set(translate)):
+            plans.append(
+                _LeafPlan(
+                    index=i,
+                    path=paths[i],
+                    shape=tuple(leaves[i].shape),
+                    linear=tuple(linear.get(i, ())),
+                    links=tuple(links.get(i, ())),
+                    translate=translate.get(i),
+                )
+            )
+
+        self.sites = tuple(site_map.items())
+        self.couplings = couplings
+        self.treedef = treedef
+        self.paths = paths
+        self.plans = tuple(plans)
+        self.outer = tuple((name, tuple(o)) for name, o in outer.items())
+
+    # ------------------------------------------------------------------------------------
+    # structure
+    # ------------------------------------------------------------------------------------
+    @property
+    def site_groups(self) -> dict[str, AbstractGroup]:
+        """`{site name: group}`."""
+        return dict(self.sites)
+
+    @property
+    def continuous_sites(self) -> tuple[str, ...]:
+        """Names of the sites whose group has a Lie algebra of positive dimension."""
+        return tuple(name for name, g in self.sites if g.algebra_dim > 0)
+
+    @property
+    def orbit_dim(self) -> int:
+        """Dimension of a generic orbit: the sum of the sites' Lie-algebra dimensions
+        (generic parameters have a trivial stabiliser; compare
+        [`gaugejax.Gauge.orbit_rank`][] for a given point)."""
+        return sum(g.algebra_dim for _, g in self.sites)
+
+    def couplings_of(self, site: str) -> tuple[Coupling, ...]:
+        """The couplings that involve `site`."""
+        out = []
+        for c in self.couplings:
+            names = (c.out_site, c.in_site) if isinstance(c, Link) else (c.site,)
+            if site in names:
+                out.append(c)
+        return tuple(out)
+
+    def __repr__(self) -> str:
+        lines = [f"Gauge(orbit_dim={self.orbit_dim}, sites:"]
+        for name, group in self.sites:
+            n_coup = len(self.couplings_of(name))
+            lines.append(f"  {name}: {group!r} ({n_coup} couplings)")
+        lines.append(")")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------------------------
+    # validation
+    # ------------------------------------------------------------------------------------
+    def _check_params(self, params: PyTree) -> list[Any]:
+        leaves, treedef = jtu.tree_flatten(params)
+        if treedef != self.treedef:
+            raise ValueError(
+                "the parameters do not have the structure this gauge was built for.\n"
+                f"expected: {self.treedef}\nreceived: {treedef}"
+            )
+        for plan in self.plans:
+            shape = tuple(leaves[plan.index].shape)
+            if shape != plan.shape:
+                raise ValueError(
+                    f"leaf {plan.path!r} has shape {shape} but this gauge was built for "
+                    f"shape {plan.shape}."
+                )
+        return leaves
+
+    def _check_element(self, g: Any, check: bool, what: str = "gauge element") -> dict[str, Any]:
+        if not isinstance(g, Mapping):
+            raise TypeError(
+                f"a {what} is a dict {{site name: element}}, got {type(g).__name__}."
+            )
+        names = [name for name, _ in self.sites]
+        missing = [n for n in names if n not in g]
+        extra = [n for n in g if n not in dict(self.sites)]
+        if missing or extra:
+            raise ValueError(
+                f"the {what} does not match the gauge's sites: missing {missing}, "
+                f"unexpected {extra}; expected sites {names}."
+            )
+        out = dict(g)
+        for name, group in self.sites:
+            expected = jax.eval_shape(lambda: group.identity())
+            got_shapes = jtu.tree_map(lambda x: tuple(jnp.shape(x)), out[name])
+            want_shapes = jtu.tree_map(lambda x: tuple(x.shape), expected)
+            if jtu.tree_structure(out[name]) != jtu.tree_structure(expected) or got_shapes != want_shapes:
+                raise ValueError(
+                    f"site {name!r} ({group!r}): expected an element with shapes "
+                    f"{want_shapes}, got {got_shapes}."
+                )
+            if check:
+                for bad, reason in group.check(out[name]):
+                    out[name] = eqx.error_if(
+                        out[name], bad, f"the {what} for site {name!r} ({group!r}) {reason}."
+                    )
+        return out
+
+    def _check_dtypes(self, g: Mapping[str, Any], leaves: list[Any]) -> None:
+        for plan in self.plans:
+            dtype = jnp.dtype(leaves[plan.index].dtype)
+            used = [lin.site for lin in plan.linear]
+            used += [s for lp in plan.links for s in (lp.out_site, lp.in_site) if s is not None]
+            if plan.translate is not None:
+                used.append(plan.translate)
+            for site in used:
+                for d in _float_dtypes(g[site]):
+                    if d != dtype:
+                        raise ValueError(
+                            f"dtype mismatch: the element for site {site!r} has dtype {d} but "
+                            f"leaf {plan.path!r} has dtype {dtype}; sample the element with "
+                            f"dtype={dtype} (or cast the parameters)."
+                        )
+
+    def check_params(self, params: PyTree) -> None:
+        """Raise a `ValueError` naming the first leaf that holds NaN or inf (eagerly; not
+        for use under `jit`)."""
+        leaves = self._check_params(params)
+        for path, leaf in zip(self.paths, leaves):
+            if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact):
+                if not bool(jnp.all(jnp.isfinite(leaf))):
+                    raise ValueError(f"leaf {path!r} contains NaN or inf.")
+
+    # ------------------------------------------------------------------------------------
+    # the action
+    # ------------------------------------------------------------------------------------
+    def _act_linear(self, g: Mapping[str, Any], x: Array, plan: _LeafPlan) -> Array:
+        """Apply the linear couplings of `plan` to `x`: scales, then matrices, then
+        gathers (per-block permutations before the permutations of whole axes)."""
+        groups = dict(self.sites)
+        scale = None
+        gathers: dict[int, Array] = {}
+        for lin in plan.linear:
+            f = groups[lin.site].factors(g[lin.site], lin.kind)
+            dims = (*lin.batch_axes, lin.axis)
+            if f.scale is not None:
+                s = _expand(f.scale, dims, x.ndim)
+                scale = s if scale is None else scale * s
+            if f.matrix is not None:
+                if scale is not None:
+                    x, scale = x * scale, None
+                x = _matmul_axis(x, f.matrix, lin.batch_axes, lin.axis)
+            if f.perm is not None and lin.batch_axes:
+                if scale is not None:
+                    x, scale = x * scale, None
+                idx = _expand(f.perm, dims, x.ndim)
+                idx = jnp.broadcast_to(idx, x.shape)
+                x = jnp.take_along_axis(x, idx, axis=lin.axis)
+            elif f.perm is not None:
+                gathers[lin.axis] = f.perm
+        if scale is not None:
+            x = x * scale
+        if gathers:
+            axes = sorted(gathers)
+            if axes == list(range(axes[0], axes[0] + len(axes))):
+                # Adjacent permuted axes (the common case, e.g. both axes of a weight):
+                # one gather with broadcast index arrays.
+                k = len(axes)
+                index: list[Any] = [slice(None)] * axes[0]
+                for pos, ax in enumerate(axes):
+                    shape = [1] * k
+                    shape[pos] = x.shape[ax]
+                    index.append(gathers[ax].reshape(shape))
+                x = x[tuple(index)]
+            else:
+                for ax in axes:
+                    x = jnp.take(x, gathers[ax], axis=ax)
+        return x
+
+    def _act_leaf(self, g: Mapping[str, Any], x: Array, plan: _LeafPlan) -> Array:
+        groups = dict(self.sites)
+        x = self._act_linear(g, x, plan)
+        for lp in plan.links:
+            eye = jnp.eye(x.shape[0], dtype=x.dtype)
+            m_out = eye if lp.out_site is None else _dense(groups[lp.out_site], g[lp.out_site], x.dtype)
+            m_in_inv = (
+                eye
+                if lp.in_site is None
+                else _dense(groups[lp.in_site], groups[lp.in_site].inverse(g[lp.in_site]), x.dtype)
+            )
+            x = x + (jnp.matmul(m_out, m_in_inv, precision=_HIGHEST) - eye) / lp.h
+        if plan.translate is not None:
+            x = x + g[plan.translate]
+        return x
+
+    def act(self, g: Mapping[str, Any], params: PyTree, *, check: bool = True) -> PyTree:
+        """The left action of `g` on `params`.
+
+        A weight between sites $g'$ and $g$ maps to $g W g'^{-1}$, a bias written into $g$
+        to $g b$; links and translations act affinely (see [`gaugejax.Link`][],
+        [`gaugejax.Translate`][]). Diagonal factors are applied as one fused scaling per
+        leaf and permutations as one gather per leaf, never as dense matrices. Leaves that
+        no coupling touches are returned as they are.
+
+        **Arguments:**
+
+        - `g`: a group element `{site: element}`, e.g. from [`gaugejax.Gauge.sample`][].
+        - `params`: a pytree with the structure and shapes the gauge was built for.
+        - `check`: validate `g` at run time (non-positive scales for positive groups,
+          singular GL elements, non-permutations, NaN or inf), raising an error that names
+          the site. Works under `jit` and `vmap` (`equinox.error_if`).
+
+        **Returns:** the transformed parameters (a new pytree; the input is not modified).
+        """
+        leaves = self._check_params(params)
+        g = self._check_element(g, check)
+        self._check_dtypes(g, leaves)
+        new = list(leaves)
+        for plan in self.plans:
+            new[plan.index] = self._act_leaf(g, leaves[plan.index], plan)
+        return jtu.tree_unflatten(self.treedef, new)
+
+    # ------------------------------------------------------------------------------------
+    # group operations
+    # ------------------------------------------------------------------------------------
+    def identity(self, dtype: Any = None) -> dict[str, Any]:
+        """The identity element (float parts in `dtype`, default JAX's default float)."""
+        return {name: group.identity(dtype) for name, group in self.sites}
+
+    def sample(
+        self,
+        key: PRNGKeyArray,
+        *,
+        scale: float | None = 0.5,
+        dtype: Any = None,
+        sites: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
+        """A random group element.
+
+        **Arguments:**
+
+        - `key`: a JAX PRNG key.
+        - `scale`: distance from the identity of the continuous parts: log-scales
+          $\\sim N(0, s^2)$ for positive diagonals, $\\exp(s X/\\sqrt{n})$ for $GL(n)$ and
+          $O(n)$. `scale=None` draws $O(n)$ from the Haar measure ("far"). Discrete parts
+          (permutations, signs) are always uniform.
+        - `dtype`: float dtype of the element (match the parameters').
+        - `sites`: sample only these sites, holding the others at the identity.
+        """
+        names = [name for name, _ in self.sites]
+        if sites is not None:
+            unknown = [s for s in sites if s not in names]
+            if unknown:
+                raise ValueError(f"unknown sites {unknown}; the gauge's sites are {names}.")
+        keys = jax.random.split(key, max(len(names), 1))
+        out = {}
+        for k, (name, group) in zip(keys, self.sites):
+            if sites is None or name in sites:
+                out[name] = group.sample(k, scale, dtype)
+            else:
+                out[name] = group.identity(dtype)
+        return out
+
+    def _reindex(self, name: str, elem: Any, perms: Mapping[str, Array], invert: bool) -> Any:
+        for j, outer in enumerate(dict(self.outer)[name]):
+            if outer is None:
+                continue
+            p = dict(self.sites)[outer].permutation(perms[outer])
+            idx = invert_permutation(p) if invert else p
+            elem = jtu.tree_map(lambda a, idx=idx, j=j: jnp.take(a, idx, axis=j), elem)
+        return elem
+
+    def _translation_plan(self, site: str) -> _LeafPlan:
+        return next(p for p in self.plans if p.translate == site)
+
+    def compose(self, g: Mapping[str, Any], h: Mapping[str, Any]) -> dict[str, Any]:
+        """The product `g h`: `act(compose(g, h), p) == act(g, act(h, p))`.
+
+        Semidirect structure (monomials within a site, head permutations acting on
+        per-head blocks, translations after linear maps) is composed exactly.
+        """
+        g = self._check_element(g, False)
+        h = self._check_element(h, False)
+        out: dict[str, Any] = {}
+        for name, group in self.sites:
+            if isinstance(group, Translation):
+                continue
+            out[name] = group.compose(self._reindex(name, g[name], h, invert=True), h[name])
+        for name, group in self.sites:
+            if isinstance(group, Translation):
+                plan = self._translation_plan(name)
+                out[name] = g[name] + self._act_linear(g, h[name], plan)
+        return out
+
+    def inverse(self, g: Mapping[str, Any]) -> dict[str, Any]:
+        """The inverse element: `compose(inverse(g), g) == identity()`."""
+        g = self._check_element(g, False)
+        out: dict[str, Any] = {}
+        for name, group in self.sites:
+            if isinstance(group, Translation):
+                continue
+            out[name] = self._reindex(name, group.inverse(g[name]), g, invert=False)
+        for name, group in self.sites:
+            if isinstance(group, Translation):
+                plan = self._translation_plan(name)
+                out[name] = -self._act_linear(out, g[name], plan)
+        return out
+
+    # ------------------------------------------------------------------------------------
+    # Lie algebra
+    # ------------------------------------------------------------------------------------
+    def algebra_zeros(self, dtype: Any = None) -> dict[str, Array]:
+        """The zero of the Lie algebra: `{site: zeros}` over the continuous sites."""
+        return {name: self.site_groups[name].algebra_zeros(dtype) for name in self.continuous_sites}
+
+    def sample_algebra(
+        self, key: PRNGKeyArray, *, scale: float = 1.0, dtype: Any = None
+    ) -> dict[str, Array]:
+        """A Gaussian Lie-algebra element of size `scale` over the continuous sites."""
+        names = self.continuous_sites
+        keys = jax.random.split(key, max(len(names), 1))
+        groups = self.site_groups
+        return {n: groups[n].sample_algebra(k, scale, dtype) for k, n in zip(keys, names)}
+
+    def exp(self, xi: Mapping[str, Array], dtype: Any = None) -> dict[str, Any]:
+        """The exponential map, site by site: a group element near the identity whose
+        derivative at `xi = 0` is the Lie-algebra direction `xi`. Discrete sites (and
+        continuous sites missing from `xi`) are the identity."""
+        if not isinstance(xi, Mapping):
+            raise TypeError(f"a Lie-algebra element is a dict {{site: array}}, got {type(xi).__name__}.")
+        cont = self.continuous_sites
+        unknown = [k for k in xi if k not in cont]
+        if unknown:
+            raise ValueError(
+                f"Lie-algebra element has entries {unknown} that are not continuous sites "
+                f"(continuous sites: {list(cont)})."
+            )
+        if dtype is None:
+            dts = _float_dtypes(dict(xi))
+            dtype = dts.pop() if len(dts) == 1 else None
+        out = {}
+        for name, group in self.sites:
+            out[name] = group.exp(xi[name], dtype) if name in xi else group.identity(dtype)
+        return out
+
+    def vertical(self, params: PyTree, xi: Mapping[str, Array]) -> PyTree:
+        """The infinitesimal action (vertical vector) of `xi` at `params`:
+        $\\frac{d}{d\\epsilon} \\mathrm{act}(\\exp(\\epsilon\\xi), \\theta)\\big|_{\\epsilon=0}$, a JVP.
+
+        Linear in `xi`; its image over the Lie algebra is the tangent space of the orbit.
+        Returns a pytree like `params` (`None` for non-array leaves).
+        """
+        dts = _float_dtypes(dict(xi))
+        dtype = dts.pop() if len(dts) == 1 else jnp.zeros(()).dtype
+
+        def along(e):
+            scaled = jtu.tree_map(lambda x: e * x, dict(xi))
+            return self.act(self.exp(scaled, dtype), params, check=False)
+
+        zero = jnp.zeros((), dtype)
+        _, tangent = eqx.filter_jvp(along, (zero,), (jnp.ones((), dtype),))
+        return tangent
+
+    def orbit_rank(self, params: PyTree, *, rtol: float | None = None) -> int:
+        """Numerical rank of the vertical map $\\xi \\mapsto$ `vertical(params, xi)` at
+        `params`: the dimension of the orbit through this point (equal to
+        [`gaugejax.Gauge.orbit_dim`][] unless `params` has a non-trivial stabiliser)."""
+        dts = _float_dtypes(params)
+        dtype = dts.pop() if len(dts) == 1 else jnp.zeros(()).dtype
+        zeros = self.algebra_zeros(dtype)
+        if not zeros:
+            return 0
+        flat, unravel = jax.flatten_util.ravel_pytree(zeros)
+
+        def vert(v):
+            t = self.vertical(params, unravel(v))
+            return jax.flatten_util.ravel_pytree(eqx.filter(t, eqx.is_inexact_array))[0]
+
+        jac = jax.jacfwd(vert)(flat)
+        s = np.linalg.svd(np.asarray(jac), compute_uv=False)
+        if rtol is None:
+            rtol = max(jac.shape) * np.finfo(np.asarray(jac).dtype).eps
+        return int(np.sum(s > rtol * s[0])) if s.size and s[0] > 0 else 0
+
+
+def _dense(group: AbstractGroup, elem: Any, dtype: Any) -> Array:
+    if isinstance(group, Permutation):
+        return group.as_matrix(elem, dtype)
+    return group.as_matrix(elem).astype(dtype)

@@ -1,0 +1,153 @@
+"""Dense matrix groups: the general linear group $GL(n)$ and the orthogonal group $O(n)$.
+
+$GL(n)$ is the symmetry of a site with no nonlinearity (identity activations, the
+query/key and value/output spaces of attention heads); $O(n)$ that of a residual stream
+read through a scale-free RMSNorm. Elements are `(*batch, n, n)` matrices. A produced axis
+is multiplied by $g$, a consumed axis by $g^{-T}$ (a solve-free explicit inverse for $GL$,
+$g$ itself for $O(n)$).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+from jaxtyping import Array, PRNGKeyArray
+
+from .base import AbstractGroup, AxisFactors, Kind, default_float
+
+
+def _expm(x: Array) -> Array:
+    flat = x.reshape(-1, *x.shape[-2:])
+    return jax.vmap(jsl.expm)(flat).reshape(x.shape)
+
+
+def _mT(x: Array) -> Array:
+    return jnp.swapaxes(x, -1, -2)
+
+
+class _AbstractMatrixGroup(AbstractGroup):
+    n: eqx.AbstractVar[int]
+    batch: eqx.AbstractVar[tuple[int, ...]]
+
+    def identity(self, dtype: Any = None) -> Array:
+        eye = jnp.eye(self.n, dtype=default_float(dtype))
+        return jnp.broadcast_to(eye, (*self.batch, self.n, self.n))
+
+    def compose(self, g: Array, h: Array) -> Array:
+        return g @ h
+
+    def as_matrix(self, g: Array) -> Array:
+        return g
+
+    def algebra_zeros(self, dtype: Any = None) -> Array:
+        return jnp.zeros((*self.batch, self.n, self.n), default_float(dtype))
+
+
+class GL(_AbstractMatrixGroup):
+    """The general linear group $GL(n)$; elements are invertible `(*batch, n, n)` matrices.
+    Lie algebra $\\mathfrak{gl}(n)$ (all matrices), exponential = matrix exponential.
+
+    `sample(key, scale)` draws $\\exp(s X/\\sqrt{n})$ with $X$ standard Gaussian, so the
+    spectrum of the generator is of size $s$.
+
+    **Arguments:**
+
+    - `n`: the dimension of the site.
+    - `batch`: leading batch shape (e.g. `(heads,)` for one $GL(d_k)$ per head).
+    """
+
+    n: int = eqx.field(static=True)
+    batch: tuple[int, ...] = eqx.field(static=True, default=())
+
+    def sample(self, key: PRNGKeyArray, scale: float | None, dtype: Any = None) -> Array:
+        return self.exp(self.sample_algebra(key, 0.5 if scale is None else scale, dtype))
+
+    def inverse(self, g: Array) -> Array:
+        return jnp.linalg.inv(g)
+
+    def factors(self, g: Array, kind: Kind) -> AxisFactors:
+        return AxisFactors(matrix=g if kind == "produce" else _mT(jnp.linalg.inv(g)))
+
+    def check(self, g: Array) -> list[tuple[Array, str]]:
+        s = jnp.linalg.svd(g, compute_uv=False)
+        eps = jnp.finfo(g.dtype).eps
+        singular = jnp.any(s[..., -1] <= self.n * eps * s[..., 0])
+        return [
+            (jnp.any(~jnp.isfinite(g)), "contains NaN or inf"),
+            (singular, "is singular (or numerically singular); a GL element must be invertible"),
+        ]
+
+    @property
+    def algebra_dim(self) -> int:
+        return self.n * self.n * self.batch_size()
+
+    def sample_algebra(self, key: PRNGKeyArray, scale: float, dtype: Any = None) -> Array:
+        shape = (*self.batch, self.n, self.n)
+        return scale / self.n**0.5 * jax.random.normal(key, shape, default_float(dtype))
+
+    def exp(self, xi: Array | None, dtype: Any = None) -> Array:
+        if xi is None:
+            return self.identity(dtype)
+        return _expm(xi)
+
+
+class Orthogonal(_AbstractMatrixGroup):
+    """The orthogonal group $O(n)$; elements are `(*batch, n, n)` orthogonal matrices, for
+    which $g^{-T} = g$. Lie algebra: skew-symmetric matrices (an algebra element is given
+    as any square matrix and its skew part is used), exponential = matrix exponential.
+
+    `sample(key, scale=None)` draws from the Haar measure (QR of a Gaussian with the sign
+    fix, reflections included); a float `scale` draws $\\exp(s K/\\sqrt{n})$ near the
+    identity with $K$ a Gaussian skew matrix.
+
+    **Arguments:**
+
+    - `n`: the dimension of the site.
+    - `batch`: leading batch shape.
+    """
+
+    n: int = eqx.field(static=True)
+    batch: tuple[int, ...] = eqx.field(static=True, default=())
+
+    def sample(self, key: PRNGKeyArray, scale: float | None, dtype: Any = None) -> Array:
+        if scale is not None:
+            return self.exp(self.sample_algebra(key, scale, dtype))
+        dtype = default_float(dtype)
+        x = jax.random.normal(key, (*self.batch, self.n, self.n), dtype)
+        q, r = jnp.linalg.qr(x)
+        d = jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))
+        d = jnp.where(d == 0, 1, d).astype(dtype)
+        return q * d[..., None, :]
+
+    def inverse(self, g: Array) -> Array:
+        return _mT(g)
+
+    def factors(self, g: Array, kind: Kind) -> AxisFactors:
+        del kind  # Q^{-T} = Q
+        return AxisFactors(matrix=g)
+
+    def check(self, g: Array) -> list[tuple[Array, str]]:
+        eye = jnp.eye(self.n, dtype=g.dtype)
+        err = jnp.max(jnp.abs(_mT(g) @ g - eye))
+        tol = 1e3 * self.n * jnp.finfo(g.dtype).eps
+        return [
+            (jnp.any(~jnp.isfinite(g)), "contains NaN or inf"),
+            (err > tol, "is not orthogonal (g^T g != I)"),
+        ]
+
+    @property
+    def algebra_dim(self) -> int:
+        return self.n * (self.n - 1) // 2 * self.batch_size()
+
+    def sample_algebra(self, key: PRNGKeyArray, scale: float, dtype: Any = None) -> Array:
+        x = jax.random.normal(key, (*self.batch, self.n, self.n), default_float(dtype))
+        return scale / (2 * self.n) ** 0.5 * (x - _mT(x))
+
+    def exp(self, xi: Array | None, dtype: Any = None) -> Array:
+        if xi is None:
+            return self.identity(dtype)
+        return _expm(0.5 * (xi - _mT(xi)))

@@ -1,0 +1,49 @@
+"""Leaf paths: how a coupling names a leaf of a parameter pytree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.tree_util as jtu
+import numpy as np
+
+
+def canonical(path: tuple[Any, ...]) -> str:
+    """The canonical string of a key path: `keystr` without a leading dot."""
+    return jtu.keystr(path).lstrip(".")
+
+
+def simple(path: tuple[Any, ...]) -> str:
+    return jtu.keystr(path, simple=True, separator="/")
+
+
+def flatten(tree: Any) -> tuple[list[tuple[str, Any]], Any]:
+    """`[(canonical path, leaf)]` and the treedef."""
+    with_path, treedef = jtu.tree_flatten_with_path(tree)
+    return [(canonical(p), leaf) for p, leaf in with_path], treedef
+
+
+def lookup_table(tree: Any) -> dict[str, int]:
+    """Map every accepted spelling of each leaf's path to the leaf's index."""
+    with_path, _ = jtu.tree_flatten_with_path(tree)
+    table: dict[str, int] = {}
+    for i, (p, _) in enumerate(with_path):
+        table[canonical(p)] = i
+        table.setdefault(simple(p), i)
+    return table
+
+
+def normalise(path: str) -> str:
+    return path.lstrip(".")
+
+
+def is_arraylike(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct, np.generic))
+
+
+def close_matches(path: str, options: list[str], n: int = 3) -> str:
+    import difflib
+
+    found = difflib.get_close_matches(path, options, n=n)
+    return f" Did you mean {', '.join(repr(f) for f in found)}?" if found else ""

@@ -1,0 +1,206 @@
+"""`gaugejax report`: the library checking its own claims on built-in models.
+
+For each default model: parameter count, gauge sites and groups, orbit dimension (formula
+and numerical rank of the vertical space), functional dimension (Jacobian rank) against
+params - orbit, invariance sweeps in float32 and float64 (S1-S3), the balanced point of
+the rescaling orbit (S4), and negative controls that must fail (S1, S2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _activations
+from ._balance import balance, balance_residual
+from ._feedforward import derive_gauge
+from ._functional import functional_dimension
+from ._groups import PositiveDiagonal, SignFlip
+from ._sweep import check_invariance
+from .nn import MLP
+
+
+#: a control "fails as predicted" when its error is at least this large
+CONTROL_MIN_ERROR = 1e-2
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCase:
+    name: str
+    sizes: tuple[int, ...]
+    activation: Callable
+    controls: tuple[tuple[str, Any], ...]  # (name, group class forced with unsafe=True)
+
+
+def default_cases() -> list[ModelCase]:
+    return [
+        ModelCase(
+            "mlp-relu", (8, 16, 12, 4), jax.nn.relu,
+            (("relu: negative scales (sign flips)", SignFlip),),
+        ),
+        ModelCase(
+            "mlp-tanh", (8, 16, 12, 4), jnp.tanh,
+            (("tanh: positive rescaling", PositiveDiagonal),),
+        ),
+        ModelCase(
+            "mlp-gelu", (8, 16, 12, 4), jax.nn.gelu,
+            (("gelu: positive rescaling", PositiveDiagonal),),
+        ),
+        ModelCase("mlp-relu-expanding", (4, 24, 24, 2), jax.nn.relu, ()),
+    ]
+
+
+def _forward(model, x):
+    return model(x)
+
+
+def run_case(case: ModelCase, *, num_samples: int, seed: int, errors: dict) -> dict[str, Any]:
+    key = jax.random.key(seed)
+    k_model, k_x, k_sweep, k_fd = jax.random.split(key, 4)
+    out: dict[str, Any] = {"name": case.name, "sizes": list(case.sizes),
+                           "activation": getattr(case.activation, "__name__", str(case.activation)),
+                           "family": _activations.activation_family(case.activation)}
+    model64 = MLP(case.sizes, case.activation, key=k_model, dtype=jnp.float64)
+    gauge = derive_gauge(model64)
+    n_params = sum(x.size for x in jax.tree.leaves(model64) if hasattr(x, "size"))
+    out["params"] = int(n_params)
+    out["sites"] = [{"name": n, "group": repr(g)} for n, g in gauge.sites]
+    out["orbit_dim"] = gauge.orbit_dim
+    out["orbit_rank"] = gauge.orbit_rank(model64)
+
+    n_inputs = math.ceil(2 * n_params / case.sizes[-1])
+    x_fd = jax.random.normal(k_fd, (n_inputs, case.sizes[0]), jnp.float64)
+    fd = functional_dimension(_forward, model64, x_fd)
+    out["functional_dim"] = fd.rank
+    out["functional_dim_gap"] = fd.gap
+    out["params_minus_orbit"] = n_params - gauge.orbit_dim
+    out["functional_equals_params_minus_orbit"] = fd.rank == n_params - gauge.orbit_dim
+
+    x64 = jax.random.normal(k_x, (32, case.sizes[0]), jnp.float64)
+    sweeps = []
+    for dtype in (jnp.float32, jnp.float64):
+        model = jax.tree.map(lambda a: a.astype(dtype) if hasattr(a, "astype") else a, model64)
+        gauge_d = derive_gauge(model)
+        rep = check_invariance(_forward, gauge_d, model, x64.astype(dtype), key=k_sweep,
+                               num_samples=num_samples, progress=True)
+        errors[(case.name, rep.dtype)] = rep.errors
+        sweeps.append({"dtype": rep.dtype, "num_samples": rep.num_samples,
+                       "max_rel_error": rep.max_rel_error, "median_rel_error": rep.median_rel_error,
+                       "max_eps": rep.max_eps, "rtol": rep.rtol, "passed": rep.passed})
+    out["sweeps"] = sweeps
+
+    if case.activation in (jax.nn.relu, jax.nn.leaky_relu):
+        # S4: the minimum of |theta|^2 over the rescaling orbit is balanced.
+        diag = derive_gauge(model64, group=PositiveDiagonal)
+        far = diag.act(diag.sample(k_sweep, scale=1.0, dtype=jnp.float64), model64)
+        balanced, _ = balance(diag, far)
+        sq = lambda m: float(sum(jnp.sum(a**2) for a in jax.tree.leaves(m) if hasattr(a, "dtype")))
+        y0, y1 = _forward(far, x64), _forward(balanced, x64)
+        out["balance"] = {
+            "residual_before": float(balance_residual(diag, far)),
+            "residual_after": float(balance_residual(diag, balanced)),
+            "norm2_before": sq(far), "norm2_after": sq(balanced),
+            "function_rel_change": float(jnp.max(jnp.abs(y1 - y0)) / jnp.max(jnp.abs(y0))),
+        }
+
+    controls = []
+    for name, group in case.controls:
+        bad = derive_gauge(model64, group=group, unsafe=True)
+        rep = check_invariance(_forward, bad, model64, x64, key=k_sweep,
+                               num_samples=max(1, num_samples // 8))
+        controls.append({"name": name, "max_rel_error": rep.max_rel_error,
+                         "median_rel_error": rep.median_rel_error,
+                         "broke_as_predicted": rep.median_rel_error >= CONTROL_MIN_ERROR})
+    out["controls"] = controls
+    return out
+
+
+def run_report(*, num_samples: int = 2048, seed: int = 0, json_path: str | None = None,
+               plot_dir: str | None = None, console=None) -> dict[str, Any]:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    start = time.perf_counter()
+    errors: dict = {}
+    models = []
+    for case in default_cases():
+        console.print(f"[dim]checking {case.name} ...[/dim]")
+        models.append(run_case(case, num_samples=num_samples, seed=seed, errors=errors))
+
+    table = Table(title="gaugejax report: gauge symmetries of built-in models")
+    for col in ("model", "params", "sites", "orbit", "functional", "= params - orbit",
+                "float32 max err", "float64 max err", "S4 balance", "negative controls"):
+        table.add_column(col, overflow="fold")
+    for m in models:
+        groups = ", ".join(f"{s['name']}: {s['group']}" for s in m["sites"])
+        sw = {s["dtype"]: s for s in m["sweeps"]}
+
+        def fmt(s):
+            mark = "[green]ok[/green]" if s["passed"] else "[red]FAIL[/red]"
+            return f"{s['max_rel_error']:.1e} ({s['max_eps']:.0f} eps) {mark}"
+
+        eq = m["functional_equals_params_minus_orbit"]
+        bal = m.get("balance")
+        bal_s = (f"residual {bal['residual_before']:.1e} -> {bal['residual_after']:.1e}, "
+                 f"|θ|² {bal['norm2_before']:.1f} -> {bal['norm2_after']:.1f}") if bal else "-"
+        ctrl = "; ".join(
+            f"{c['name']}: {c['max_rel_error']:.1e} "
+            + ("[green]broke[/green]" if c["broke_as_predicted"] else "[red]did not break[/red]")
+            for c in m["controls"]) or "-"
+        table.add_row(
+            m["name"], str(m["params"]), groups, f"{m['orbit_dim']} (rank {m['orbit_rank']})",
+            str(m["functional_dim"]),
+            ("[green]yes[/green]" if eq else f"[yellow]no[/yellow] ({m['params_minus_orbit']})"),
+            fmt(sw["float32"]), fmt(sw["float64"]), bal_s, ctrl)
+    console.print(table)
+    elapsed = time.perf_counter() - start
+    result = {"models": models, "num_samples": num_samples, "seed": seed,
+              "devices": [str(d) for d in jax.devices()], "seconds": elapsed}
+    console.print(f"[dim]{len(models)} models, {num_samples} group elements per sweep, "
+                  f"{elapsed:.1f} s on {jax.devices()[0].platform}[/dim]")
+    if json_path:
+        path = pathlib.Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2, default=float))
+        console.print(f"wrote {path}")
+    if plot_dir:
+        _plot(errors, pathlib.Path(plot_dir))
+        console.print(f"wrote {pathlib.Path(plot_dir) / 'invariance_errors.png'}")
+    return result
+
+
+def _plot(errors: dict, out: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = sorted({k[0] for k in errors})
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for dtype, color in (("float32", "tab:blue"), ("float64", "tab:orange")):
+            e = errors.get((name, dtype))
+            if e is None:
+                continue
+            eps = float(np.finfo(dtype).eps)
+            ax.hist(np.maximum(e, 1e-3 * eps) / eps, bins=np.logspace(-3, 4, 50), color=color,
+                    alpha=0.7, label=dtype)
+        ax.set_xscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("relative output error / machine eps")
+        ax.legend()
+    axes[0][0].set_ylabel("group elements")
+    fig.tight_layout()
+    fig.savefig(out / "invariance_errors.png", dpi=120)
+    plt.close(fig)

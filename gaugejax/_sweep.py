@@ -1,0 +1,273 @@
+"""Invariance sweeps: vmapped over sampled group elements, chunked, sharded.
+
+`check_invariance` measures $\\max_x |f(g\\cdot\\theta, x) - f(\\theta, x)| / \\max_x |f(\\theta, x)|$
+for many sampled $g$ in one compiled program: keys are split up front, each chunk of keys
+is turned into group elements *inside* the program (so memory is bounded by the chunk,
+not by `num_samples`), and `jax.lax.map(..., batch_size=chunk)` vmaps within a chunk.
+With several devices the keys are sharded across `jax.devices()` with `jax.shard_map`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+from jaxtyping import PRNGKeyArray, PyTree
+
+from ._gauge import Gauge
+
+
+#: default tolerances on the relative error, per dtype (STYLE.md: continuous symmetries
+#: near the identity at 1e-5 in float32 and 1e-10 in float64)
+DEFAULT_RTOL = {"float32": 1e-5, "float64": 1e-10, "bfloat16": 2e-2, "float16": 5e-3}
+
+#: bytes of transformed parameters a chunk may hold; past it the chunk shrinks (a vmap
+#: over many copies of large weights is slower than a sequential map on CPU caches)
+CHUNK_BYTES = 8 * 2**20
+
+
+class InvarianceError(AssertionError):
+    """Raised by [`gaugejax.check_invariance`][] with `raise_on_failure=True`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InvarianceReport:
+    """The result of an invariance sweep.
+
+    **Fields:**
+
+    - `dtype`: the parameters' dtype.
+    - `num_samples`: how many group elements were sampled.
+    - `max_rel_error`, `median_rel_error`: of the per-element relative output error
+      $\\max|f(g\\theta) - f(\\theta)| / \\max|f(\\theta)|$.
+    - `eps`: the dtype's machine epsilon; `max_eps` / `median_eps` are the errors in units
+      of it.
+    - `rtol`: the tolerance `passed` was judged against.
+    - `passed`: `max_rel_error <= rtol` (and finite).
+    - `errors`: the per-element errors (a NumPy array), in sample order.
+    - `per_site`: `{site: InvarianceReport}` for sweeps of each site alone, when asked.
+    - `devices`: how many devices the sweep was sharded across.
+    """
+
+    dtype: str
+    num_samples: int
+    max_rel_error: float
+    median_rel_error: float
+    eps: float
+    rtol: float
+    passed: bool
+    errors: np.ndarray = dataclasses.field(repr=False)
+    per_site: dict[str, InvarianceReport] | None = None
+    devices: int = 1
+
+    @property
+    def max_eps(self) -> float:
+        return self.max_rel_error / self.eps
+
+    @property
+    def median_eps(self) -> float:
+        return self.median_rel_error / self.eps
+
+    def __str__(self) -> str:
+        status = "ok" if self.passed else "FAILED"
+        head = (
+            f"{status}: {self.num_samples} samples ({self.dtype}), max rel. error "
+            f"{self.max_rel_error:.2e} ({self.max_eps:.1f} eps), median "
+            f"{self.median_rel_error:.2e}, tolerance {self.rtol:.0e}"
+        )
+        if self.per_site:
+            head += "".join(f"\n  {k}: {v}" for k, v in self.per_site.items())
+        return head
+
+
+def _rel_error(y: PyTree, y0: PyTree) -> jax.Array:
+    num = max(jnp.max(jnp.abs(a - b)) for a, b in zip(jtu.tree_leaves(y), jtu.tree_leaves(y0)))
+    den = max(jnp.max(jnp.abs(b)) for b in jtu.tree_leaves(y0))
+    tiny = jnp.finfo(den.dtype).tiny
+    return num / jnp.maximum(den, tiny)
+
+
+def choose_chunk_size(params: PyTree, num_samples: int, budget: int = CHUNK_BYTES) -> int:
+    """How many group elements one vmapped chunk handles: as many as fit `budget` bytes of
+    transformed parameters, at least 1 and at most `num_samples` (and 256)."""
+    nbytes = sum(x.size * x.dtype.itemsize for x in jtu.tree_leaves(params) if eqx.is_array(x))
+    return int(max(1, min(num_samples, 256, budget // max(nbytes, 1))))
+
+
+@eqx.filter_jit
+def _sweep_block(fn, gauge, params, args, keys, y0, scale, sites, chunk, dtype, mesh):
+    def one(k):
+        g = gauge.sample(k, scale=scale, dtype=dtype, sites=sites)
+        y = fn(gauge.act(g, params, check=False), *args)
+        return _rel_error(y, y0)
+
+    if mesh is None:
+        return jax.lax.map(one, keys, batch_size=chunk)
+
+    dynamic, static = eqx.partition((params, args, y0), eqx.is_array)
+
+    def local(dyn, ks):
+        p, a, y = eqx.combine(dyn, static)
+
+        def one_local(k):
+            g = gauge.sample(k, scale=scale, dtype=dtype, sites=sites)
+            return _rel_error(fn(gauge.act(g, p, check=False), *a), y)
+
+        return jax.lax.map(one_local, ks, batch_size=chunk)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P("devices")), out_specs=P("devices"))(
+        dynamic, keys
+    )
+
+
+def _params_dtype(params: PyTree) -> Any:
+    dts = {x.dtype for x in jtu.tree_leaves(params) if eqx.is_inexact_array(x)}
+    if len(dts) != 1:
+        raise ValueError(
+            f"the parameters mix float dtypes {sorted(map(str, dts))}; an invariance sweep "
+            "needs one dtype (cast them first)."
+        )
+    return dts.pop()
+
+
+def check_invariance(
+    fn: Callable[..., Any],
+    gauge: Gauge,
+    params: PyTree,
+    *args: Any,
+    key: PRNGKeyArray,
+    num_samples: int = 1024,
+    scale: float | None = 0.5,
+    sites: Sequence[str] | None = None,
+    per_site: bool = False,
+    rtol: float | None = None,
+    raise_on_failure: bool = False,
+    chunk_size: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
+    progress: bool = False,
+    blocks: int | None = None,
+) -> InvarianceReport:
+    """Check that `fn(act(g, params), *args) == fn(params, *args)` for many sampled `g`.
+
+    **Arguments:**
+
+    - `fn`: the model, `fn(params, *args) -> outputs` (any pytree of arrays).
+    - `gauge`: a [`gaugejax.Gauge`][] for `params`.
+    - `params`, `*args`: the parameters and the model's other inputs.
+    - `key`: a JAX PRNG key (keyword-only).
+    - `num_samples`: how many group elements to sample (10^5 is fine: memory is bounded by
+      the chunk).
+    - `scale`: passed to [`gaugejax.Gauge.sample`][].
+    - `sites`: sample only these sites (others at the identity).
+    - `per_site`: also sweep every site alone and report each.
+    - `rtol`: the tolerance on the max relative error; default per dtype
+      (`1e-5` float32, `1e-10` float64).
+    - `raise_on_failure`: raise [`gaugejax.InvarianceError`][] instead of returning a
+      failing report.
+    - `chunk_size`: group elements per vmapped chunk (default: adaptive, see
+      [`gaugejax.choose_chunk_size`][]).
+    - `devices`: devices to shard across; default all of `jax.devices()` when there are
+      several.
+    - `progress`: show a progress bar (the sweep then runs in `blocks` compiled pieces).
+
+    **Returns:** an [`gaugejax.InvarianceReport`][].
+    """
+    if not isinstance(num_samples, (int, np.integer)) or isinstance(num_samples, bool) or num_samples <= 0:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+    if not isinstance(gauge, Gauge):
+        raise TypeError(f"`gauge` must be a gaugejax.Gauge, got {type(gauge).__name__}.")
+    dtype = _params_dtype(params)
+    gauge.check_params(params)
+    for i, a in enumerate(args):
+        for x in jtu.tree_leaves(a):
+            if eqx.is_inexact_array(x) and not bool(jnp.all(jnp.isfinite(x))):
+                raise ValueError(f"input argument {i} contains NaN or inf.")
+    y0 = fn(params, *args)
+    if not all(bool(jnp.all(jnp.isfinite(y))) for y in jtu.tree_leaves(y0)):
+        raise ValueError("fn(params, *args) is not finite; an invariance check needs finite outputs.")
+    dtype_name = jnp.dtype(dtype).name
+    tol = DEFAULT_RTOL.get(dtype_name, 1e-5) if rtol is None else float(rtol)
+    sites = tuple(sites) if sites is not None else None
+
+    devices = list(jax.devices() if devices is None else devices)
+    n_dev = len(devices)
+    mesh = Mesh(np.array(devices), ("devices",)) if n_dev > 1 else None
+    chunk = chunk_size or choose_chunk_size(params, math.ceil(num_samples / n_dev))
+    n_blocks = blocks or (8 if progress else 1)
+    n_blocks = max(1, min(n_blocks, num_samples))
+    # Pad so every block has the same shape (one compilation) and divides across devices.
+    per_block = math.ceil(num_samples / n_blocks / n_dev) * n_dev
+    total = per_block * n_blocks
+    keys = jax.random.split(key, total)
+
+    errors = []
+    bar = _progress(progress, n_blocks, f"sweep {dtype_name}")
+    with bar as advance:
+        for b in range(n_blocks):
+            block = keys[b * per_block : (b + 1) * per_block]
+            if mesh is not None:
+                block = jax.device_put(block, jax.sharding.NamedSharding(mesh, P("devices")))
+            errs = _sweep_block(fn, gauge, params, args, block, y0, scale, sites, chunk, dtype, mesh)
+            errors.append(np.asarray(errs))
+            advance()
+    errors_np = np.concatenate(errors)[:num_samples]
+    max_err = float(np.max(errors_np))
+    report = InvarianceReport(
+        dtype=dtype_name,
+        num_samples=int(num_samples),
+        max_rel_error=max_err,
+        median_rel_error=float(np.median(errors_np)),
+        eps=float(jnp.finfo(dtype).eps),
+        rtol=tol,
+        passed=bool(np.isfinite(max_err) and max_err <= tol),
+        errors=errors_np,
+        devices=n_dev,
+    )
+    if per_site:
+        subs = {}
+        for i, name in enumerate(gauge.site_groups):
+            subs[name] = check_invariance(
+                fn, gauge, params, *args, key=jax.random.fold_in(key, i + 1),
+                num_samples=num_samples, scale=scale, sites=(name,), rtol=tol,
+                chunk_size=chunk_size, devices=devices,
+            )
+        report = dataclasses.replace(report, per_site=subs)
+    if raise_on_failure and not report.passed:
+        worst = ""
+        if report.per_site:
+            bad = [k for k, v in report.per_site.items() if not v.passed]
+            worst = f" Failing sites: {bad}." if bad else ""
+        raise InvarianceError(f"the model is not invariant under this gauge: {report}.{worst}")
+    return report
+
+
+class _progress:
+    """A rich progress bar, or nothing."""
+
+    def __init__(self, enabled: bool, total: int, description: str):
+        self.enabled, self.total, self.description = enabled, total, description
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), transient=True)
+        self._bar.__enter__()
+        task = self._bar.add_task(self.description, total=self.total)
+        return lambda: self._bar.advance(task)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._bar.__exit__(*exc)
+        return False
