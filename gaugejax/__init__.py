@@ -31,7 +31,11 @@ from ._activations import (
 )
 from ._balance import balance as balance, balance_residual as balance_residual, moment_map as moment_map
 from ._feedforward import derive_gauge as derive_gauge, feedforward_gauge as feedforward_gauge
-from ._functional import FunctionalDimension as FunctionalDimension, functional_dimension as functional_dimension
+from ._functional import (
+    FunctionalDimension as FunctionalDimension,
+    functional_dimension as functional_dimension,
+    probe_inputs as probe_inputs,
+)
 from ._sweep import (
     InvarianceError as InvarianceError,
     InvarianceReport as InvarianceReport,

@@ -33,6 +33,7 @@ def _dtype(params: PyTree) -> Any:
     return dts.pop() if len(dts) == 1 else jnp.zeros(()).dtype
 
 
+@eqx.filter_jit
 def moment_map(gauge: Gauge, params: PyTree) -> dict[str, Array]:
     """The moment map of every continuous site at `params`, as a Lie-algebra element
     `{site: array}`: $\\mu = \\nabla_\\xi \\tfrac12\\|\\exp(\\xi)\\cdot\\theta\\|^2$ at $\\xi = 0$.
@@ -94,6 +95,7 @@ def balance(
     return gauge.act(g, params, check=False), g
 
 
+@eqx.filter_jit
 def balance_residual(gauge: Gauge, params: PyTree) -> Array:
     """The largest relative moment-map residual over positive-scaling neurons:
     $\\max_i |\\mu_i| / (\\|\\mathrm{in}_i\\|^2 + \\|\\mathrm{out}_i\\|^2)$, where the
@@ -106,7 +108,7 @@ def balance_residual(gauge: Gauge, params: PyTree) -> Array:
     # |in|^2 + |out|^2 per neuron: the moment map of the squared parameters with every
     # consumed axis counted positively, obtained from act with scale e on produce and e on consume.
     total = _abs_moment(gauge, params, positive, dtype)
-    return max(jnp.max(jnp.abs(mu[n]) / total[n]) for n in positive)
+    return jnp.max(jnp.stack([jnp.max(jnp.abs(mu[n]) / total[n]) for n in positive]))
 
 
 def _abs_moment(gauge: Gauge, params: PyTree, sites: list[str], dtype: Any) -> Mapping[str, Array]:

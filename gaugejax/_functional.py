@@ -49,6 +49,20 @@ def functional_dimension(
       `outputs.size >= number of parameters`. Use float64 for a clean rank.
     - `rtol`: relative threshold on singular values (default: NumPy's, `max(M, N) * eps`).
     """
+    jac = np.asarray(_jacobian(fn, params, inputs))
+    n_out = jac.shape[0]
+    flat_size = jac.shape[1]
+    s = np.linalg.svd(jac, compute_uv=False)
+    eps = np.finfo(jac.dtype).eps
+    rtol = max(jac.shape) * eps if rtol is None else rtol
+    tol = float(rtol * s[0]) if s.size else 0.0
+    rank = int(np.sum(s > tol))
+    gap = float(s[rank - 1] / s[rank]) if 0 < rank < s.size and s[rank] > 0 else float("inf")
+    return FunctionalDimension(rank, int(flat_size), int(n_out), s, tol, gap)
+
+
+@eqx.filter_jit
+def _jacobian(fn, params, inputs):
     arrays, static = eqx.partition(params, eqx.is_inexact_array)
     flat, unravel = jax.flatten_util.ravel_pytree(arrays)
 
@@ -56,13 +70,22 @@ def functional_dimension(
         out = fn(eqx.combine(unravel(v), static), inputs)
         return jax.flatten_util.ravel_pytree(out)[0]
 
-    n_out = f(flat).size
-    jac = (jax.jacrev if n_out < flat.size else jax.jacfwd)(f)(flat)
-    jac = np.asarray(jac)
-    s = np.linalg.svd(jac, compute_uv=False)
-    eps = np.finfo(jac.dtype).eps
-    rtol = max(jac.shape) * eps if rtol is None else rtol
-    tol = float(rtol * s[0]) if s.size else 0.0
-    rank = int(np.sum(s > tol))
-    gap = float(s[rank - 1] / s[rank]) if 0 < rank < s.size and s[rank] > 0 else float("inf")
-    return FunctionalDimension(rank, int(flat.size), int(n_out), s, tol, gap)
+    n_out = jax.eval_shape(f, flat).size
+    return (jax.jacrev if n_out < flat.size else jax.jacfwd)(f)(flat)
+
+
+def probe_inputs(key: Any, num: int, dim: int, *, dtype: Any = None, max_scale: float = 50.0) -> Any:
+    """Inputs for [`gaugejax.functional_dimension`][]: Gaussian directions with radii
+    log-uniform in `[1, max_scale]`.
+
+    The Jacobian rank of a ReLU network is a property of the activation regions the inputs
+    visit: unit-scale Gaussian inputs around the origin leave some units (nearly) always on,
+    and measure less than the network's functional dimension. Spreading the radii over
+    several orders of magnitude visits the regions far from the origin too.
+    """
+    import jax.numpy as jnp
+
+    k_r, k_x = jax.random.split(key)
+    dtype = jnp.zeros(()).dtype if dtype is None else dtype
+    radii = jnp.exp(jax.random.uniform(k_r, (num, 1), dtype, 0.0, float(np.log(max_scale))))
+    return radii * jax.random.normal(k_x, (num, dim), dtype)

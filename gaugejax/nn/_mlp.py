@@ -59,7 +59,7 @@ class MLP(eqx.Module):
         for i, layer in enumerate(self.layers):
             x = jnp.matmul(x, layer.weight.T, precision=jax.lax.Precision.HIGHEST)
             if layer.bias is not None:
-                x = x + layer.bias
+                x = x + jnp.expand_dims(layer.bias, tuple(range(x.ndim - 1)))
             if i < len(self.layers) - 1:
                 x = self.activation(x)
         return x

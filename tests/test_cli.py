@@ -1,0 +1,35 @@
+"""`gaugejax report` runs end to end and writes the documented JSON."""
+
+import json
+import subprocess
+import sys
+
+
+def test_report_json_and_plot(tmp_path):
+    out = tmp_path / "report.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "gaugejax", "report", "--samples", "64", "--json", str(out), "--plot", str(tmp_path / "plots")],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    names = [m["name"] for m in data["models"]]
+    assert {"mlp-relu", "mlp-tanh", "mlp-gelu"} <= set(names)
+    for m in data["models"]:
+        for k in ("name", "params", "orbit_dim", "functional_dim", "sweeps", "controls"):
+            assert k in m
+        assert {s["dtype"] for s in m["sweeps"]} == {"float32", "float64"}
+        assert all(s["passed"] for s in m["sweeps"])
+        assert all(c["broke_as_predicted"] for c in m["controls"])
+        for s in m["sweeps"]:
+            assert set(s) >= {"dtype", "num_samples", "max_rel_error"}
+    relu = data["models"][names.index("mlp-relu")]
+    assert relu["functional_equals_params_minus_orbit"]
+    assert relu["balance"]["residual_after"] <= 1e-8
+    assert (tmp_path / "plots" / "invariance_errors.png").exists()
+    assert "gaugejax report" in res.stdout
+
+
+def test_bad_samples_argument():
+    res = subprocess.run([sys.executable, "-m", "gaugejax", "report", "--samples", "0"], capture_output=True, text=True)
+    assert res.returncode != 0 and "--samples must be positive" in res.stderr

@@ -1,0 +1,110 @@
+"""Invariance sweeps: the report, chunking, raising, per-site results and sharding."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gaugejax as gj
+
+
+def _setup(dtype=jnp.float64, activation=jax.nn.relu, group=None, unsafe=False):
+    model = gj.nn.MLP((4, 6, 5, 2), activation, key=jax.random.key(1), dtype=dtype)
+    gauge = gj.derive_gauge(model, group=group, unsafe=unsafe)
+    x = jax.random.normal(jax.random.key(2), (8, 4), dtype)
+    return model, gauge, x
+
+
+def fn(m, x):
+    return m(x)
+
+
+def test_report_fields():
+    model, gauge, x = _setup()
+    rep = gj.check_invariance(fn, gauge, model, x, key=jax.random.key(0), num_samples=100)
+    assert rep.num_samples == 100 and rep.errors.shape == (100,)
+    assert rep.dtype == "float64" and rep.eps == float(jnp.finfo(jnp.float64).eps)
+    assert rep.max_rel_error == float(np.max(rep.errors))
+    assert rep.max_eps == pytest.approx(rep.max_rel_error / rep.eps)
+    assert rep.passed and "ok" in str(rep)
+
+
+def test_chunking_does_not_change_results():
+    model, gauge, x = _setup()
+    a = gj.check_invariance(fn, gauge, model, x, key=jax.random.key(0), num_samples=50, chunk_size=7)
+    b = gj.check_invariance(fn, gauge, model, x, key=jax.random.key(0), num_samples=50, chunk_size=50)
+    c = gj.check_invariance(fn, gauge, model, x, key=jax.random.key(0), num_samples=50, blocks=3)
+    np.testing.assert_allclose(a.errors, b.errors, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(a.errors, c.errors, rtol=0, atol=1e-15)
+
+
+def test_many_samples_memory_bounded():
+    model, gauge, x = _setup(jnp.float32)
+    rep = gj.check_invariance(fn, gauge, model, x, key=jax.random.key(0), num_samples=100_000, chunk_size=512)
+    assert rep.num_samples == 100_000 and rep.passed
+
+
+def test_chunk_size_adapts_to_model_size():
+    small = gj.nn.MLP((32, 64, 64, 10), key=jax.random.key(0), dtype=jnp.float32)
+    big = gj.nn.MLP((1024, 1024, 1024, 1024), key=jax.random.key(0), dtype=jnp.float32)
+    assert gj.choose_chunk_size(small, 256) == 256
+    assert gj.choose_chunk_size(big, 256) == 1
+
+
+def test_raise_and_per_site():
+    model, gauge, x = _setup(activation=jax.nn.gelu, group=gj.PositiveDiagonal, unsafe=True)
+    with pytest.raises(gj.InvarianceError, match="not invariant"):
+        gj.check_invariance(fn, gauge, model, x, key=jax.random.key(0), num_samples=16, raise_on_failure=True)
+    rep = gj.check_invariance(fn, gauge, model, x, key=jax.random.key(0), num_samples=16, per_site=True)
+    assert set(rep.per_site) == {"h1", "h2"}
+    assert all(not r.passed for r in rep.per_site.values())
+    # a site held at the identity is invariant
+    ok = gj.check_invariance(fn, gauge, model, x, key=jax.random.key(0), num_samples=4, scale=0.0)
+    assert ok.passed
+
+
+def test_float32_tolerance_default():
+    model, gauge, x = _setup(jnp.float32)
+    rep = gj.check_invariance(fn, gauge, model, x, key=jax.random.key(0), num_samples=64)
+    assert rep.rtol == 1e-5 and rep.passed
+
+
+SHARDED = textwrap.dedent(
+    """
+    import os, json, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import jax, jax.numpy as jnp
+    jax.config.update("jax_enable_x64", True)
+    import gaugejax as gj
+    assert len(jax.devices()) == 4
+    model = gj.nn.MLP((4, 6, 5, 2), jax.nn.gelu, key=jax.random.key(1), dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(2), (8, 4), jnp.float64)
+    out = {}
+    for name, gauge in [("exact", gj.derive_gauge(model)),
+                        ("control", gj.derive_gauge(model, group=gj.PositiveDiagonal, unsafe=True))]:
+        multi = gj.check_invariance(lambda m, x: m(x), gauge, model, x, key=jax.random.key(0), num_samples=37)
+        single = gj.check_invariance(lambda m, x: m(x), gauge, model, x, key=jax.random.key(0), num_samples=37,
+                                     devices=jax.devices()[:1])
+        out[name] = {"devices": multi.devices, "multi": multi.errors.tolist(), "single": single.errors.tolist()}
+    print(json.dumps(out))
+    """
+)
+
+
+def test_sharded_sweep_equals_single_device():
+    env = dict(os.environ)
+    res = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    for name in ("exact", "control"):
+        assert out[name]["devices"] == 4
+        # same keys, so the same group elements: per-sample errors agree (the control's
+        # are O(1), so this compares real numbers, not rounding noise)
+        np.testing.assert_allclose(out[name]["multi"], out[name]["single"], rtol=1e-10, atol=1e-15)
+    assert min(out["control"]["multi"]) > 1e-3
