@@ -140,6 +140,17 @@ def _sweep_block(fn, gauge, params, args, keys, y0, scale, sites, chunk, dtype, 
     )
 
 
+@eqx.filter_jit
+def _reference(fn, params, args):
+    def finite(tree):
+        flags = [jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves(tree) if eqx.is_inexact_array(x)]
+        return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+
+    leaf_ok = [jnp.all(jnp.isfinite(x)) if eqx.is_inexact_array(x) else None for x in jtu.tree_leaves(params)]
+    y0 = fn(params, *args)
+    return y0, leaf_ok, [finite(a) for a in args], finite(y0)
+
+
 def _params_dtype(params: PyTree) -> Any:
     dts = {x.dtype for x in jtu.tree_leaves(params) if eqx.is_inexact_array(x)}
     if len(dts) != 1:
@@ -199,13 +210,17 @@ def check_invariance(
     if not isinstance(gauge, Gauge):
         raise TypeError(f"`gauge` must be a gaugejax.Gauge, got {type(gauge).__name__}.")
     dtype = _params_dtype(params)
-    gauge.check_params(params)
-    for i, a in enumerate(args):
-        for x in jtu.tree_leaves(a):
-            if eqx.is_inexact_array(x) and not bool(jnp.all(jnp.isfinite(x))):
-                raise ValueError(f"input argument {i} contains NaN or inf.")
-    y0 = fn(params, *args)
-    if not all(bool(jnp.all(jnp.isfinite(y))) for y in jtu.tree_leaves(y0)):
+    gauge._check_params(params)
+    # One compiled call for the reference output and every finiteness check (eager
+    # op-by-op checks cost seconds of dispatch and compilation on first use).
+    y0, leaf_ok, args_ok, y_ok = _reference(fn, params, args)
+    for path, ok in zip(gauge.paths, leaf_ok):
+        if ok is not None and not bool(ok):
+            raise ValueError(f"leaf {path!r} contains NaN or inf.")
+    for i, ok in enumerate(args_ok):
+        if not bool(ok):
+            raise ValueError(f"input argument {i} contains NaN or inf.")
+    if not bool(y_ok):
         raise ValueError("fn(params, *args) is not finite; an invariance check needs finite outputs.")
     dtype_name = jnp.dtype(dtype).name
     tol = DEFAULT_RTOL.get(dtype_name, 1e-5) if rtol is None else float(rtol)
