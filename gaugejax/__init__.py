@@ -16,6 +16,7 @@ from ._groups import (
     Translation as Translation,
 )
 
+
 try:
     __version__ = importlib.metadata.version("gaugejax")
 except importlib.metadata.PackageNotFoundError:  # pragma: no cover
@@ -29,7 +30,11 @@ from ._activations import (
     identity as identity,
     register_activation as register_activation,
 )
-from ._balance import balance as balance, balance_residual as balance_residual, moment_map as moment_map
+from ._balance import (
+    balance as balance,
+    balance_residual as balance_residual,
+    moment_map as moment_map,
+)
 from ._feedforward import derive_gauge as derive_gauge, feedforward_gauge as feedforward_gauge
 from ._functional import (
     FunctionalDimension as FunctionalDimension,

@@ -16,7 +16,6 @@ accordingly: $(P, M)(P', M') = (PP', M[\\pi'^{-1}]\\,M')$.
 
 from __future__ import annotations
 
-
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -33,6 +32,7 @@ from ._coupling import Consume, Coupling, Link, Produce, Translate
 from ._groups.base import AbstractGroup, invert_permutation
 from ._groups.permutation import Permutation
 from ._groups.translation import Translation
+
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
