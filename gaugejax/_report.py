@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -131,7 +132,8 @@ def run_report(*, num_samples: int = 2048, seed: int = 0, json_path: str | None 
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    # a file or pipe gets a wide table rather than rich's 80-column default
+    console = console or Console(width=None if sys.stdout.isatty() else 200)
     start = time.perf_counter()
     errors: dict = {}
     models = []
