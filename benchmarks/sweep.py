@@ -238,10 +238,11 @@ class Problem:
 
     def inner(self, chunk: int):
         """The compiled sweep without `check_invariance`'s eager checks (private API)."""
-        return _sweep._sweep_block(
-            forward, self.gauge, self.model, (self.x,), self.keys, self.y0, 0.5, None,
-            chunk, self.model.layers[0].weight.dtype, None,
+        errors, _ = _sweep._sweep_block(
+            forward, self.gauge, self.model, (self.x,), self.key, np.int32(0), self.num_samples,
+            self.num_samples, 0.5, None, chunk, self.model.layers[0].weight.dtype, None,
         )
+        return errors
 
 
 def bench_sweep(p: Problem, reps: int, eqx_loop: bool) -> dict[str, Any]:

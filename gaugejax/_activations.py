@@ -61,9 +61,9 @@ def register_activation(fn: Callable, family: Family) -> None:
     !!! example
 
         ```python
-        def my_relu6_free(x):
+        def asymmetric_leaky(x):  # positively homogeneous, not odd
             return jnp.where(x > 0, 2 * x, 0.5 * x)
-        gaugejax.register_activation(my_relu6_free, "positive_homogeneous")
+        gaugejax.register_activation(asymmetric_leaky, "positive_homogeneous")
         ```
     """
     if family not in ADMITS:

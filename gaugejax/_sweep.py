@@ -70,10 +70,12 @@ class InvarianceReport:
 
     @property
     def max_eps(self) -> float:
+        """`max_rel_error` in units of the dtype's machine epsilon."""
         return self.max_rel_error / self.eps
 
     @property
     def median_eps(self) -> float:
+        """`median_rel_error` in units of the dtype's machine epsilon."""
         return self.median_rel_error / self.eps
 
     def __str__(self) -> str:
@@ -111,44 +113,54 @@ def choose_chunk_size(params: PyTree, num_samples: int, budget: int = CHUNK_BYTE
     return int(max(1, min(num_samples, 256, budget // max(nbytes, 1))))
 
 
-@eqx.filter_jit
-def _sweep_block(fn, gauge, params, args, keys, y0, scale, sites, chunk, dtype, mesh):
-    def one(k):
-        g = gauge.sample(k, scale=scale, dtype=dtype, sites=sites)
-        y = fn(gauge.act(g, params, check=False), *args)
-        return _rel_error(y, y0)
+def _finite(tree: PyTree) -> jax.Array:
+    flags = [jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves(tree) if eqx.is_inexact_array(x)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
 
+
+@eqx.filter_jit
+def _sweep_block(fn, gauge, params, args, key, block, per_block, total, scale, sites, chunk, dtype, mesh):
+    """One compiled program per sweep: the reference output, the finiteness flags of the
+    inputs, and the errors of block `block` (a traced index, so every block shares the
+    program) of the `total` keys split from `key`."""
+    y0 = fn(params, *args)
+    flags = (
+        [jnp.all(jnp.isfinite(x)) if eqx.is_inexact_array(x) else None for x in jtu.tree_leaves(params)],
+        [_finite(a) for a in args],
+        _finite(y0),
+    )
+    keys = jax.lax.dynamic_slice_in_dim(jax.random.split(key, total), block * per_block, per_block)
     # chunk 1: a plain sequential map (a vmap over a batch of one turns matmuls into slow
     # batched matmuls on CPU)
     batch = None if chunk == 1 else chunk
-    if mesh is None:
-        return jax.lax.map(one, keys, batch_size=batch)
 
-    dynamic, static = eqx.partition((params, args, y0), eqx.is_array)
-
-    def local(dyn, ks):
-        p, a, y = eqx.combine(dyn, static)
-
-        def one_local(k):
+    def errors(p, a, y, ks):
+        def one(k):
             g = gauge.sample(k, scale=scale, dtype=dtype, sites=sites)
             return _rel_error(fn(gauge.act(g, p, check=False), *a), y)
 
-        return jax.lax.map(one_local, ks, batch_size=batch)
+        return jax.lax.map(one, ks, batch_size=batch)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P("devices")), out_specs=P("devices"))(
-        dynamic, keys
-    )
+    if mesh is None:
+        return errors(params, args, y0, keys), flags
+    dynamic, static = eqx.partition((params, args, y0), eqx.is_array)
+
+    def local(dyn, ks):
+        return errors(*eqx.combine(dyn, static), ks)
+
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P("devices")), out_specs=P("devices"))
+    return sharded(dynamic, keys), flags
 
 
-@eqx.filter_jit
-def _reference(fn, params, args):
-    def finite(tree):
-        flags = [jnp.all(jnp.isfinite(x)) for x in jtu.tree_leaves(tree) if eqx.is_inexact_array(x)]
-        return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
-
-    leaf_ok = [jnp.all(jnp.isfinite(x)) if eqx.is_inexact_array(x) else None for x in jtu.tree_leaves(params)]
-    y0 = fn(params, *args)
-    return y0, leaf_ok, [finite(a) for a in args], finite(y0)
+def _raise_if_not_finite(paths, leaf_ok, args_ok, y_ok) -> None:
+    for path, ok in zip(paths, leaf_ok):
+        if ok is not None and not bool(ok):
+            raise ValueError(f"leaf {path!r} contains NaN or inf.")
+    for i, ok in enumerate(args_ok):
+        if not bool(ok):
+            raise ValueError(f"input argument {i} contains NaN or inf.")
+    if not bool(y_ok):
+        raise ValueError("fn(params, *args) is not finite; an invariance check needs finite outputs.")
 
 
 def _params_dtype(params: PyTree) -> Any:
@@ -199,7 +211,11 @@ def check_invariance(
       [`gaugejax.choose_chunk_size`][]).
     - `devices`: devices to shard across; default all of `jax.devices()` when there are
       several.
-    - `progress`: show a progress bar (the sweep then runs in `blocks` compiled pieces).
+    - `progress`: show a progress bar (the sweep then runs in `blocks` pieces of one
+      compiled program).
+    - `blocks`: how many pieces to run the sweep in (default 8 with `progress`, else 1).
+      Every block is the same program with a different block index, so this costs no
+      extra compilation; results do not depend on it.
 
     **Returns:** an [`gaugejax.InvarianceReport`][].
     """
@@ -211,17 +227,6 @@ def check_invariance(
         raise TypeError(f"`gauge` must be a gaugejax.Gauge, got {type(gauge).__name__}.")
     dtype = _params_dtype(params)
     gauge._check_params(params)
-    # One compiled call for the reference output and every finiteness check (eager
-    # op-by-op checks cost seconds of dispatch and compilation on first use).
-    y0, leaf_ok, args_ok, y_ok = _reference(fn, params, args)
-    for path, ok in zip(gauge.paths, leaf_ok):
-        if ok is not None and not bool(ok):
-            raise ValueError(f"leaf {path!r} contains NaN or inf.")
-    for i, ok in enumerate(args_ok):
-        if not bool(ok):
-            raise ValueError(f"input argument {i} contains NaN or inf.")
-    if not bool(y_ok):
-        raise ValueError("fn(params, *args) is not finite; an invariance check needs finite outputs.")
     dtype_name = jnp.dtype(dtype).name
     tol = DEFAULT_RTOL.get(dtype_name, 1e-5) if rtol is None else float(rtol)
     sites = tuple(sites) if sites is not None else None
@@ -235,16 +240,19 @@ def check_invariance(
     # Pad so every block has the same shape (one compilation) and divides across devices.
     per_block = math.ceil(num_samples / n_blocks / n_dev) * n_dev
     total = per_block * n_blocks
-    keys = jax.random.split(key, total)
 
     errors = []
     bar = _progress(progress, n_blocks, f"sweep {dtype_name}")
     with bar as advance:
         for b in range(n_blocks):
-            block = keys[b * per_block : (b + 1) * per_block]
-            if mesh is not None:
-                block = jax.device_put(block, jax.sharding.NamedSharding(mesh, P("devices")))
-            errs = _sweep_block(fn, gauge, params, args, block, y0, scale, sites, chunk, dtype, mesh)
+            errs, flags = _sweep_block(
+                fn, gauge, params, args, key, np.int32(b), per_block, total, scale, sites, chunk, dtype, mesh
+            )
+            # One transfer for the errors and every finiteness flag; the flags are checked
+            # before any error is used.
+            errs, (leaf_ok, args_ok, y_ok) = jax.device_get((errs, flags))
+            if b == 0:
+                _raise_if_not_finite(gauge.paths, leaf_ok, args_ok, y_ok)
             errors.append(np.asarray(errs))
             advance()
     errors_np = np.concatenate(errors)[:num_samples]

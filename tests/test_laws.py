@@ -156,3 +156,27 @@ def test_haar_orthogonal(getkey):
     dets = jax.vmap(lambda k: jnp.linalg.det(group.sample(k, None, jnp.float64)))(jax.random.split(getkey(), 200))
     # Haar on O(n) covers both components
     assert jnp.any(dets < 0) and jnp.any(dets > 0)
+
+
+@pytest.mark.parametrize("n", [4, 200], ids=["rank-sampler", "sort-sampler"])
+def test_random_permutations_are_uniform(n, getkey):
+    # Both samplers (pairwise ranks up to RANK_SAMPLER_MAX_N, jax.random.permutation
+    # above): chi-square on the 24 permutations of the first 4 positions' relative order,
+    # and every output a permutation.
+    import math
+
+    import numpy as np
+    from scipy import stats
+
+    from gaugejax._groups.base import RANK_SAMPLER_MAX_N, random_permutations
+
+    assert (n <= RANK_SAMPLER_MAX_N) == (n == 4)
+    draws = 4800
+    perms = np.asarray(random_permutations(getkey(), n, (draws,)))
+    assert perms.dtype == np.int32
+    assert np.array_equal(np.sort(perms, axis=-1), np.broadcast_to(np.arange(n), perms.shape))
+    order = np.argsort(perms[:, :4], axis=-1)
+    codes = np.sum(order * np.array([64, 16, 4, 1]), axis=-1)
+    _, counts = np.unique(codes, return_counts=True)
+    assert counts.size == math.factorial(4)
+    assert stats.chisquare(counts).pvalue > 1e-4
