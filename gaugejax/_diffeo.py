@@ -1,0 +1,583 @@
+"""Spacetime diffeomorphisms acting on neural ODEs (function space).
+
+A foliation-preserving diffeomorphism $(x, t) \\mapsto (\\phi(x, t), \\tau(t))$ maps the
+vector field $v$ to (MATH.md, "Neural ODEs")
+
+$$v'(x', t') = \\frac{dt}{dt'}\\Big[\\partial_x\\phi(x, t)\\,v(x, t) + \\partial_t\\phi(x, t)\\Big],
+\\qquad x = \\phi_t^{-1}(x'),\\ t = \\tau^{-1}(t'),$$
+
+trajectories to $x'(\\tau(t)) = \\phi(x(t), t)$, the interval $[0, T]$ to $[0, \\tau(T)]$,
+the embedding to $E' = \\phi_0 \\circ E$ and the readout to $R' = R \\circ \\phi_T^{-1}$: the
+model $R \\circ \\Phi_{T\\leftarrow 0} \\circ E$ is unchanged. The bracket is one `jax.jvp` of
+$\\phi$ in the direction $(v, 1)$; $dt/dt' = 1/\\tau'(t)$ is one `jax.jvp` of $\\tau$.
+
+Inverses: $\\phi_t^{-1}$ and $\\tau^{-1}$ are used when given (closed forms for the
+built-ins [`gaugejax.LinearDiffeo`][] (a linear solve) and
+[`gaugejax.TimeScale`][]); otherwise they are found with **optimistix** (a Newton root
+find of $\\phi(y, t) = x'$ started at $y = x'$, resp. of $\\tau(s) = t'$ started at
+$s = t' \\,T / \\tau(T)$), differentiable by the implicit function theorem. A Newton solve
+that fails, or lands where $\\det \\partial_x\\phi \\le 0$ ($\\phi$ not invertible there),
+raises an error at run time.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optimistix as optx
+from jaxtyping import Array, PRNGKeyArray
+
+from .nn._node import NeuralODE, is_concrete
+
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+# ----------------------------------------------------------------------------------------
+# time reparametrisations
+# ----------------------------------------------------------------------------------------
+class AbstractTimeReparam(eqx.Module):
+    """A monotone map $\\tau: [0, T] \\to [0, \\tau(T)]$ with $\\tau(0) = 0$."""
+
+    def tau(self, t: Array) -> Array:
+        raise NotImplementedError
+
+    def tau_inverse(self, s: Array, T: Array) -> Array:
+        """$\\tau^{-1}(s)$; by default a Newton solve (optimistix)."""
+        t_end = self.tau(T)
+        y0 = s * T / t_end
+
+        def fn(t, _):
+            return self.tau(t) - s
+
+        sol = optx.root_find(fn, optx.Newton(rtol=1e-13, atol=1e-13), y0, max_steps=64, throw=True)
+        return sol.value
+
+    def rate(self, t: Array) -> Array:
+        """$\\tau'(t)$, by `jax.jvp`."""
+        return jax.jvp(self.tau, (t,), (jnp.ones_like(t),))[1]
+
+
+class IdentityTime(AbstractTimeReparam):
+    """$\\tau(t) = t$."""
+
+    def tau(self, t):
+        return t
+
+    def tau_inverse(self, s, T):
+        return s
+
+    def rate(self, t):
+        return jnp.ones_like(t)
+
+
+class TimeScale(AbstractTimeReparam):
+    """$\\tau(t) = t / c$: with $dt/dt' = c$ the field becomes $c\\,v$ on $[0, T/c]$ (for an
+    autonomous field, $(v, T) \\sim (c v, T / c)$, MATH.md S8).
+
+    **Arguments:** `c`: a positive scalar.
+    """
+
+    c: Array
+
+    def __init__(self, c):
+        c = jnp.asarray(c)
+        if is_concrete(c) and not float(c) > 0:
+            raise ValueError(f"`c` must be positive (tau(t) = t / c must increase); received {float(c)!r}.")
+        self.c = c
+
+    def tau(self, t):
+        return t / self.c.astype(jnp.result_type(t))
+
+    def tau_inverse(self, s, T):
+        return s * self.c.astype(jnp.result_type(s))
+
+
+class SineWarp(AbstractTimeReparam):
+    """$\\tau(t) = t + a\\,\\frac{T}{2\\pi}\\sin(2\\pi t / T)$: a map of $[0, T]$ onto itself,
+    monotone iff $|a| < 1$ ($\\tau' = 1 + a\\cos(2\\pi t/T)$). Its inverse is a Newton solve.
+
+    **Arguments:** `a`: the warp amplitude; `T`: the interval's end.
+    """
+
+    a: Array
+    T: float = eqx.field(static=True)
+
+    def __init__(self, a, T: float = 1.0):
+        self.a = jnp.asarray(a)
+        self.T = float(T)
+
+    def tau(self, t):
+        a = self.a.astype(jnp.result_type(t))
+        return t + a * self.T / (2 * np.pi) * jnp.sin(2 * np.pi * t / self.T)
+
+
+class TimeReparam(AbstractTimeReparam):
+    """A user time map: `tau(t)` and optionally `tau_inverse(s)` (else a Newton solve).
+    Both callables are static: pass an equinox Module if it holds arrays you vary."""
+
+    fn: Callable
+    inverse_fn: Callable | None
+
+    def __init__(self, tau: Callable, tau_inverse: Callable | None = None):
+        self.fn = tau
+        self.inverse_fn = tau_inverse
+
+    def tau(self, t):
+        return self.fn(t)
+
+    def tau_inverse(self, s, T):
+        if self.inverse_fn is None:
+            return super().tau_inverse(s, T)
+        return self.inverse_fn(s)
+
+
+# ----------------------------------------------------------------------------------------
+# paths of matrices G(t)
+# ----------------------------------------------------------------------------------------
+def _expm(x: Array, squarings: int = 6, order: int = 12) -> Array:
+    r"""Matrix exponential by scaling and squaring with a fixed Taylor polynomial.
+
+    Branch-free (unlike `jax.scipy.linalg.expm`'s Pade with data-dependent degree), so its
+    JVP compiles in a fraction of the time. With 8 squarings and degree 14 the truncation
+    error is below float64 round-off for $\|X\| \lesssim 25$; the paths here are near
+    the identity ($\|X\| \lesssim 3$).
+    """
+    y = x / (2.0**squarings)
+    eye = jnp.eye(x.shape[-1], dtype=x.dtype)
+    term, out = eye, eye
+    for k in range(1, order + 1):
+        term = jnp.matmul(term, y, precision=_HI) / k
+        out = out + term
+    for _ in range(squarings):
+        out = jnp.matmul(out, out, precision=_HI)
+    return out
+
+
+class SmoothLiePath(eqx.Module):
+    """$G(t) = \\exp X(t)$ with the smooth Lie-algebra path
+    $X(t) = (1 - t/T)\\,X_0 + (t/T)\\,X_T + \\sum_{k=1}^{K} \\sin(k\\pi t/T)\\,C_k$.
+
+    With $X_0 = X_T = 0$ (the default) $G(0) = G(T) = I$. Diagonal $C_k$ give positive
+    diagonal $G(t)$: the continuum limit of the feedforward rescaling.
+
+    **Arguments:**
+
+    - `coeffs`: `(K, d, d)` (general) or `(K, d)` (diagonal) coefficients $C_k$.
+    - `T`: the interval's end.
+    - `start`, `end`: $X_0$, $X_T$ (default zero), same shape as one coefficient.
+    """
+
+    coeffs: Array
+    start: Array
+    end: Array
+    T: float = eqx.field(static=True)
+    diagonal: bool = eqx.field(static=True)
+
+    def __init__(self, coeffs, T: float = 1.0, start=None, end=None):
+        coeffs = jnp.asarray(coeffs)
+        if coeffs.ndim not in (2, 3):
+            raise ValueError(f"`coeffs`: expected shape (K, d, d) or (K, d), received {coeffs.shape}.")
+        self.diagonal = coeffs.ndim == 2
+        z = jnp.zeros(coeffs.shape[1:], coeffs.dtype)
+        self.coeffs = coeffs
+        self.start = z if start is None else jnp.asarray(start, coeffs.dtype)
+        self.end = z if end is None else jnp.asarray(end, coeffs.dtype)
+        for name, v in (("start", self.start), ("end", self.end)):
+            if v.shape != z.shape:
+                raise ValueError(f"`{name}`: expected shape {z.shape} (one coefficient), received {v.shape}.")
+        self.T = float(T)
+
+    @classmethod
+    def random(cls, dim: int, *, num_modes: int = 2, scale: float = 0.3, T: float = 1.0,
+               diagonal: bool = False, boundary_identity: bool = True, key: PRNGKeyArray,
+               dtype: Any = None) -> SmoothLiePath:
+        """Gaussian coefficients of size `scale` (per $\\sqrt d$ for general matrices)."""
+        dtype = dtype or jnp.zeros(()).dtype
+        shape = (dim,) if diagonal else (dim, dim)
+        k1, k2, k3 = jax.random.split(key, 3)
+        norm = 1.0 if diagonal else np.sqrt(dim)
+        coeffs = scale * jax.random.normal(k1, (num_modes, *shape), dtype) / norm
+        if boundary_identity:
+            return cls(coeffs, T)
+        start = scale * jax.random.normal(k2, shape, dtype) / norm
+        end = scale * jax.random.normal(k3, shape, dtype) / norm
+        return cls(coeffs, T, start, end)
+
+    @property
+    def dim(self) -> int:
+        return self.coeffs.shape[-1]
+
+    def algebra(self, t: Array) -> Array:
+        t = jnp.asarray(t, self.coeffs.dtype)
+        u = t / self.T
+        k = jnp.arange(1, self.coeffs.shape[0] + 1, dtype=self.coeffs.dtype)
+        s = jnp.sin(k * np.pi * u)
+        s = s.reshape(-1, *([1] * (self.coeffs.ndim - 1)))
+        return (1 - u) * self.start + u * self.end + jnp.sum(s * self.coeffs, axis=0)
+
+    def __call__(self, t: Array) -> Array:
+        x = self.algebra(t)
+        return jnp.diag(jnp.exp(x)) if self.diagonal else _expm(x)
+
+
+class PiecewiseLinearLiePath(eqx.Module):
+    """$G(t) = \\exp X(t)$ with $X$ piecewise-linear between values `X[i]` at grid times
+    `ts[i]` ($G(0) = \\exp X_0$, $G(T) = \\exp X_N$; zero end values give the identity).
+    $\\dot G$ jumps at the nodes, so prefer [`gaugejax.SmoothLiePath`][] where a rate is
+    measured.
+
+    **Arguments:** `ts`: `(N + 1,)` increasing times from 0; `X`: `(N + 1, d, d)`.
+    """
+
+    ts: Array
+    X: Array
+
+    def __init__(self, ts, X):
+        self.ts, self.X = jnp.asarray(ts), jnp.asarray(X)
+        if self.X.ndim != 3 or self.X.shape[0] != self.ts.shape[0] or self.X.shape[1] != self.X.shape[2]:
+            raise ValueError(f"`X`: expected shape (len(ts), d, d) = ({self.ts.shape[0]}, d, d), received {self.X.shape}.")
+
+    @property
+    def dim(self) -> int:
+        return self.X.shape[-1]
+
+    def __call__(self, t):
+        from .nn._node import interpolate
+
+        return _expm(interpolate(jax.lax.stop_gradient(self.ts), self.X, jnp.asarray(t, self.X.dtype)))
+
+
+# ----------------------------------------------------------------------------------------
+# diffeomorphisms
+# ----------------------------------------------------------------------------------------
+class AbstractDiffeo(eqx.Module):
+    """A foliation-preserving diffeomorphism $(x, t) \\mapsto (\\phi(x, t), \\tau(t))$ of
+    $\\mathbb{R}^d \\times [0, T]$. Subclasses define `phi` (and, when they can, `phi_inverse`);
+    `time` is the time reparametrisation (default identity)."""
+
+    time: AbstractTimeReparam
+
+    def phi(self, x: Array, t: Array) -> Array:
+        raise NotImplementedError
+
+    def phi_inverse(self, y: Array, t: Array) -> Array:
+        """$\\phi_t^{-1}(y)$: a Newton solve of $\\phi(x, t) = y$ from $x = y$ (optimistix),
+        checked to land where $\\det\\partial_x\\phi > 0$."""
+
+        def fn(x, _):
+            return self.phi(x, t) - y
+
+        sol = optx.root_find(fn, optx.Newton(rtol=1e-12, atol=1e-12), y, max_steps=64, throw=True)
+        x = sol.value
+        jac = jax.jacfwd(lambda z: self.phi(z, t))(x)
+        det = jnp.linalg.det(jac)
+        return eqx.error_if(
+            x, det <= 0,
+            "phi is not invertible where it is used: det(d phi / dx) <= 0 at the solution of phi(x, t) = y.",
+        )
+
+    def velocity(self, x: Array, t: Array, v: Array) -> Array:
+        """$\\partial_x\\phi(x, t)\\,v + \\partial_t\\phi(x, t)$ (one `jax.jvp`)."""
+        return jax.jvp(self.phi, (x, t), (v, jnp.ones_like(t)))[1]
+
+    def pushforward(self, field: Callable, x_new: Array, t: Array) -> Array:
+        """$\\partial_x\\phi\\,v + \\partial_t\\phi$ at $x = \\phi_t^{-1}(x')$: the bracket of the
+        law, before the factor $dt/dt'$."""
+        x = self.phi_inverse(x_new, t)
+        return self.velocity(x, t, field(t, x))
+
+
+class Diffeo(AbstractDiffeo):
+    """A user diffeomorphism from callables.
+
+    **Arguments:**
+
+    - `phi`: `phi(x, t) -> x'` for one state `x` of shape `(d,)`.
+    - `phi_inverse`: `phi_inverse(x', t) -> x`, or `None`: then it is found with optimistix
+      (Newton), and a non-invertible $\\phi$ raises at run time.
+    - `time`: a time reparametrisation (default identity).
+
+    The callables are static fields: put arrays you vary inside an equinox Module.
+    """
+
+    fn: Callable
+    inverse_fn: Callable | None
+
+    def __init__(self, phi: Callable, phi_inverse: Callable | None = None, time: AbstractTimeReparam | None = None):
+        if not callable(phi):
+            raise TypeError(f"`phi` must be callable phi(x, t); received {type(phi).__name__}.")
+        self.fn, self.inverse_fn = phi, phi_inverse
+        self.time = IdentityTime() if time is None else time
+
+    def phi(self, x, t):
+        return self.fn(x, t)
+
+    def phi_inverse(self, y, t):
+        if self.inverse_fn is None:
+            return super().phi_inverse(y, t)
+        return self.inverse_fn(y, t)
+
+
+class LinearDiffeo(AbstractDiffeo):
+    """$\\phi(x, t) = G(t)\\,x$ for a smooth path of invertible matrices $G(t)$, so that
+    $v' = G\\,v(G^{-1}x', t) + \\dot G G^{-1} x'$ (MATH.md S5). $\\dot G$ comes from `jax.jvp`
+    of the path; $\\phi_t^{-1}$ is a linear solve.
+
+    **Arguments:**
+
+    - `path`: a callable `t -> (d, d)` matrix, e.g. [`gaugejax.SmoothLiePath`][] or
+      [`gaugejax.PiecewiseLinearLiePath`][].
+    - `time`: a time reparametrisation (default identity).
+    """
+
+    path: Callable
+
+    def __init__(self, path: Callable, time: AbstractTimeReparam | None = None):
+        self.path = path
+        self.time = IdentityTime() if time is None else time
+
+    # States may carry leading batch axes (..., d): one G(t) serves the whole batch.
+    def phi(self, x, t):
+        return _mv(self.path(t).astype(x.dtype), x)
+
+    def phi_inverse(self, y, t):
+        return _solve(self.path(t).astype(y.dtype), y)
+
+    def velocity(self, x, t, v):
+        G, Gdot = jax.jvp(self.path, (t,), (jnp.ones_like(t),))
+        return _mv(G.astype(x.dtype), v) + _mv(Gdot.astype(x.dtype), x)
+
+    def pushforward(self, field, x_new, t):
+        # one evaluation of G and dG/dt (a single jvp) serves the inverse and the velocity
+        G, Gdot = jax.jvp(self.path, (t,), (jnp.ones_like(t),))
+        G, Gdot = G.astype(x_new.dtype), Gdot.astype(x_new.dtype)
+        x = _solve(G, x_new)
+        return _mv(G, field(t, x)) + _mv(Gdot, x)
+
+
+def _mv(m: Array, x: Array) -> Array:
+    """`m @ x` on the last axis of `x`."""
+    return jnp.matmul(x, m.T, precision=_HI)
+
+
+def _solve(m: Array, y: Array) -> Array:
+    """`m^{-1} y` on the last axis of `y` (one factorisation for any batch)."""
+    if y.ndim == 1:
+        return jnp.linalg.solve(m, y)
+    flat = y.reshape(-1, y.shape[-1])
+    return jnp.linalg.solve(m, flat.T).T.reshape(y.shape)
+
+
+class NearIdentityDiffeo(AbstractDiffeo):
+    """$\\phi(x, t) = x + s(t)\\,\\psi(x)$ with $s(t) = \\epsilon\\sin(\\pi t / T)$ (so
+    $\\phi_0 = \\phi_T = \\mathrm{id}$) and $\\psi$ any Module $\\mathbb{R}^d \\to
+    \\mathbb{R}^d$, e.g. a small MLP. Invertible when $|\\epsilon|\\,\\mathrm{Lip}(\\psi) < 1$;
+    the inverse is a Newton solve (optimistix), checked at run time.
+
+    **Arguments:** `psi`: the Module; `eps`: the amplitude; `T`: the interval's end;
+    `time`: a time reparametrisation (default identity).
+    """
+
+    psi: Callable
+    eps: Array
+    T: float = eqx.field(static=True)
+
+    def __init__(self, psi: Callable, eps=0.1, T: float = 1.0, time: AbstractTimeReparam | None = None):
+        self.psi, self.eps, self.T = psi, jnp.asarray(eps), float(T)
+        self.time = IdentityTime() if time is None else time
+
+    @classmethod
+    def random(cls, dim: int, *, width: int = 8, eps: float = 0.1, T: float = 1.0, key: PRNGKeyArray,
+               dtype: Any = None) -> NearIdentityDiffeo:
+        """With $\\psi$ an `equinox.nn.MLP(dim, dim, width, depth=1, tanh)`."""
+        psi = eqx.nn.MLP(dim, dim, width, 1, activation=jnp.tanh, key=key, dtype=dtype)
+        return cls(psi, jnp.asarray(eps, dtype or jnp.zeros(()).dtype), T)
+
+    def s(self, t):
+        return self.eps.astype(jnp.result_type(t)) * jnp.sin(np.pi * t / self.T)
+
+    def phi(self, x, t):
+        return x + self.s(t).astype(x.dtype) * self.psi(x)
+
+
+# ----------------------------------------------------------------------------------------
+# the action on fields and models
+# ----------------------------------------------------------------------------------------
+class TransformedField(eqx.Module):
+    """$v'(x', t') = \\frac{dt}{dt'}[\\partial_x\\phi\\,v + \\partial_t\\phi]$ at
+    $x = \\phi_t^{-1}(x')$, $t = \\tau^{-1}(t')$ (see the module docstring)."""
+
+    field: Callable
+    diffeo: AbstractDiffeo
+    T: Any  # the original interval's end (for tau's inverse)
+
+    def __call__(self, t_new, x_new):
+        T = jnp.asarray(self.T, jnp.result_type(t_new))
+        t = self.diffeo.time.tau_inverse(t_new, T)
+        dt_dtnew = 1.0 / self.diffeo.time.rate(t)
+        return dt_dtnew.astype(x_new.dtype) * self.diffeo.pushforward(self.field, x_new, t)
+
+
+class _PhiAt(eqx.Module):
+    diffeo: AbstractDiffeo
+    t: Any
+    inverse: bool = eqx.field(static=True)
+
+    def __call__(self, x):
+        t = jnp.asarray(self.t, x.dtype)
+        return self.diffeo.phi_inverse(x, t) if self.inverse else self.diffeo.phi(x, t)
+
+
+class Chain(eqx.Module):
+    """`second(first(x))`: how a transformed embedding / readout is stored."""
+
+    first: Callable | None
+    second: Callable | None
+
+    def __call__(self, x):
+        if self.first is not None:
+            x = self.first(x)
+        return x if self.second is None else self.second(x)
+
+
+def _probe_states(dim: int, dtype: Any, n: int = 8) -> Array:
+    return jax.random.normal(jax.random.key(0), (n, dim), dtype)
+
+
+def validate(diffeo: AbstractDiffeo, dim: int, T: Any, dtype: Any = jnp.float64, *, num_times: int = 257) -> None:
+    """Eager checks of a diffeomorphism on $[0, T]$ (skipped under tracing): $\\tau(0) = 0$
+    and $\\tau' > 0$ (monotone), $\\phi$ maps `(dim,)` to `(dim,)`, and for
+    [`gaugejax.LinearDiffeo`][] $G(t)$ is `(dim, dim)` and well conditioned on a grid of
+    `num_times` times. Raises `ValueError` naming what is wrong."""
+    if not isinstance(diffeo, AbstractDiffeo):
+        raise TypeError(f"`diffeo`: expected a gaugejax diffeomorphism (AbstractDiffeo), received {type(diffeo).__name__}.")
+    if isinstance(diffeo, LinearDiffeo):
+        gshape = jax.eval_shape(diffeo.path, jax.ShapeDtypeStruct((), dtype)).shape
+        if gshape != (dim, dim):
+            raise ValueError(f"`diffeo.path`: G(t) has shape {gshape}, expected ({dim}, {dim}) for a state of dimension {dim}.")
+    try:
+        out = jax.eval_shape(diffeo.phi, jax.ShapeDtypeStruct((dim,), dtype), jax.ShapeDtypeStruct((), dtype))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"`diffeo`: phi fails on a state of shape ({dim},) (state-dimension mismatch?): {err}") from err
+    if out.shape != (dim,):
+        raise ValueError(f"`diffeo`: phi maps a state of shape ({dim},) to shape {out.shape}; expected ({dim},) (state-dimension mismatch).")
+    for what, obj in (("diffeo", diffeo), ("diffeo.time", diffeo.time), ("diffeo.path", getattr(diffeo, "path", None))):
+        own = getattr(obj, "T", None)
+        if isinstance(own, (int, float)) and is_concrete(T) and abs(float(own) - float(T)) > 1e-12 * max(1.0, abs(float(T))):
+            raise ValueError(f"`{what}.T` = {float(own):g} but the model's interval is [0, {float(T):g}]; they must agree.")
+    if not is_concrete(diffeo, T):
+        return
+    ts = jnp.linspace(0.0, float(T), num_times, dtype=dtype)
+    tau0 = float(diffeo.time.tau(jnp.zeros((), dtype)))
+    if abs(tau0) > 1e-12:
+        raise ValueError(f"`diffeo.time`: tau(0) must be 0 (the new interval starts at 0); received tau(0) = {tau0:g}.")
+    rates = np.asarray(jax.vmap(diffeo.time.rate)(ts))
+    if not np.all(rates > 0):
+        i = int(np.argmin(rates))
+        raise ValueError(
+            f"`diffeo.time`: tau must be strictly increasing on [0, T]; tau'(t) = {rates[i]:.3g} <= 0 at "
+            f"t = {float(ts[i]):.4g} (non-monotone time reparametrisation)."
+        )
+    if isinstance(diffeo, LinearDiffeo):
+        Gs = jax.vmap(diffeo.path)(ts)
+        if Gs.shape[1:] != (dim, dim):
+            raise ValueError(f"`diffeo.path`: G(t) has shape {Gs.shape[1:]}, expected ({dim}, {dim}) for a state of dimension {dim}.")
+        sv = np.linalg.svd(np.asarray(Gs, np.float64), compute_uv=False)
+        cond = sv[:, 0] / np.maximum(sv[:, -1], 1e-300)
+        eps = float(jnp.finfo(dtype).eps)
+        if not np.all(np.isfinite(cond)) or np.max(cond) > 1.0 / (1e3 * eps):
+            i = int(np.argmax(np.where(np.isfinite(cond), cond, np.inf)))
+            raise ValueError(
+                f"`diffeo.path`: G(t) is singular (or numerically so) at t = {float(ts[i]):.4g}: condition number "
+                f"{cond[i]:.3g}, smallest singular value {sv[i, -1]:.3g}; a gauge transformation must be invertible "
+                "for every t in [0, T]."
+            )
+
+
+def transform(node: NeuralODE, diffeo: AbstractDiffeo, *, boundary: str = "transform") -> NeuralODE:
+    """Act with a spacetime diffeomorphism on a neural ODE (MATH.md, "Neural ODEs").
+
+    The field becomes [`gaugejax.TransformedField`][]
+    $v' = \\frac{dt}{dt'}[\\partial_x\\phi\\,v + \\partial_t\\phi]\\circ(\\phi_t^{-1}, \\tau^{-1})$
+    and the interval $[0, \\tau(T)]$. The model $R\\circ\\Phi\\circ E$ is unchanged when
+
+    - `boundary="transform"` (default): $E' = \\phi_0 \\circ E$, $R' = R \\circ \\phi_T^{-1}$;
+    - `boundary="fixed"`: $E$, $R$ are kept, which is a symmetry only if
+      $\\phi_0 = \\phi_T = \\mathrm{id}$; this is checked on probe states and a
+      `ValueError` is raised otherwise;
+    - `boundary="warn"`: as `"fixed"`, but a violated boundary condition only warns;
+    - `boundary="unchecked"`: $E$, $R$ kept with no check (for negative controls, S7).
+
+    The diffeomorphism is validated first (see [`gaugejax.validate`][]): monotone $\\tau$,
+    invertible $G(t)$, matching dimensions.
+
+    **Arguments:**
+
+    - `node`: a [`gaugejax.nn.NeuralODE`][] (any field).
+    - `diffeo`: a [`gaugejax.LinearDiffeo`][], [`gaugejax.NearIdentityDiffeo`][],
+      [`gaugejax.Diffeo`][] (user callables) or any `AbstractDiffeo`.
+    - `boundary`: see above.
+
+    **Returns:** the transformed [`gaugejax.nn.NeuralODE`][] (same solver and controller).
+    """
+    if not isinstance(node, NeuralODE):
+        raise TypeError(f"`node`: expected a gaugejax.nn.NeuralODE, received {type(node).__name__}.")
+    if boundary not in ("transform", "fixed", "warn", "unchecked"):
+        raise ValueError(f"`boundary` must be 'transform', 'fixed', 'warn' or 'unchecked'; received {boundary!r}.")
+    dtype = node.field.ts.dtype if hasattr(node.field, "ts") else jnp.zeros(()).dtype
+    validate(diffeo, node.dim, node.T, dtype)
+    T = node.T
+    T_new = diffeo.time.tau(jnp.asarray(T, dtype))
+    if is_concrete(T_new):
+        T_new = float(T_new)
+    embedding, readout = node.embedding, node.readout
+    if boundary == "transform":
+        embedding = Chain(node.embedding, _PhiAt(diffeo, 0.0, False))
+        readout = Chain(_PhiAt(diffeo, T, True), node.readout)
+    elif boundary in ("fixed", "warn") and is_concrete(diffeo, T):
+        xs = _probe_states(node.dim, dtype)
+        Tarr = jnp.asarray(T, dtype)
+        for name, t in (("phi_0", jnp.zeros((), dtype)), ("phi_T", Tarr)):
+            moved = jax.vmap(lambda x: diffeo.phi(x, t) - x)(xs)
+            err = float(jnp.max(jnp.abs(moved)) / (1.0 + float(jnp.max(jnp.abs(xs)))))
+            if err > max(1e-8, 100 * float(jnp.finfo(dtype).eps)):  # round-off of sin(pi) etc.
+                which = "E (embedding)" if name == "phi_0" else "R (readout)"
+                msg = (
+                    f"boundary={boundary!r}: {name} is not the identity (max |{name}(x) - x| / (1 + |x|) = {err:.3g} on "
+                    f"probe states), so keeping {which} untransformed changes the model. Use boundary='transform' "
+                    f"(E' = phi_0 o E, R' = R o phi_T^-1) or a diffeomorphism with {name} = id."
+                )
+                if boundary == "fixed":
+                    raise ValueError(msg)
+                warnings.warn(msg, stacklevel=2)
+    field = TransformedField(node.field, diffeo, T)
+    return NeuralODE(
+        field, T_new, embedding=embedding, readout=readout, solver=node.solver,
+        stepsize_controller=node.stepsize_controller, dt0=node.dt0, max_steps=node.max_steps,
+        adjoint=node.adjoint, dim=node.dim,
+    )
+
+
+def connection_transform(A: Callable, path: Callable) -> Callable:
+    """The gauge transformation of a connection, pointwise in $t$:
+    $A'(t) = G A G^{-1} + \\dot G G^{-1}$ (MATH.md S9), $\\dot G$ by `jax.jvp`.
+
+    **Arguments:** `A`: `t -> (d, d)`; `path`: `t -> G(t)` invertible.
+
+    **Returns:** the callable `t -> A'(t)`.
+    """
+
+    def A_new(t):
+        G, Gdot = jax.jvp(path, (t,), (jnp.ones_like(t),))
+        Ginv = jnp.linalg.inv(G)
+        return jnp.matmul(jnp.matmul(G, A(t), precision=_HI), Ginv, precision=_HI) + jnp.matmul(Gdot, Ginv, precision=_HI)
+
+    return A_new
+

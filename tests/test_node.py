@@ -1,0 +1,405 @@
+"""Neural ODEs and their spacetime-diffeomorphism gauges: MATH.md S5-S11, gradients, the
+parameter-space gauges through the engine, and bad input.
+
+ODE comparisons use float64 with `rtol = atol = 1e-10` (Tsit5) and compare flow maps at
+1e-7, as MATH.md S5 asks."""
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+
+import gaugejax as gj
+from gaugejax.nn import NeuralODE, ParametricField
+
+
+F64 = jnp.float64
+TOL = 1e-10  # solver rtol = atol
+CMP = 1e-7  # flow maps compared at this (MATH.md S5)
+T = 1.0
+
+
+def _controller():
+    return diffrax.PIDController(rtol=TOL, atol=TOL)
+
+
+@eqx.filter_jit
+def _flow(node, x):
+    return node.flow(x)
+
+
+@eqx.filter_jit
+def _model(node, x):
+    return node(x)
+
+
+@pytest.fixture(scope="module")
+def base():
+    """A parametric NODE (E = R = identity, so the model is the flow map), a state and its
+    image (computed once: each new model structure costs one diffrax compilation)."""
+    k = jax.random.split(jax.random.key(0), 3)
+    field = ParametricField.random(3, 5, T=T, num_nodes=4, key=k[0], dtype=F64)
+    node = NeuralODE(field, T, stepsize_controller=_controller())
+    x = jax.random.normal(k[1], (3,), F64)
+    return node, x, _model(node, x)
+
+
+def _err(a, b):
+    return float(jnp.max(jnp.abs(a - b)))
+
+
+# --------------------------------------------------------------------------------------
+# S5-S8: the function-space action
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "diagonal", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["GL", "positive-diagonal"]
+)
+def test_s5_linear_gauge_same_flow(base, getkey, diagonal):
+    node, x, ref = base
+    path = gj.SmoothLiePath.random(3, scale=0.5, diagonal=diagonal, key=getkey(), dtype=F64)
+    new = gj.transform(node, gj.LinearDiffeo(path), boundary="fixed")
+    assert _err(_model(new, x), ref) < CMP
+    # not trivially so: the transformed field differs from the original
+    t = jnp.asarray(0.4, F64)
+    assert _err(new.field(t, x), node.field(t, x)) > 1e-2
+
+
+def test_s5_law_matches_formula(base, getkey):
+    """v' = G v(G^-1 x, t) + dG/dt G^-1 x, with dG/dt by central differences."""
+    node, x, _ = base
+    path = gj.SmoothLiePath.random(3, scale=0.5, key=getkey(), dtype=F64)
+    new = gj.transform(node, gj.LinearDiffeo(path), boundary="fixed")
+    t, d = jnp.asarray(0.3, F64), 1e-5
+    G = path(t)
+    Gdot = (path(t + d) - path(t - d)) / (2 * d)
+    want = G @ node.field(t, jnp.linalg.solve(G, x)) + Gdot @ jnp.linalg.solve(G, x)
+    assert _err(new.field(t, x), want) < 1e-8
+
+
+def test_linear_diffeo_batched_states_and_piecewise_path(base, getkey):
+    """A batch of states (..., d) shares one G(t); the piecewise-linear Lie path is exp of
+    the interpolated algebra element (identity at the ends when X_0 = X_N = 0)."""
+    node, _, _ = base
+    X = 0.3 * jax.random.normal(getkey(), (5, 3, 3), F64)
+    X = X.at[0].set(0.0).at[-1].set(0.0)
+    path = gj.PiecewiseLinearLiePath(jnp.linspace(0.0, T, 5, dtype=F64), X)
+    assert _err(path(jnp.asarray(0.0, F64)), jnp.eye(3, dtype=F64)) < 1e-14
+    t = jnp.asarray(0.6, F64)  # between nodes 2 (0.5) and 3 (0.75)
+    assert _err(path(t), jax.scipy.linalg.expm(0.6 * X[2] + 0.4 * X[3])) < 1e-12
+    new = gj.transform(node, gj.LinearDiffeo(path), boundary="fixed")
+    xs = jax.random.normal(getkey(), (4, 3), F64)
+    assert _err(new.field(t, xs), jax.vmap(lambda x: new.field(t, x))(xs)) < 1e-13
+    assert _err(new.field.diffeo.phi(xs, t), xs @ path(t).T) < 1e-13
+
+
+@pytest.mark.slow
+def test_s5_boundary_absorbed_by_E_and_R(getkey):
+    """G(0), G(T) != I: the model is unchanged once E' = G(0) E and R' = R G(T)^-1."""
+    field = ParametricField.random(3, 5, T=T, num_nodes=4, key=getkey(), dtype=F64)
+    node = NeuralODE(field, T, embedding=eqx.nn.Linear(2, 3, key=getkey(), dtype=F64),
+                     readout=eqx.nn.Linear(3, 2, key=getkey(), dtype=F64), stepsize_controller=_controller())
+    u = jax.random.normal(getkey(), (2,), F64)
+    path = gj.SmoothLiePath.random(3, scale=0.5, boundary_identity=False, key=getkey(), dtype=F64)
+    new = gj.transform(node, gj.LinearDiffeo(path))
+    assert _err(_model(new, u), _model(node, u)) < CMP
+
+
+def test_s6_law_and_optimistix_inverse(base, getkey):
+    """Fast variant of S6: the inverse (optimistix Newton) and the transformed field at a
+    point, against v' = (I + s dpsi) v(x) + s' psi(x) at x = phi^-1(x')."""
+    node, x, _ = base
+    diffeo = gj.NearIdentityDiffeo.random(3, eps=0.4, key=getkey(), dtype=F64)
+    t = jnp.asarray(0.37, F64)
+    y = diffeo.phi(x, t)
+    assert _err(diffeo.phi_inverse(y, t), x) < 1e-10
+    new = gj.transform(node, diffeo, boundary="fixed")
+    jac = jax.jacfwd(diffeo.psi)(x)
+    s = 0.4 * jnp.sin(jnp.pi * t)
+    sdot = 0.4 * jnp.pi * jnp.cos(jnp.pi * t)
+    want = (jnp.eye(3, dtype=F64) + s * jac) @ node.field(t, x) + sdot * diffeo.psi(x)
+    assert _err(new.field(t, y), want) < 1e-9
+
+
+@pytest.mark.slow
+def test_s6_nonlinear_near_identity_same_flow(base, getkey):
+    node, x, ref = base
+    diffeo = gj.NearIdentityDiffeo.random(3, width=6, eps=0.3, key=getkey(), dtype=F64)
+    new = gj.transform(node, diffeo, boundary="fixed")  # phi_0 = phi_T = id: E, R kept
+    assert _err(_model(new, x), ref) < CMP
+    t = jnp.asarray(0.5, F64)
+    assert _err(new.field(t, x), node.field(t, x)) > 1e-2
+
+
+def test_s7_boundary_condition_is_necessary(base, getkey):
+    """Negative control: phi_T != id with R untransformed changes the output by O(1)."""
+    node, x, ref = base
+    path = gj.SmoothLiePath.random(3, scale=0.5, boundary_identity=False, key=getkey(), dtype=F64)
+    diffeo = gj.LinearDiffeo(path)
+    broken = gj.transform(node, diffeo, boundary="unchecked")
+    assert _err(_model(broken, x), ref) > 1e-2
+    with pytest.raises(ValueError, match="phi_0 is not the identity"):
+        gj.transform(node, diffeo, boundary="fixed")
+    with pytest.warns(UserWarning, match="not the identity"):
+        gj.transform(node, diffeo, boundary="warn")
+
+
+@pytest.mark.slow
+def test_s8_time_reparametrisation_same_flow(base):
+    node, x, ref = base
+    new = gj.transform(node, gj.LinearDiffeo(lambda t: jnp.eye(3, dtype=F64), time=gj.SineWarp(0.5, T)),
+                       boundary="fixed")
+    assert abs(new.T - T) < 1e-15
+    assert _err(_model(new, x), ref) < CMP
+
+
+def test_s8_time_reparametrisation_law(base):
+    """Fast variant: v'(x, t') = (dt/dt') v(x, t(t')) for the warp tau(t) = t + a T/2pi sin(2 pi t/T)."""
+    node, x, _ = base
+    warp = gj.SineWarp(0.5, T)
+    new = gj.transform(node, gj.LinearDiffeo(lambda t: jnp.eye(3, dtype=F64), time=warp), boundary="fixed")
+    t = jnp.asarray(0.3, F64)
+    t_new = warp.tau(t)
+    assert _err(warp.tau_inverse(t_new, jnp.asarray(T, F64)), t) < 1e-12
+    want = node.field(t, x) / (1 + 0.5 * jnp.cos(2 * jnp.pi * t / T))
+    assert _err(new.field(t_new, x), want) < 1e-12
+
+
+def test_s8_autonomous_scaling(getkey):
+    """(v, T) ~ (c v, T / c) for an autonomous field."""
+    field = ParametricField.random(3, 4, num_nodes=1, key=getkey(), dtype=F64)  # constant in t
+    node = NeuralODE(field, 2.0, stepsize_controller=_controller())
+    x = jax.random.normal(getkey(), (3,), F64)
+    c = 2.5
+    scaled = gj.transform(node, gj.LinearDiffeo(lambda t: jnp.eye(3, dtype=F64), time=gj.TimeScale(c)),
+                          boundary="fixed")
+    assert abs(scaled.T - 2.0 / c) < 1e-15
+    t = jnp.asarray(0.1, F64)
+    assert _err(scaled.field(t, x), c * field(t, x)) < 1e-13
+    assert _err(_model(scaled, x), _model(node, x)) < CMP
+
+
+# --------------------------------------------------------------------------------------
+# S9-S11: linear NODEs, A is a connection
+# --------------------------------------------------------------------------------------
+class _Linear(eqx.Module):
+    A: object
+    dim: int = eqx.field(static=True)
+
+    def __call__(self, t, x):
+        return self.A(t) @ x
+
+
+_D = 1e-3  # central-difference step for S11
+_TS = (0.2, 0.3 - _D, 0.3, 0.3 + _D, 0.5, 0.7 - _D, 0.7, 0.7 + _D, 0.9, T)
+
+
+@eqx.filter_jit
+def _propagator(A):
+    """U_A(t, 0) at each time in _TS (the last is T), shape (len(_TS), 3, 3)."""
+    node = NeuralODE(_Linear(A, 3), T, stepsize_controller=_controller())
+    ts = jnp.asarray(_TS, F64)
+    cols = jax.vmap(lambda e: node.flow(e, ts=ts))(jnp.eye(3, dtype=F64))  # (basis, ts, dim)
+    return jnp.moveaxis(cols, 0, -1)  # columns are the images of the basis vectors
+
+
+@pytest.fixture(scope="module")
+def connection():
+    k = jax.random.split(jax.random.key(1), 2)
+    A0, A1 = (0.7 * jax.random.normal(kk, (3, 3), F64) for kk in k)
+    A = lambda t: A0 + jnp.sin(3.0 * t) * A1  # noqa: E731
+    return A, _propagator(A)
+
+
+def test_s9_connection_law_keeps_propagator(connection, getkey):
+    A, U = connection
+    path = gj.SmoothLiePath.random(3, scale=0.5, key=getkey(), dtype=F64)  # G(0) = G(T) = I
+    assert _err(_propagator(gj.connection_transform(A, path))[-1], U[-1]) < CMP
+
+
+@pytest.mark.slow
+def test_s9_negative_control(connection, getkey):
+    A, U = connection
+    far = gj.SmoothLiePath.random(3, scale=0.5, boundary_identity=False, key=getkey(), dtype=F64)
+    assert _err(_propagator(gj.connection_transform(A, far))[-1], U[-1]) > 1e-2
+
+
+@pytest.mark.slow
+def test_s10_integrated_relation(connection, getkey):
+    A, U = connection
+    path = gj.SmoothLiePath.random(3, scale=0.5, boundary_identity=False, key=getkey(), dtype=F64)
+    U_new = _propagator(gj.connection_transform(A, path))
+    G = jax.vmap(path)(jnp.asarray(_TS, F64))
+    for i, j in ((0, 4), (0, 9), (4, 8), (2, 6)):
+        U21 = U[j] @ jnp.linalg.inv(U[i])
+        U21_new = U_new[j] @ jnp.linalg.inv(U_new[i])
+        assert _err(U21_new, G[j] @ U21 @ jnp.linalg.inv(G[i])) < CMP
+
+
+def test_s11_converse(connection):
+    """A' = log(U_A(T, 0)) / T is gauge-equivalent to A via G(t) = U_A'(t,0) U_A(t,0)^-1."""
+    A, U = connection
+    ts = jnp.asarray(_TS, F64)
+    A_const = jnp.asarray(np.real(scipy.linalg.logm(np.asarray(U[-1]))) / T, F64)
+    assert _err(jax.scipy.linalg.expm(T * A_const), U[-1]) < CMP  # same propagator
+    G = jnp.stack([jax.scipy.linalg.expm(t * A_const) for t in ts]) @ jnp.linalg.inv(U)
+    assert _err(G[-1], jnp.eye(3, dtype=F64)) < CMP  # G(T) = I (G(0) = I by construction)
+    for i in (2, 6):
+        Gdot = (G[i + 1] - G[i - 1]) / (2 * _D)
+        rhs = G[i] @ A(ts[i]) @ jnp.linalg.inv(G[i]) + Gdot @ jnp.linalg.inv(G[i])
+        assert _err(A_const, rhs) < 1e-4  # central differences: O(d^2) + solver error / d
+    # negative control: a perturbed constant connection is not gauge-equivalent (G(T) != I)
+    U_bad = jax.scipy.linalg.expm(T * (A_const + 0.1))
+    assert _err(U_bad @ jnp.linalg.inv(U[-1]), jnp.eye(3, dtype=F64)) > 1e-2
+
+
+# --------------------------------------------------------------------------------------
+# gradients, parameter-space gauges through the engine
+# --------------------------------------------------------------------------------------
+def _grad_vs_fd(node, u):
+    loss = eqx.filter_jit(lambda n: jnp.sum(n(u) ** 2))
+    g = eqx.filter_grad(loss)(node).field.A[1][0, 2]
+    eps = 1e-5
+    bump = lambda s: eqx.tree_at(lambda n: n.field.A[1], node, node.field.A[1].at[0, 2].add(s))  # noqa: E731
+    fd = (loss(bump(eps)) - loss(bump(-eps))) / (2 * eps)
+    return float(g), float(fd)
+
+
+def test_gradient_through_the_solve(getkey):
+    """Constant steps: the backpropagated gradient is the derivative of the discrete solve."""
+    field = ParametricField.random(3, 4, num_nodes=4, key=getkey(), dtype=F64)
+    node = NeuralODE(field, T, stepsize_controller=diffrax.ConstantStepSize(), dt0=0.02)
+    g, fd = _grad_vs_fd(node, jax.random.normal(getkey(), (3,), F64))
+    assert abs(g) > 1e-6
+    assert abs(g - fd) < 1e-7 * (1 + abs(fd))
+
+
+@pytest.mark.slow
+def test_gradient_through_adaptive_solve(base):
+    """Adaptive steps (discretise-then-optimise): close to the finite difference, up to the
+    step-size controller's dependence on the parameters (measured ~5e-5 relative at rtol 1e-10)."""
+    node, x, _ = base
+    g, fd = _grad_vs_fd(node, x)
+    assert abs(g - fd) < 1e-3 * (1 + abs(fd))
+
+
+def test_node_gauge_is_exact_for_its_euler_resnet(getkey):
+    """The grid gauge (Link couplings) is the exact lattice gauge of discretize(node, N)."""
+    field = ParametricField.random(3, 5, T=T, num_nodes=4, activation=jax.nn.relu, key=getkey(), dtype=F64)
+    node = NeuralODE(field, T, embedding=eqx.nn.Linear(2, 3, key=getkey(), dtype=F64),
+                     readout=eqx.nn.Linear(3, 2, key=getkey(), dtype=F64), stepsize_controller=_controller())
+    u = jax.random.normal(getkey(), (7, 2), F64)
+    gauge = gj.derive_gauge(node, boundary="absorb")
+    N = node.field.num_nodes - 1
+    assert set(gauge.site_groups) == {f"s{i}" for i in range(N + 1)} | {f"k{i}" for i in range(N + 1)}
+    g, h = gauge.sample(getkey(), dtype=F64), gauge.sample(getkey(), dtype=F64)
+
+    @eqx.filter_jit  # one compilation instead of many eager ops
+    def check(node, g, h):
+        moved = gauge.act(g, node, check=False)
+        res, res_moved = gj.nn.discretize(node, N), gj.nn.discretize(moved, N)
+        lhs = gauge.act(gauge.compose(g, h), node, check=False)
+        rhs = gauge.act(g, gauge.act(h, node, check=False), check=False)
+        law = [jnp.max(jnp.abs(a - b)) for a, b in zip(jax.tree.leaves(eqx.filter(lhs, eqx.is_array)),
+                                                        jax.tree.leaves(eqx.filter(rhs, eqx.is_array)))]
+        return res_moved(u), res(u), moved.field.A[1] - node.field.A[1], jnp.max(jnp.stack(law))
+
+    out_moved, out, dA, law = check(node, g, h)
+    assert _err(out_moved, out) < 1e-12 * (1 + _err(out, 0.0))
+    assert float(jnp.max(jnp.abs(dA))) > 1e-2  # the parameters really moved
+    assert float(law) < 1e-10  # the composition law on the NODE's parameters
+
+
+@pytest.mark.slow
+def test_node_gauge_moves_the_continuous_flow_at_O_h(base, getkey):
+    """The grid gauge is not a symmetry of the continuous-time model (O(h), see test_continuum)."""
+    node, x, ref = base
+    gauge = gj.node_gauge(node)
+    moved = gauge.act(gauge.sample(getkey(), dtype=F64), node)
+    assert _err(_model(moved, x), ref) > 1e-4
+
+
+def test_node_gauge_boundary_fixed_orbit_dim(base):
+    node = base[0]
+    gauge = gj.node_gauge(node)
+    N, d = node.field.num_nodes - 1, 3
+    # s_1 .. s_{N-1}: GL(d); hidden k_i under tanh: signed permutations (discrete, dimension 0)
+    assert gauge.orbit_dim == (N - 1) * d * d
+
+
+@pytest.mark.slow
+def test_node_gauge_orbit_rank(base):
+    node = base[0]
+    gauge = gj.node_gauge(node)
+    assert gauge.orbit_rank(node) == gauge.orbit_dim
+
+
+# --------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------
+def test_bad_non_monotone_tau(base):
+    node = base[0]
+    eye = gj.LinearDiffeo(lambda t: jnp.eye(3, dtype=F64), time=gj.SineWarp(1.5, T))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        gj.transform(node, eye)
+    shifted = gj.LinearDiffeo(lambda t: jnp.eye(3, dtype=F64), time=gj.TimeReparam(lambda t: t + 1.0))
+    with pytest.raises(ValueError, match=r"tau\(0\) must be 0"):
+        gj.transform(node, shifted)
+    with pytest.raises(ValueError, match="must be positive"):
+        gj.TimeScale(-1.0)
+
+
+def test_bad_singular_G(base):
+    node = base[0]
+    singular = gj.LinearDiffeo(lambda t: jnp.diag(jnp.stack([jnp.ones_like(t), jnp.ones_like(t), t - 0.5])))
+    with pytest.raises(ValueError, match=r"singular .* at t = 0.5"):
+        gj.transform(node, singular)
+
+
+def test_bad_times_outside_interval(base):
+    node, x, _ = base
+    with pytest.raises(ValueError, match=r"interval \[0, T\]"):
+        node.flow(x, ts=jnp.asarray([0.5, 1.5], F64))
+    with pytest.raises(ValueError, match=r"interval \[0, T\]"):
+        node.solve(x, ts=jnp.asarray([-0.1], F64))
+
+
+def test_bad_dimension_mismatch(base, getkey):
+    node = base[0]
+    with pytest.raises(ValueError, match="dimension 3"):
+        node.flow(jnp.ones(4, F64))
+    with pytest.raises(ValueError, match=r"G\(t\) has shape \(2, 2\)"):
+        gj.transform(node, gj.LinearDiffeo(lambda t: jnp.eye(2, dtype=F64)))
+    bad_emb = NeuralODE(node.field, T, embedding=eqx.nn.Linear(2, 4, key=getkey(), dtype=F64))
+    with pytest.raises(ValueError, match="embedding"):
+        bad_emb(jnp.ones(2, F64))
+    k = getkey()
+    f = ParametricField.random(3, 4, key=k, dtype=F64)
+    with pytest.raises(ValueError, match=r"`W2\[0\]`: expected shape \(3, 4\)"):
+        ParametricField(f.ts, f.A, f.W1, f.b, [jnp.ones((3, 5), F64)] * 5, f.c)
+    with pytest.raises(ValueError, match="must end at T"):
+        NeuralODE(f, 2.0)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ParametricField(jnp.asarray([0, 0.5, 0.2, 0.7, 1.0], F64), f.A, f.W1, f.b, f.W2, f.c)
+
+
+def test_bad_phi_not_invertible():
+    """x -> x - 3 sin(pi t) tanh(x) folds over near 0 at t = 1/2: det(d phi/dx) < 0 there."""
+    d = gj.Diffeo(lambda x, t: x - 3.0 * jnp.sin(jnp.pi * t) * jnp.tanh(x))
+    with pytest.raises(Exception, match="not invertible"):
+        jax.block_until_ready(d.phi_inverse(jnp.zeros(3, F64), jnp.asarray(0.5, F64)))
+
+
+def test_bad_model_types(base):
+    node = base[0]
+    with pytest.raises(TypeError, match="ParametricField"):
+        gj.nn.discretize(NeuralODE(_Linear(lambda t: jnp.eye(3), 3), T), 4)
+    with pytest.raises(ValueError, match="positive int"):
+        gj.nn.discretize(node, 0)
+    no_linear = node  # E = R = identity: nothing to absorb s_0, s_N into
+    with pytest.raises(ValueError, match="boundary='absorb' needs"):
+        gj.node_gauge(no_linear, boundary="absorb")
+    with pytest.raises(ValueError, match="`boundary` must be"):
+        gj.transform(node, gj.LinearDiffeo(lambda t: jnp.eye(3, dtype=F64)), boundary="nope")
