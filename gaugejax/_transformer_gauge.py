@@ -1,0 +1,189 @@
+"""The gauge of a transformer, as sites and couplings (MATH.md S14-S17).
+
+Per layer $l$ (with $H$ heads):
+
+| site | group | couplings |
+|---|---|---|
+| `heads{l}` | $S_H$ | the heads axis of $W_Q, b_Q, W_K, b_K, W_V, b_V$ (axis 0) and $W_O$ (axis 1) |
+| `qk{l}` | $GL(d_k)^H$ | $W_Q, b_Q$ produce; $W_K, b_K$ consume (S14) |
+| `ov{l}` | $GL(d_v)^H$ | $W_V, b_V$ produce; $W_O$ consumes (S15) |
+| `key_shift{l}` | $\\mathbb{R}^{H \\times d_k}$ | $b_K \\mapsto b_K + t$ (S16) |
+| `mlp{l}` | by activation | $W_{in}, b_{in}$ produce; $W_{out}$ consumes |
+
+and, when every norm is a scale-free RMSNorm and the model has an unembedding, one
+`stream` site $O(d)$ (S17) that the embeddings and every writer produce and every reader
+(and the unembedding) consumes. Because the per-head sites are batched on the heads axis
+that `heads{l}` permutes, the engine derives the semidirect product
+$(GL(d_k)^H \\times GL(d_v)^H) \\rtimes S_H$ by itself.
+
+This module writes only the table; [`gaugejax.Gauge`][] does the rest. The per-head $GL$
+sites use `PureGL` (`gaugejax/_puregl.py`), the same group with LAPACK-free inverse and
+exponential, because batched LAPACK calls can deadlock XLA:CPU on small machines.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _activations
+from ._coupling import Consume, Produce, Translate
+from ._feedforward import derive_gauge
+from ._gauge import Gauge
+from ._groups import AbstractGroup, Orthogonal, Permutation, Translation
+from ._puregl import PureGL
+from .nn._transformer import ACTIVATION_FNS, Transformer
+
+
+#: the static configuration fields this derivation understands; a subclass or a future
+#: field outside this set makes the derivation refuse instead of guessing
+KNOWN_FIELDS = frozenset({
+    "token_embedding", "position_embedding", "embed_norm", "blocks", "final_norm", "unembed",
+    "unembed_bias", "n_heads", "norm_position", "causal", "unembedding", "rotary",
+})
+
+
+def rotation_obstruction(model: Transformer) -> str | None:
+    """Why the residual-stream rotation $O(d)$ is not a symmetry of `model`, or `None` if
+    it is (S17: every norm a scale-free RMSNorm, and an unembedding to absorb it)."""
+    for path, norm in model.norms():
+        if norm.kind != "rms":
+            return (
+                f"{path} is a LayerNorm: it subtracts the mean, which a rotation does not "
+                "preserve. Process the weights first: gaugejax.process_weights(model) (fold "
+                "gains, center the writing weights, LayerNorm -> RMSNorm)."
+            )
+        if norm.weight is not None or norm.bias is not None:
+            return (
+                f"{path} has a gain/bias: RMSNorm commutes with rotations only without them. "
+                "Fold them into the next linear maps first: gaugejax.fold_norm_gains(model)."
+            )
+    if model.unembedding == "none":
+        return (
+            "the model has no unembedding (unembedding='none'): its output is the residual "
+            "stream itself, which a rotation rotates."
+        )
+    return None
+
+
+def transformer_gauge(
+    model: Transformer,
+    *,
+    heads: bool = True,
+    qk: bool | None = None,
+    ov: bool = True,
+    key_shift: bool | None = None,
+    mlp: bool = True,
+    rotation: bool | None = None,
+    mlp_group: Any = None,
+    unsafe: bool = False,
+) -> Gauge:
+    """The gauge group of a [`gaugejax.nn.Transformer`][], derived from its configuration.
+
+    Each argument switches one family of sites on or off. `None` (the default for the
+    families a configuration may not admit) means "include it if the model admits it";
+    `True` demands it and raises a `ValueError` that says why when the model does not.
+
+    **Arguments:**
+
+    - `model`: the transformer (or its `equinox.filter_eval_shape`).
+    - `heads`: head permutations $S_H$ per layer.
+    - `qk`: per-head $GL(d_k)$ on queries/keys (S14); not admitted with rotary embeddings.
+    - `ov`: per-head $GL(d_v)$ on values/outputs (S15).
+    - `key_shift`: the key-bias translation (S16); not admitted with rotary embeddings.
+    - `mlp`: the MLP hidden units' group (by activation: GELU permutations, ReLU positive
+      monomials).
+    - `rotation`: residual-stream $O(d)$ (S17); admitted only with scale-free RMSNorms and an
+      unembedding (see [`gaugejax.fold_norm_gains`][], [`gaugejax.process_weights`][]).
+    - `mlp_group`: a group class or `width -> group` for the MLP sites (checked against the
+      activation).
+    - `unsafe`: build the families that were asked for with `True` even where the model
+      does not admit them (for negative controls). Without it such a request raises.
+
+    **Returns:** a [`gaugejax.Gauge`][] with sites `heads{l}`, `qk{l}`, `ov{l}`,
+    `key_shift{l}`, `mlp{l}` and `stream` (those included).
+
+    References: Hashimoto, Hirono, Sannai, "Unification of Symmetries Inside Neural
+    Networks: Transformer, Feedforward and Neural ODE" (2024); Ashkboos et al., "SliceGPT"
+    (2024) for the residual rotation.
+    """
+    if type(model) is not Transformer:
+        raise TypeError(
+            f"transformer_gauge derives the gauge of gaugejax.nn.Transformer itself; got "
+            f"{type(model).__name__}. A subclass may change the forward pass, so declare its "
+            "gauge with gaugejax.Gauge(sites, couplings, params)."
+        )
+    unknown = set(type(model).__dataclass_fields__) - KNOWN_FIELDS
+    if unknown:  # pragma: no cover - guards a future field added without a gauge rule
+        raise ValueError(f"Transformer has fields {sorted(unknown)} that the gauge derivation does not understand.")
+    if model.rotary:
+        for name, val in (("qk", qk), ("key_shift", key_shift)):
+            if val and not unsafe:
+                raise ValueError(
+                    f"{name}=True: this model uses rotary position embeddings, which rotate "
+                    "queries and keys by position-dependent angles; a general GL(d_k) (or a key "
+                    "bias shift) does not commute with them, so the model would change."
+                )
+        qk, key_shift = bool(qk and unsafe), bool(key_shift and unsafe)
+    qk = True if qk is None else qk
+    key_shift = True if key_shift is None else key_shift
+    obstruction = rotation_obstruction(model)
+    if rotation and obstruction is not None and not unsafe:
+        raise ValueError(f"rotation=True is not a symmetry of this model: {obstruction}")
+    rotation = obstruction is None if rotation is None else rotation
+
+    H, dk, dv, d, m = model.n_heads, model.d_k, model.d_v, model.d_model, model.d_mlp
+    sites: dict[str, AbstractGroup] = {}
+    couplings: list[Any] = []
+    act = ACTIVATION_FNS[model.activation]
+    for l in range(model.n_layers):
+        a, p = f"blocks[{l}].attn", f"blocks[{l}].mlp"
+        if heads:
+            sites[f"heads{l}"] = Permutation(H)
+            couplings += [Produce(f"{a}.{w}", 0, f"heads{l}") for w in ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V")]
+            couplings.append(Produce(f"{a}.W_O", 1, f"heads{l}"))
+        if qk:
+            s = f"qk{l}"
+            sites[s] = PureGL(dk, (H,))
+            couplings += [Produce(f"{a}.W_Q", 1, s, (0,)), Produce(f"{a}.b_Q", 1, s, (0,)),
+                          Consume(f"{a}.W_K", 1, s, (0,)), Consume(f"{a}.b_K", 1, s, (0,))]
+        if ov:
+            s = f"ov{l}"
+            sites[s] = PureGL(dv, (H,))
+            couplings += [Produce(f"{a}.W_V", 1, s, (0,)), Produce(f"{a}.b_V", 1, s, (0,)),
+                          Consume(f"{a}.W_O", 2, s, (1,))]
+        if key_shift:
+            sites[f"key_shift{l}"] = Translation((H, dk))
+            couplings.append(Translate(f"{a}.b_K", f"key_shift{l}"))
+        if mlp:
+            s = f"mlp{l}"
+            group = _activations.default_group(act, m) if mlp_group is None else mlp_group(m)
+            if not _activations.admits(act, group) and not unsafe:
+                raise ValueError(
+                    f"site {s!r}: activation {model.activation!r} does not admit {group!r} "
+                    f"(sigma(g z) != g sigma(z)); admitted: "
+                    f"{[c.__name__ for c in _activations.ADMITS[_activations.activation_family(act)]]}."
+                )
+            sites[s] = group
+            couplings += [Produce(f"{p}.W_in", 0, s), Produce(f"{p}.b_in", 0, s), Consume(f"{p}.W_out", 1, s)]
+        if rotation:
+            couplings += [
+                Consume(f"{a}.W_Q", 2, "stream"), Consume(f"{a}.W_K", 2, "stream"),
+                Consume(f"{a}.W_V", 2, "stream"), Produce(f"{a}.W_O", 0, "stream"),
+                Produce(f"{a}.b_O", 0, "stream"), Consume(f"{p}.W_in", 1, "stream"),
+                Produce(f"{p}.W_out", 0, "stream"), Produce(f"{p}.b_out", 0, "stream"),
+            ]
+    if rotation:
+        sites["stream"] = Orthogonal(d)
+        # the token embedding writes the stream; when tied it also reads it, which for an
+        # orthogonal Q is the same transformation (Q^{-T} = Q): one coupling does both
+        couplings.append(Produce("token_embedding", 1, "stream"))
+        if model.position_embedding is not None:
+            couplings.append(Produce("position_embedding", 1, "stream"))
+        if model.unembedding == "untied":
+            couplings.append(Consume("unembed", 1, "stream"))
+    return Gauge(sites, couplings, model)
+
+
+@derive_gauge.register(Transformer)
+def _(model: Transformer, **kwargs: Any) -> Gauge:
+    return transformer_gauge(model, **kwargs)

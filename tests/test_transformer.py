@@ -1,0 +1,316 @@
+"""MATH.md S14-S17 on gaugejax.nn.Transformer: the derived gauge, its group laws, the
+refusals, weight processing as gauge fixing, and the invariant observables."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+from helpers import rel
+
+import gaugejax as gj
+from gaugejax.nn import Transformer
+
+
+VOCAB, D, LAYERS, HEADS, MLP, CTX = 11, 8, 1, 2, 6, 6
+TOL = {jnp.float64: 1e-10, jnp.float32: 1e-5}
+EXACT = {jnp.float64: 1e-12, jnp.float32: 1e-5}
+
+
+def _model(key, dtype=jnp.float64, n_layers=LAYERS, **cfg):
+    return Transformer(VOCAB, D, n_layers, HEADS, MLP, CTX, key=key, dtype=dtype, **cfg)
+
+
+def _tokens(key, batch=3, n=5):
+    return jax.random.randint(key, (batch, n), 0, VOCAB)
+
+
+def _fn(m, tokens):
+    return jax.vmap(m)(tokens)
+
+
+# (id, configuration, the sites the derived gauge must have in layer 0 and globally)
+# Each sweep compiles the sampler (a matrix exponential per GL site): ~15 s on 2 shared
+# cores. The richest configuration runs by default, the others under `-m slow`.
+CONFIGS = [
+    pytest.param("pre-layernorm-gain-gelu-causal-tied", {}, {"heads0", "qk0", "ov0", "key_shift0", "mlp0"},
+                 marks=pytest.mark.slow),
+    pytest.param("pre-rms-scalefree-relu-untied-bidirectional",
+                 dict(norm="rms", norm_gain=False, activation="relu", unembedding="untied", causal=False),
+                 {"heads0", "qk0", "ov0", "key_shift0", "mlp0", "stream"}),
+    pytest.param("post-rms-scalefree-gelu-tied", dict(norm="rms", norm_gain=False, norm_position="post"),
+                 {"heads0", "qk0", "ov0", "key_shift0", "mlp0", "stream"}, marks=pytest.mark.slow),
+    pytest.param("rotary-rms-scalefree", dict(norm="rms", norm_gain=False, rotary=True),
+                 {"heads0", "ov0", "mlp0", "stream"}, marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("name,cfg,sites", CONFIGS, ids=[p.values[0] for p in CONFIGS])
+def test_derived_gauge_is_exactly_what_the_configuration_admits(name, cfg, sites, getkey):
+    model = _model(getkey(), **cfg)
+    gauge = gj.derive_gauge(model)
+    assert set(gauge.site_groups) == sites
+    assert gauge.orbit_dim == gj.transformer_orbit_dim(model)
+    tokens = _tokens(getkey())
+    rep = gj.check_invariance(_fn, gauge, model, tokens, key=getkey(), num_samples=12, chunk_size=1)
+    assert rep.max_rel_error <= TOL[jnp.float64], rep
+
+
+@pytest.mark.slow
+def test_float32_full_gauge_with_rotation(getkey):
+    model = _model(getkey(), jnp.float32, norm="rms", norm_gain=False, activation="relu", unembedding="untied")
+    gauge = gj.derive_gauge(model)
+    rep = gj.check_invariance(_fn, gauge, model, _tokens(getkey()), key=getkey(), num_samples=12, chunk_size=1)
+    assert rep.max_rel_error <= TOL[jnp.float32], rep
+
+
+@pytest.mark.slow
+def test_float32_rotation_and_heads(getkey):
+    # the discrete and Haar parts need no matrix exponential: cheap enough for the default run
+    model = _model(getkey(), jnp.float32, norm="rms", norm_gain=False, unembedding="untied")
+    gauge = gj.derive_gauge(model)
+    rep = gj.check_invariance(_fn, gauge, model, _tokens(getkey()), key=getkey(), num_samples=8, chunk_size=1,
+                              scale=None, sites=["stream", "heads0", "mlp0"])
+    assert rep.max_rel_error <= 1e-6, rep
+
+
+def cheap_sample(gauge, key, dtype=jnp.float64, sites=None):
+    """A group element without matrix exponentials (their compilation dominates the test
+    time): GL sites get I + X/(3 sqrt n), orthogonal ones Haar, the rest `group.sample`."""
+    out = {}
+    for k, (name, group) in zip(jax.random.split(key, len(gauge.sites)), gauge.sites):
+        if sites is not None and name not in sites:
+            out[name] = group.identity(dtype)
+        elif isinstance(group, gj.GL):
+            x = jax.random.normal(k, (*group.batch, group.n, group.n), dtype)
+            eye = jnp.broadcast_to(jnp.eye(group.n, dtype=dtype), x.shape)
+            out[name] = eye + x / (3 * group.n**0.5)
+        else:
+            out[name] = group.sample(k, None, dtype)
+    return out
+
+
+def _rotation_only_error(model, gauge, key):
+    return gj.check_invariance(
+        _fn, gauge, model, _tokens(key), key=key, num_samples=4, chunk_size=1, scale=None, sites=["stream"]
+    )
+
+
+@pytest.mark.parametrize("cfg", [dict(norm="layer", norm_gain=False),
+                                 pytest.param(dict(norm="rms", norm_gain=True), marks=pytest.mark.slow)],
+                         ids=["layernorm", "rms-gain"])
+def test_s17_negative_rotation_through_layernorm_or_gain_breaks(cfg, getkey):
+    if True:
+        model = _model(getkey(), **cfg)
+        with pytest.raises(ValueError, match="LayerNorm|gain"):
+            gj.derive_gauge(model, rotation=True)
+        bad = gj.derive_gauge(model, rotation=True, unsafe=True)
+        rep = _rotation_only_error(model, bad, getkey())
+        assert not rep.passed and rep.median_rel_error > 1e-3, rep
+
+
+def test_s14_negative_rotary_breaks_qk(getkey):
+    model = _model(getkey(), rotary=True)
+    with pytest.raises(ValueError, match="rotary"):
+        gj.derive_gauge(model, qk=True)
+    bad = gj.derive_gauge(model, qk=True, unsafe=True)
+    rep = gj.check_invariance(_fn, bad, model, _tokens(getkey()), key=getkey(), num_samples=4, chunk_size=1, sites=["qk0"])
+    assert not rep.passed and rep.median_rel_error > 1e-3, rep
+
+
+def test_gelu_mlp_refuses_rescaling(getkey):
+    model = _model(getkey())
+    with pytest.raises(ValueError, match="does not admit"):
+        gj.derive_gauge(model, mlp_group=gj.PositiveDiagonal)
+    bad = gj.derive_gauge(model, mlp_group=gj.PositiveDiagonal, unsafe=True)
+    rep = gj.check_invariance(_fn, bad, model, _tokens(getkey()), key=getkey(), num_samples=4, chunk_size=1, sites=["mlp0"])
+    assert not rep.passed and rep.median_rel_error > 1e-3, rep
+
+
+def test_refusals_and_bad_input(getkey):
+    model = _model(getkey(), norm="rms", norm_gain=False, unembedding="none", norm_position="post")
+    with pytest.raises(ValueError, match="unembedding"):
+        gj.derive_gauge(model, rotation=True)
+    with pytest.raises(ValueError, match="does not divide"):
+        Transformer(VOCAB, 10, 1, 3, MLP, CTX, key=getkey())
+    with pytest.raises(ValueError, match="odd"):
+        Transformer(VOCAB, 9, 1, 3, MLP, CTX, rotary=True, key=getkey())
+    with pytest.raises(ValueError, match="activation"):
+        Transformer(VOCAB, D, 1, 2, MLP, CTX, activation="swish", key=getkey())
+
+    class Sub(Transformer):
+        pass
+
+    with pytest.raises(TypeError, match="subclass"):
+        gj.transformer_gauge(Sub(VOCAB, D, 1, 2, MLP, CTX, key=getkey()))
+    with pytest.raises(ValueError, match="post-norm"):
+        gj.fold_norm_gains(_model(getkey(), norm_position="post"))
+    with pytest.raises(ValueError, match="RMSNorm"):
+        gj.center_writing_weights(_model(getkey(), norm="rms", norm_gain=False))
+    with pytest.raises(ValueError, match="not centered|non-centered"):
+        gj.layernorm_to_rmsnorm(gj.fold_norm_gains(_model(getkey())))
+    with pytest.raises(ValueError, match="untie"):
+        gj.fold_norm_gains(_model(getkey()), untie=False)
+    with pytest.raises(ValueError, match="tied"):
+        gj.center_writing_weights(_model(getkey()))
+
+
+# ----------------------------------------------------------------------------------------
+# group laws, and the semidirect product the engine derives
+# ----------------------------------------------------------------------------------------
+def test_group_laws_and_semidirect_product(getkey):
+    model = _model(getkey(), norm="rms", norm_gain=False, activation="relu", unembedding="untied")
+    gauge = gj.derive_gauge(model)
+
+    @eqx.filter_jit
+    def laws(g, h, m):
+        lhs = gauge.act(gauge.compose(g, h), m)
+        rhs = gauge.act(g, gauge.act(h, m))
+        back = gauge.act(gauge.inverse(g), gauge.act(g, m))
+        naive = {k: gauge.site_groups[k].compose(g[k], h[k]) if k != "key_shift0" else g[k] + h[k] for k in g}
+        return lhs, rhs, back, gauge.act(naive, m), gauge.act(gauge.identity(jnp.float64), m)
+
+    for _ in range(1):
+        g, h = cheap_sample(gauge, getkey()), cheap_sample(gauge, getkey())
+        lhs, rhs, back, naive, ident = laws(g, h, model)
+        assert rel(lhs, rhs) <= 1e-12
+        assert rel(back, model) <= 1e-12
+        assert rel(ident, model) == 0.0
+        # composing site by site ignores that heads permute the per-head GL blocks (and
+        # the key shift's affine part): not the group law
+        assert rel(naive, rhs) > 1e-3
+
+
+# ----------------------------------------------------------------------------------------
+# weight processing
+# ----------------------------------------------------------------------------------------
+_F32_SLOW = pytest.mark.slow
+
+PROCESSING = [
+    pytest.param({}, jnp.float64, id="pre-ln-tied-f64"),
+    pytest.param({}, jnp.float32, id="pre-ln-tied-f32"),
+    pytest.param(dict(unembedding="untied", activation="relu"), jnp.float64, id="pre-ln-untied-f64"),
+    pytest.param(dict(norm="rms"), jnp.float64, id="pre-rms-gain-f64"),
+    pytest.param(dict(norm_position="post", embed_norm=True, unembedding="none", causal=False), jnp.float64,
+                 id="post-ln-bert-f64"),
+    pytest.param(dict(norm_position="post", embed_norm=True, unembedding="none", causal=False), jnp.float32,
+                 id="post-ln-bert-f32", marks=_F32_SLOW),
+    pytest.param(dict(rotary=True), jnp.float64, id="rotary-f64"),
+    pytest.param(dict(rotary=True), jnp.float32, id="rotary-f32", marks=_F32_SLOW),
+]
+
+
+@pytest.mark.parametrize("cfg,dtype", PROCESSING)
+def test_processing_preserves_the_function(cfg, dtype, getkey):
+    model = _model(getkey(), dtype, **cfg)
+    tokens = _tokens(getkey())
+    new, report = gj.process_weights(model, tokens)
+    names = [s for s, _ in report.steps]
+    assert names[-2:] == ["fold_value_biases", "balance_attention"]
+    if cfg.get("norm_position") != "post":
+        assert names[0] == "fold_norm_gains"
+    # error per dtype, in units of eps: rounding only
+    assert report.max_rel_error <= 100 * report.eps, str(report)
+    # negative control: the processed weights did change
+    assert rel(new.blocks[0].attn.W_Q, model.blocks[0].attn.W_Q) > 1e-3
+
+
+def test_processing_makes_layernorm_rotations_exact(getkey):
+    model = _model(getkey(), unembedding="untied")
+    assert "stream" not in gj.derive_gauge(model).site_groups
+    new = gj.process_weights(model)
+    assert all(n.kind == "rms" and n.weight is None and n.bias is None for _, n in new.norms())
+    gauge = gj.derive_gauge(new, rotation=True)
+    rep = gj.check_invariance(_fn, gauge, new, _tokens(getkey()), key=getkey(), num_samples=4, chunk_size=1,
+                              scale=None, sites=["stream"])
+    assert rep.max_rel_error <= 1e-12, rep
+
+
+def test_tied_embeddings_stay_consistent(getkey):
+    model = _model(getkey(), norm_gain=False)  # LayerNorm, no gain: the final output is mean-free
+    tokens = _tokens(getkey())
+    new, report = gj.process_weights(model, tokens)
+    assert new.unembedding == "tied" and new.unembed is None
+    assert report.max_rel_error <= 1e-12, str(report)
+    # the one embedding leaf is both written and read; a Haar rotation keeps them tied
+    gauge = gj.derive_gauge(new)
+    assert "stream" in gauge.site_groups
+    rep = gj.check_invariance(_fn, gauge, new, tokens, key=getkey(), num_samples=4, chunk_size=1, scale=None, sites=["stream"])
+    assert rep.max_rel_error <= 1e-12, rep
+    # with a final gain, processing unties (function preserved) instead of breaking the tie
+    gained = _model(getkey())
+    untied, rep2 = gj.process_weights(gained, tokens)
+    assert gained.unembedding == "tied" and untied.unembedding == "untied"
+    assert rep2.max_rel_error <= 1e-12
+
+
+def test_balance_attention_is_canonical_and_balanced(getkey):
+    model = _model(getkey())
+    gauge = gj.derive_gauge(model, heads=False)
+    g = cheap_sample(gauge, getkey(), sites=["qk0", "ov0", "key_shift0"])
+    moved = gauge.act(g, model)
+    assert rel(moved.blocks[0].attn.W_Q, model.blocks[0].attn.W_Q) > 1e-2
+    b1, b2 = gj.balance_attention(model), gj.balance_attention(moved)
+    assert rel(b1, b2) <= 1e-10
+    a = b1.blocks[0].attn
+    qq = jnp.einsum("hkd,hjd->hkj", a.W_Q, a.W_Q) + jnp.einsum("hk,hj->hkj", a.b_Q, a.b_Q)
+    kk = jnp.einsum("hkd,hjd->hkj", a.W_K, a.W_K)
+    assert rel(qq, kk) <= 1e-12
+    vv = jnp.einsum("hvd,hwd->hvw", a.W_V, a.W_V) + jnp.einsum("hv,hw->hvw", a.b_V, a.b_V)
+    oo = jnp.einsum("dhv,dhw->hvw", a.W_O, a.W_O)
+    assert rel(vv, oo) <= 1e-12
+    assert float(jnp.max(jnp.abs(a.b_K))) == 0.0
+    # negative control: the unprocessed model is not balanced
+    a0 = model.blocks[0].attn
+    assert rel(jnp.einsum("hkd,hjd->hkj", a0.W_Q, a0.W_Q), jnp.einsum("hkd,hjd->hkj", a0.W_K, a0.W_K)) > 1e-2
+    # minimum norm on the orbit: any other point of it is heavier
+    sq = lambda m: sum(float(jnp.sum(x * x)) for x in (m.blocks[0].attn.W_Q, m.blocks[0].attn.W_K))
+    assert sq(b1) < sq(gauge.act(cheap_sample(gauge, getkey(), sites=["qk0"]), b1))
+
+
+# ----------------------------------------------------------------------------------------
+# observables and orbit dimensions
+# ----------------------------------------------------------------------------------------
+def test_factored_observables_are_invariant(getkey):
+    model = _model(getkey(), d_k=3, d_v=2)
+    gauge = gj.derive_gauge(model, heads=False, key_shift=False)
+    moved = gauge.act(cheap_sample(gauge, getkey()), model)
+    for layer in (0,):
+        for circuit in (gj.qk_circuit(model, layer), gj.ov_circuit(model, layer)):
+            dense_s = jnp.linalg.svd(circuit.dense(), compute_uv=False)[..., : circuit.left.shape[-1]]
+            assert rel(circuit.singular_values(), dense_s) <= 1e-12
+            u, s, vh = circuit.svd()
+            assert rel(jnp.einsum("hik,hk,hkj->hij", u, s, vh), circuit.dense()) <= 1e-12
+            assert rel(circuit.frobenius_norm(), jnp.linalg.norm(circuit.dense(), axis=(-2, -1))) <= 1e-12
+        for f in (lambda m: gj.qk_circuit(m, layer).singular_values(),
+                  lambda m: gj.qk_circuit(m, layer, bias=True).singular_values(),
+                  lambda m: gj.ov_circuit(m, layer).singular_values(),
+                  lambda m: jnp.abs(gj.ov_circuit(m, layer).eigenvalues()),
+                  lambda m: gj.qk_circuit(m, layer).dense()):
+            assert rel(f(moved), f(model)) <= 1e-10
+    # negative control: the factors themselves are not invariant
+    assert rel(gj.qk_circuit(moved, 0).left, gj.qk_circuit(model, 0).left) > 1e-2
+    with pytest.raises(ValueError, match="chain"):
+        gj.FactoredMatrix(jnp.zeros((3, 2)), jnp.zeros((3, 4)))
+
+
+@pytest.mark.parametrize("cfg", [dict(activation="relu", norm="rms", norm_gain=False, unembedding="untied"),
+                                 pytest.param(dict(d_k=3, d_v=2), marks=pytest.mark.slow),
+                                 pytest.param(dict(rotary=True, norm="rms", norm_gain=False), marks=pytest.mark.slow)],
+                         ids=["relu-rotation", "gelu-layernorm", "rotary"])
+def test_orbit_dimension_formula_vs_numerical_rank(cfg, getkey):
+    model = _model(getkey(), **cfg)
+    gauge = gj.derive_gauge(model)
+    formula = gj.transformer_orbit_dim(model)
+    assert gauge.orbit_dim == formula
+    assert gauge.orbit_rank(model) == formula
+
+
+def test_bert_base_attention_orbit_dimension():
+    assert gj.attention_orbit_dim(12, 12, 64, 64) == 1_179_648
+    bert = eqx.filter_eval_shape(
+        Transformer, 30522, 768, 12, 12, 3072, 512, norm_position="post", embed_norm=True,
+        causal=False, unembedding="none", key=jax.random.key(0),
+    )
+    gauge = gj.derive_gauge(bert, key_shift=False, mlp=False)
+    assert gauge.orbit_dim == 1_179_648 == gj.transformer_orbit_dim(bert, key_shift=False, mlp=False)
+    assert gj.derive_gauge(bert).orbit_dim == 1_179_648 + 12 * 12 * 64  # + key shifts; GELU MLP: none
