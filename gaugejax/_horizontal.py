@@ -1,0 +1,416 @@
+"""Vertical and horizontal tangent vectors (MATH.md, "Orbit geometry").
+
+At parameters $\\theta$ the *vertical map* $V: \\mathfrak g \\to T_\\theta$,
+$V\\xi = \\frac{d}{d\\epsilon}\\mathrm{act}(\\exp(\\epsilon\\xi), \\theta)|_{\\epsilon=0}$ (a JVP,
+[`gaugejax.Gauge.vertical`][]), spans the tangent space of the orbit. Its adjoint
+$V^\\top$ is the VJP of the same linear map. The horizontal projection of a tangent vector
+$v$ removes its vertical part,
+
+$$h = v - V\\xi^\\star, \\qquad V^\\top V\\,\\xi^\\star = V^\\top v,$$
+
+the normal equations of $\\min_\\xi \\|v - V\\xi\\|$. Two ways to solve them:
+
+- *matrix-free* (any gauge): conjugate gradients (`lineax.CG`) on the normal operator
+  $V^\\top V$, each application one JVP and one VJP of the action;
+- *structured* (every continuous site a positive rescaling, coupled linearly): the vertical
+  vector of log-scales $\\xi$ on a leaf $x$ is $x \\odot \\sum_k \\sigma_k \\xi_{s_k}$ (sum
+  over the leaf's couplings, $\\sigma = +1$ produced, $-1$ consumed), so the Gram matrix
+  $G = V^\\top V$ is assembled from the squared parameters alone: neuron $i$ couples to
+  neuron $j$ only through the weights they share ($G_{ij} = -W_{ij}^2$ between adjacent
+  layers of an MLP, $G_{ii} = \\|\\mathrm{in}_i\\|^2 + \\|\\mathrm{out}_i\\|^2$). It is solved
+  by Jacobi-preconditioned CG with the $O(|\\theta|)$ structured operator (no JVPs: one
+  pass over the squared parameters per step; the default), or assembled densely and
+  factored exactly (Cholesky, `method="dense"`; $O(N^3)$ in the number of neurons).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import lineax as lx
+import numpy as np
+from jaxtyping import Array, PyTree
+
+from ._gauge import Gauge, _expand
+from ._groups import GL, Monomial, Orthogonal, PositiveDiagonal, PositiveMonomial, Translation
+
+
+def _dtype(params: PyTree) -> Any:
+    dts = {jnp.dtype(x.dtype) for x in jtu.tree_leaves(params) if eqx.is_inexact_array(x)}
+    if len(dts) > 1:
+        raise ValueError(f"the parameters mix float dtypes {sorted(map(str, dts))}; cast them to one.")
+    return dts.pop() if dts else jnp.zeros(()).dtype
+
+
+def _vdot(a: PyTree, b: PyTree) -> Array:
+    la = [x for x in jtu.tree_leaves(a) if eqx.is_inexact_array(x)]
+    lb = [x for x in jtu.tree_leaves(b) if eqx.is_inexact_array(x)]
+    return sum((jnp.vdot(x, y) for x, y in zip(la, lb)), jnp.zeros((), la[0].dtype if la else None))
+
+
+def _require_continuous(gauge: Gauge, what: str) -> None:
+    if not isinstance(gauge, Gauge):
+        raise TypeError(f"`gauge` must be a gaugejax.Gauge, got {type(gauge).__name__}.")
+    if not gauge.continuous_sites:
+        sites = ", ".join(f"{n}: {g!r}" for n, g in gauge.sites)
+        raise ValueError(
+            f"{what} needs a gauge with a continuous part (a site with a Lie algebra), but "
+            f"every site of this gauge is discrete ({sites}): the orbit is a finite set, its "
+            "tangent space is zero and every vector is already horizontal."
+        )
+
+
+def _check_tangent(gauge: Gauge, params: PyTree, v: PyTree, name: str = "v") -> None:
+    pl, pt = jtu.tree_flatten(params)
+    vl, vt = jtu.tree_flatten(v)
+    if pt != vt:
+        raise ValueError(
+            f"`{name}` must have the structure of the parameters.\nexpected: {pt}\nreceived: {vt}"
+        )
+    for path, a, b in zip(gauge.paths, pl, vl):
+        if eqx.is_inexact_array(a) and tuple(jnp.shape(b)) != tuple(a.shape):
+            raise ValueError(
+                f"`{name}` leaf {path!r} has shape {tuple(jnp.shape(b))}; expected {tuple(a.shape)}."
+            )
+
+
+def vertical_adjoint(gauge: Gauge, params: PyTree, v: PyTree) -> dict[str, Array]:
+    """The adjoint of the vertical map, $V^\\top v$: the Lie-algebra element with
+    $\\langle V^\\top v, \\xi\\rangle = \\langle v, V\\xi\\rangle$ for every $\\xi$ (a VJP).
+
+    For the gradient of an invariant loss this is zero (the gradient is horizontal); for
+    $v = \\theta$ it is the moment map ([`gaugejax.moment_map`][]).
+
+    **Arguments:**
+
+    - `gauge`: a [`gaugejax.Gauge`][] with at least one continuous site.
+    - `params`: the base point $\\theta$.
+    - `v`: a tangent vector, a pytree like `params`.
+
+    **Returns:** `{site: array}` over the continuous sites.
+    """
+    _require_continuous(gauge, "vertical_adjoint")
+    _check_tangent(gauge, params, v)
+    zeros = gauge.algebra_zeros(_dtype(params))
+    _, vjp = jax.vjp(lambda xi: _vert(gauge, params, xi), zeros)
+    (out,) = vjp(_clean(params, v))
+    return out
+
+
+def _exp_tangent(group, xi: Array, dtype) -> Any:
+    """$\\frac{d}{d\\epsilon}\\exp(\\epsilon\\xi)|_{\\epsilon=0}$ as a tangent to the group
+    element pytree: $\\xi$ itself for the groups gaugejax ships (the skew part for $O(n)$),
+    without differentiating a matrix exponential; other groups fall back to a JVP of their
+    `exp`. Integer parts (permutations) get `None`."""
+    if isinstance(group, (GL, PositiveDiagonal, Translation)):
+        return xi.astype(dtype)
+    if isinstance(group, Orthogonal):
+        return (0.5 * (xi - jnp.swapaxes(xi, -1, -2))).astype(dtype)
+    if isinstance(group, PositiveMonomial):
+        return Monomial(None, xi.astype(dtype))
+    _, t = eqx.filter_jvp(lambda e: group.exp(e * xi, dtype), (jnp.zeros((), dtype),), (jnp.ones((), dtype),))
+    return t
+
+
+def _zero_tangent(elem: Any) -> Any:
+    return jtu.tree_map(lambda x: jnp.zeros_like(x) if eqx.is_inexact_array(x) else None, elem)
+
+
+def _vert(gauge: Gauge, params: PyTree, xi: Mapping[str, Array]) -> PyTree:
+    """The vertical vector of `xi` (as [`gaugejax.Gauge.vertical`][]) as a JVP of the
+    action at the identity along the tangent of `exp`; `None` on non-float leaves."""
+    dtype = _dtype(params)
+    ident = gauge.identity(dtype)
+    tangent = {
+        name: _exp_tangent(group, xi[name], dtype) if name in xi else _zero_tangent(ident[name])
+        for name, group in gauge.sites
+    }
+    _, t = eqx.filter_jvp(lambda g: gauge.act(g, params, check=False), (ident,), (tangent,))
+    return jtu.tree_map(
+        lambda a, p: (jnp.zeros_like(p) if a is None else a) if eqx.is_inexact_array(p) else None,
+        t, params, is_leaf=lambda a: a is None,
+    )
+
+
+def _clean(params: PyTree, v: PyTree) -> PyTree:
+    return jtu.tree_map(lambda a, p: jnp.asarray(a, p.dtype) if eqx.is_inexact_array(p) else None,
+                        v, params, is_leaf=lambda a: a is None)
+
+
+# ---------------------------------------------------------------------------------------
+# the structured (positive-rescaling) path
+# ---------------------------------------------------------------------------------------
+def _is_diagonal_gauge(gauge: Gauge) -> bool:
+    groups = gauge.site_groups
+    cont = gauge.continuous_sites
+    if not all(isinstance(groups[n], (PositiveDiagonal, PositiveMonomial)) for n in cont):
+        return False
+    for plan in gauge.plans:
+        for lp in plan.links:
+            if lp.out_site in cont or lp.in_site in cont:
+                return False
+    return True
+
+
+def _diag_couplings(gauge: Gauge):
+    """Per leaf plan: [(site, dims, sign)] for the log-scale sites it carries."""
+    cont = set(gauge.continuous_sites)
+    out = []
+    for plan in gauge.plans:
+        cs = [(lin.site, (*lin.batch_axes, lin.axis), 1.0 if lin.kind == "produce" else -1.0)
+              for lin in plan.linear if lin.site in cont]
+        if cs:
+            out.append((plan, cs))
+    return out
+
+
+def _diag_vertical(gauge: Gauge, leaves: list[Array], xi: Mapping[str, Array]) -> list[Array | None]:
+    out: list[Array | None] = [None] * len(leaves)
+    for plan, cs in _diag_couplings(gauge):
+        x = leaves[plan.index]
+        s = sum(sign * _expand(xi[site].astype(x.dtype), dims, x.ndim) for site, dims, sign in cs)
+        out[plan.index] = x * s
+    return out
+
+
+def _reduce_to(x: Array, dims: tuple[int, ...]) -> Array:
+    """Sum `x` over every axis not in `dims`; the result is indexed by `dims` in order."""
+    others = tuple(a for a in range(x.ndim) if a not in dims)
+    y = jnp.sum(x, axis=others) if others else x
+    kept = sorted(dims)
+    return jnp.transpose(y, [kept.index(d) for d in dims])
+
+
+def _diag_adjoint(gauge: Gauge, leaves: list[Array], t: list[Array | None]) -> dict[str, Array]:
+    groups = gauge.site_groups
+    dtype = next(x.dtype for x in leaves if eqx.is_inexact_array(x))
+    out = {n: groups[n].algebra_zeros(dtype) for n in gauge.continuous_sites}
+    for plan, cs in _diag_couplings(gauge):
+        xt = leaves[plan.index] * t[plan.index]
+        for site, dims, sign in cs:
+            out[site] = out[site] + sign * _reduce_to(xt, dims)
+    return out
+
+
+def _diag_gram_apply(gauge: Gauge, leaves: list[Array], xi: Mapping[str, Array]) -> dict[str, Array]:
+    return _diag_adjoint(gauge, leaves, _diag_vertical(gauge, leaves, xi))
+
+
+def _diag_gram_dense(gauge: Gauge, leaves: list[Array]) -> tuple[Array, dict[str, tuple[int, tuple[int, ...]]]]:
+    """The Gram matrix $V^\\top V$ of the log-scale generators, assembled from the
+    squared parameters: $O(|\\theta|)$ work plus the $N^2$ matrix."""
+    groups = gauge.site_groups
+    layout: dict[str, tuple[int, tuple[int, ...]]] = {}
+    offset = 0
+    for n in gauge.continuous_sites:
+        shape = (*groups[n].batch, groups[n].n)
+        layout[n] = (offset, shape)
+        offset += int(np.prod(shape))
+    dtype = next(x.dtype for x in leaves if eqx.is_inexact_array(x))
+    gram = jnp.zeros((offset, offset), dtype)
+    for plan, cs in _diag_couplings(gauge):
+        x2 = leaves[plan.index] ** 2
+        for site_a, dims_a, sa in cs:
+            for site_b, dims_b, sb in cs:
+                keep = tuple(sorted(set(dims_a) | set(dims_b)))
+                vals = _reduce_to(x2, keep)  # indexed by `keep`
+
+                def flat(site, dims):
+                    off, shape = layout[site]
+                    idx = jnp.zeros(vals.shape, jnp.int32)
+                    stride = 1
+                    for d, size in zip(reversed(dims), reversed(shape)):
+                        pos = keep.index(d)
+                        io = jax.lax.broadcasted_iota(jnp.int32, vals.shape, pos)
+                        idx = idx + io * stride
+                        stride *= size
+                    return idx + off
+
+                rows, cols = flat(site_a, dims_a), flat(site_b, dims_b)
+                gram = gram.at[rows.ravel(), cols.ravel()].add((sa * sb) * vals.ravel())
+    return gram, layout
+
+
+def _flatten_alg(xi: Mapping[str, Array], layout) -> Array:
+    return jnp.concatenate([xi[n].ravel() for n in layout])
+
+
+def _unflatten_alg(vec: Array, layout) -> dict[str, Array]:
+    out = {}
+    for n, (off, shape) in layout.items():
+        size = int(np.prod(shape))
+        out[n] = vec[off : off + size].reshape(shape)
+    return out
+
+
+def _cholesky_solve(gram: Array, rhs: Array) -> Array:
+    """Exact solve of the PSD system; a relative jitter of eps keeps it defined where a
+    neuron has no weights (a zero row: its right-hand side is zero too)."""
+    eps = jnp.finfo(gram.dtype).eps
+    diag = jnp.diagonal(gram)
+    jitter = eps * jnp.maximum(jnp.max(diag), jnp.finfo(gram.dtype).tiny)
+    chol = jnp.linalg.cholesky(gram + jitter * jnp.eye(gram.shape[0], dtype=gram.dtype))
+
+    def solve(b):
+        y = jax.scipy.linalg.solve_triangular(chol, b, lower=True)
+        return jax.scipy.linalg.solve_triangular(chol.T, y, lower=False)
+
+    x = solve(rhs)
+    # one step of iterative refinement against the un-jittered matrix
+    return x + solve(rhs - gram @ x)
+
+
+# ---------------------------------------------------------------------------------------
+# the solve
+# ---------------------------------------------------------------------------------------
+Method = Literal["auto", "structured", "dense", "cg"]
+
+
+def vertical_coordinates(
+    gauge: Gauge,
+    params: PyTree,
+    v: PyTree,
+    *,
+    method: Method = "auto",
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_steps: int | None = None,
+) -> dict[str, Array]:
+    """The Lie-algebra element $\\xi^\\star$ whose vertical vector is closest to `v`: the
+    least-squares solution of $V\\xi \\approx v$, from $V^\\top V\\xi = V^\\top v$.
+
+    **Arguments:**
+
+    - `gauge`, `params`, `v`: as for [`gaugejax.horizontal`][].
+    - `method`: `"structured"` (positive-rescaling sites only: Jacobi-preconditioned CG on
+      the Gram operator computed from the squared parameters, no JVPs), `"dense"` (the same
+      Gram matrix assembled and factored exactly by Cholesky: exact, $O(N^3)$ in the number
+      of neurons), `"cg"` (matrix-free CG on $V^\\top V$ with JVPs and VJPs of the action:
+      any gauge), or `"auto"` (structured when the gauge allows it, else CG).
+    - `rtol`, `atol`, `max_steps`: CG tolerances (default $\\epsilon^{0.9}$ of the dtype,
+      relative) and its step limit (default 10 x the algebra dimension).
+
+    **Returns:** `{site: array}` over the continuous sites.
+    """
+    _require_continuous(gauge, "vertical_coordinates")
+    _check_tangent(gauge, params, v)
+    if method not in ("auto", "structured", "dense", "cg"):
+        raise ValueError(f"`method` must be 'auto', 'structured', 'dense' or 'cg', got {method!r}.")
+    diag_ok = _is_diagonal_gauge(gauge)
+    if method in ("structured", "dense") and not diag_ok:
+        bad = [f"{n}: {g!r}" for n, g in gauge.sites if n in gauge.continuous_sites
+               and not isinstance(g, (PositiveDiagonal, PositiveMonomial))]
+        raise ValueError(
+            f"method={method!r} needs every continuous site to be a positive rescaling "
+            f"(PositiveDiagonal or PositiveMonomial) coupled by Produce/Consume; this gauge has "
+            f"{bad or 'links on rescaling sites'}. Use method='cg' (matrix-free, any gauge)."
+        )
+    dtype = _dtype(params)
+    eps = float(jnp.finfo(dtype).eps)
+    rtol = eps**0.9 if rtol is None else rtol
+    atol = eps**0.9 if atol is None else atol
+    max_steps = 10 * max(gauge.orbit_dim, 10) if max_steps is None else max_steps
+    v = _clean(params, v)
+    if diag_ok and method != "cg":
+        return _solve_structured(gauge, params, v, method == "dense", rtol, atol, max_steps)
+    return _solve_cg(gauge, params, v, rtol, atol, max_steps)
+
+
+def _aligned(params: PyTree, v: PyTree) -> list[Any]:
+    """`v`'s leaves in the order of `params`' leaves (the order the gauge's plans index)."""
+    return jtu.tree_structure(params).flatten_up_to(v)
+
+
+@eqx.filter_jit
+def _solve_structured(gauge, params, v, force_dense, rtol, atol, max_steps):
+    leaves = jtu.tree_leaves(params)
+    rhs = _diag_adjoint(gauge, leaves, _aligned(params, v))
+    if force_dense:
+        gram, layout = _diag_gram_dense(gauge, leaves)
+        return _unflatten_alg(_cholesky_solve(gram, _flatten_alg(rhs, layout)), layout)
+    # large: Jacobi-preconditioned CG on the structured operator; the diagonal of G is
+    # |in|^2 + |out|^2 per neuron (the squared parameters it scales)
+    dg = {n: jnp.zeros_like(r) for n, r in rhs.items()}
+    for plan, cs in _diag_couplings(gauge):
+        for site, dims, _ in cs:
+            dg[site] = dg[site] + _reduce_to(leaves[plan.index] ** 2, dims)
+    inv = {n: jnp.where(d > 0, 1 / jnp.where(d > 0, d, 1), 0) for n, d in dg.items()}
+    struct = jax.eval_shape(lambda: rhs)
+    op = lx.FunctionLinearOperator(lambda xi: _diag_gram_apply(gauge, leaves, xi), struct,
+                                   tags=lx.positive_semidefinite_tag)
+    pre = lx.FunctionLinearOperator(lambda xi: {n: inv[n] * xi[n] for n in xi}, struct,
+                                    tags=lx.positive_semidefinite_tag)
+    sol = lx.linear_solve(op, rhs, lx.CG(rtol=rtol, atol=atol, max_steps=max_steps),
+                          options={"preconditioner": pre}, throw=False)
+    return sol.value
+
+
+@eqx.filter_jit
+def _solve_cg(gauge, params, v, rtol, atol, max_steps):
+    dtype = _dtype(params)
+    zeros = gauge.algebra_zeros(dtype)
+    vert = lambda xi: _vert(gauge, params, xi)  # noqa: E731
+    # the map is linear: its VJP (at any point) is the adjoint
+    _, transpose = jax.vjp(vert, zeros)
+    (rhs,) = transpose(v)
+
+    def normal(xi):
+        (out,) = transpose(vert(xi))
+        return out
+
+    op = lx.FunctionLinearOperator(normal, jax.eval_shape(lambda: zeros), tags=lx.positive_semidefinite_tag)
+    sol = lx.linear_solve(op, rhs, lx.CG(rtol=rtol, atol=atol, max_steps=max_steps), throw=False)
+    return sol.value
+
+
+def horizontal(
+    gauge: Gauge,
+    params: PyTree,
+    v: PyTree,
+    *,
+    method: Method = "auto",
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_steps: int | None = None,
+) -> PyTree:
+    """The horizontal part of the tangent vector `v` at `params`:
+    $h = v - V(V^\\top V)^{+}V^\\top v$, orthogonal to every vertical vector.
+
+    The gradient of a gauge-invariant loss is already horizontal; an optimizer update
+    (momentum, Adam's per-coordinate scaling, weight decay, noise) in general is not.
+    Matrix-free for every gauge (a JVP and a VJP of the action per CG step); positive
+    rescaling gauges take an exact structured path whose Gram matrix is built from the
+    squared parameters (see the module notes and `method`).
+
+    **Arguments:**
+
+    - `gauge`: a [`gaugejax.Gauge`][] with at least one continuous site (a gauge with none
+      raises a `ValueError`: every vector is horizontal for it).
+    - `params`: the base point $\\theta$.
+    - `v`: a tangent vector at `params`, a pytree like `params`.
+    - `method`, `rtol`, `atol`, `max_steps`: see [`gaugejax.vertical_coordinates`][].
+
+    **Returns:** a pytree like `params` (non-array leaves as `None`).
+
+    References: Armenta et al., "Neural teleportation" (2023) for the orbit geometry of
+    network parameters; MATH.md, "Orbit geometry".
+    """
+    xi = vertical_coordinates(gauge, params, v, method=method, rtol=rtol, atol=atol, max_steps=max_steps)
+    return _subtract_vertical(gauge, params, _clean(params, v), xi)
+
+
+@eqx.filter_jit
+def _subtract_vertical(gauge, params, v, xi):
+    treedef = jtu.tree_structure(params)
+    vl = _aligned(params, v)
+    if _is_diagonal_gauge(gauge):
+        vx = _diag_vertical(gauge, jtu.tree_leaves(params), xi)
+    else:
+        vx = _aligned(params, _vert(gauge, params, xi))
+    out = [a if (a is None or t is None) else a - t for a, t in zip(vl, vx)]
+    return jtu.tree_unflatten(treedef, out)

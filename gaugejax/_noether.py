@@ -1,0 +1,113 @@
+"""Noether charges of gradient flow (MATH.md, S4 and "Regularization as gauge fixing").
+
+For a loss invariant under a continuous site, the gradient is horizontal:
+$V_\\theta^\\top\\nabla L = 0$. The moment map $\\mu(\\theta) = V_\\theta^\\top\\theta$ (for a
+linear action it is a quadratic form in $\\theta$) therefore changes along a flow
+$\\dot\\theta = u$ at the rate $\\dot\\mu = 2V_\\theta^\\top u$, which vanishes for gradient
+flow: $\\mu$ is conserved. Per site:
+
+- positive rescalings: per neuron $\\|\\mathrm{in}_i\\|^2 - \\|\\mathrm{out}_i\\|^2$;
+- $GL(n)$: the symmetric matrix $\\sum XX^\\top - \\sum YY^\\top$ (produced minus consumed
+  Gram; $W_1W_1^\\top - W_2^\\top W_2$ for a linear two-layer net);
+- $O(n)$: identically zero (a rotation preserves the norm: no charge);
+- translations: the translated leaf itself (an invariant loss has zero gradient there).
+
+Because $\\mu$ is quadratic, one discrete step $\\theta \\to \\theta + \\Delta$ changes it by
+exactly $2V_\\theta^\\top\\Delta + \\mu(\\Delta)$ ([`gaugejax.charge_change`][]): for gradient
+descent the first term vanishes and the drift is $O(\\mathrm{lr}^2)$ per step; weight
+decay ($\\Delta = -\\mathrm{lr}\\,\\lambda\\theta$) contracts it, $\\mu \\to (1 - \\mathrm{lr}\\,
+\\lambda)^2\\mu$ (in the flow, $\\mu(t) = e^{-2\\lambda t}\\mu(0)$: S19's balancing); Adam's
+update is not horizontal and moves it at first order.
+
+References: Kunin et al., "Neural mechanics" (ICLR 2021); Zhao et al., "Symmetries, flat
+minima, and the conserved quantities of gradient flow" (ICLR 2023).
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, PyTree
+
+from ._balance import moment_map
+from ._gauge import Gauge
+from ._horizontal import _check_tangent, _require_continuous, vertical_adjoint
+
+
+def noether_charges(gauge: Gauge, params: PyTree) -> dict[str, Array]:
+    """The Noether charge (moment map) of every continuous site at `params`:
+    $\\mu = V_\\theta^\\top\\theta = \\nabla_\\xi\\,\\tfrac12\\|\\exp(\\xi)\\cdot\\theta\\|^2|_{\\xi=0}$.
+
+    **Arguments:**
+
+    - `gauge`: a [`gaugejax.Gauge`][] with a continuous site (else a `ValueError`).
+    - `params`: the parameters.
+
+    **Returns:** `{site: array}` in the Lie-algebra layout of each site (per-neuron vectors
+    for rescalings, `(n, n)` matrices for $GL$ / $O(n)$).
+    """
+    _require_continuous(gauge, "noether_charges")
+    return moment_map(gauge, params)
+
+
+def charge_change(gauge: Gauge, params: PyTree, delta: PyTree) -> dict[str, Array]:
+    """The exact change of the charges under the step $\\theta \\to \\theta + \\Delta$:
+    $\\mu(\\theta + \\Delta) - \\mu(\\theta) = 2V_\\theta^\\top\\Delta + \\mu(\\Delta)$ (the
+    action is linear, so $\\mu$ is a quadratic form; gauges with links or translations are
+    affine and this holds for their linear sites only).
+
+    **Arguments:**
+
+    - `gauge`, `params`: the gauge and the point before the step.
+    - `delta`: the step, a pytree like `params` (e.g. an optax update).
+
+    **Returns:** `{site: array}`.
+    """
+    _require_continuous(gauge, "charge_change")
+    _check_tangent(gauge, params, delta, "delta")
+    first = vertical_adjoint(gauge, params, delta)
+    second = moment_map(gauge, delta)
+    return jtu.tree_map(lambda a, b: 2 * a + b, first, second)
+
+
+class NoetherMonitor(eqx.Module):
+    """Tracks the drift of the Noether charges during training.
+
+    !!! example
+
+        ```python
+        monitor = gaugejax.NoetherMonitor(gauge, params)
+        for step in range(n):
+            params = train_step(params)
+            drift = monitor.drift(params)  # {site: relative drift}, jit-friendly
+        ```
+
+    **Arguments:**
+
+    - `gauge`: a [`gaugejax.Gauge`][] with a continuous site.
+    - `params`: the parameters at which the reference charges are taken.
+    """
+
+    gauge: Gauge
+    reference: dict[str, Array]
+    scale: Array
+
+    def __init__(self, gauge: Gauge, params: PyTree):
+        self.gauge = gauge
+        self.reference = noether_charges(gauge, params)
+        self.scale = sum(jnp.sum(x**2) for x in jtu.tree_leaves(params) if eqx.is_inexact_array(x))
+
+    def charges(self, params: PyTree) -> dict[str, Array]:
+        """The charges at `params` ([`gaugejax.noether_charges`][])."""
+        return noether_charges(self.gauge, params)
+
+    def drift(self, params: PyTree) -> dict[str, Array]:
+        """Per site, $\\max|\\mu(\\theta) - \\mu(\\theta_0)| / \\|\\theta_0\\|^2$."""
+        now = self.charges(params)
+        return {k: jnp.max(jnp.abs(now[k] - self.reference[k])) / self.scale for k in now}
+
+    def max_drift(self, params: PyTree) -> Array:
+        """The largest relative drift over all sites."""
+        return jnp.max(jnp.stack(list(self.drift(params).values())))
+

@@ -1,0 +1,113 @@
+"""Alignment, interpolation, REPAIR (issue 5, item 3): planted gauges recovered exactly in
+100 of 100 trials (Git Re-Basin's shapes, hidden widths 30 and 50, and a deeper net)."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+from helpers import CASE_IDS, CASES, rel
+
+import gaugejax as gj
+
+
+def _max_err(a, b):
+    return jnp.max(jnp.stack([jnp.max(jnp.abs(x - y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]))
+
+
+PLANTED = [
+    pytest.param(jax.nn.relu, (784, 30, 10), "scipy", id="monomial-w30"),
+    pytest.param(jnp.tanh, (784, 50, 10), "scipy", id="signed-w50"),
+    pytest.param(jax.nn.relu, (784, 50, 10), "scipy", id="monomial-w50", marks=pytest.mark.slow),
+    pytest.param(jax.nn.gelu, (784, 30, 10), "scipy", id="perm-w30", marks=pytest.mark.slow),
+    pytest.param(jax.nn.relu, (32, 64, 64, 64, 10), "scipy", id="monomial-deep", marks=pytest.mark.slow),
+    pytest.param(jnp.tanh, (32, 64, 64, 64, 10), "jax", id="signed-deep-jax", marks=pytest.mark.slow),
+    pytest.param(jax.nn.relu, (784, 30, 10), "jax", id="monomial-w30-jax", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("act,sizes,solver", PLANTED)
+def test_planted_recovery_100_of_100(act, sizes, solver, getkey):
+    model = gj.nn.MLP(sizes, act, key=getkey(), dtype=jnp.float64)
+    gauge = gj.derive_gauge(model)
+    hs = jax.vmap(lambda k: gauge.sample(k, dtype=jnp.float64))(jax.random.split(getkey(), 100))
+    bs = jax.vmap(lambda h: gauge.act(h, model))(hs)
+    aligned, _ = jax.vmap(lambda b: gj.align(gauge, model, b, solver=solver))(bs)
+    err = jax.vmap(lambda x: _max_err(x, model))(aligned)
+    assert int(jnp.sum(err <= 1e-10)) == 100
+    # negative control: the planted models really differ from the reference
+    assert float(jnp.min(jax.vmap(lambda x: _max_err(x, model))(bs))) > 1e-2
+
+
+def test_jit_solver_small(getkey):
+    model = gj.nn.MLP((4, 6, 2), jnp.tanh, key=getkey(), dtype=jnp.float64)
+    gauge = gj.derive_gauge(model)
+    b = gauge.act(gauge.sample(getkey(), dtype=jnp.float64), model)
+    aligned, _ = jax.jit(lambda b: gj.align(gauge, model, b, solver="jax", init="canonical"))(b)
+    assert float(_max_err(aligned, model)) <= 1e-12
+
+
+@pytest.mark.slow
+def test_deeper_planted_fast_jit_solver(getkey):
+    model = gj.nn.MLP((8, 12, 12, 12, 3), jax.nn.relu, key=getkey(), dtype=jnp.float64)
+    gauge = gj.derive_gauge(model)
+    hs = jax.vmap(lambda k: gauge.sample(k, dtype=jnp.float64))(jax.random.split(getkey(), 10))
+    bs = jax.vmap(lambda h: gauge.act(h, model))(hs)
+    aligned, g = jax.jit(jax.vmap(lambda b: gj.align(gauge, model, b, solver="jax")))(bs)
+    assert int(jnp.sum(jax.vmap(lambda x: _max_err(x, model))(aligned) <= 1e-10)) == 10
+    moved = jax.vmap(lambda g, b: gauge.act(g, b))(g, bs)
+    assert float(jnp.max(jax.vmap(_max_err)(moved, aligned))) <= 1e-12
+
+
+@pytest.mark.parametrize("name", ["rmsnorm-rotation", pytest.param("attention", marks=pytest.mark.slow)])
+def test_planted_continuous_compact(name, getkey):
+    params, gauge, _, _ = CASES[CASE_IDS.index(name)].build(getkey(), jnp.float64)
+    h = gauge.sample(getkey(), scale=None, dtype=jnp.float64)
+    aligned, g = gj.align(gauge, params, gauge.act(h, params))
+    assert rel(aligned, params) <= 1e-8
+    assert rel(gauge.act(g, gauge.act(h, params)), aligned) <= 1e-12
+
+
+def test_interpolate_barrier_repair(getkey):
+    k = jax.random.split(getkey(), 3)
+    x = jax.random.normal(k[0], (64, 4), jnp.float64)
+    y = jnp.sin(x @ jnp.arange(4.0, dtype=jnp.float64))[:, None]
+    a = gj.nn.MLP([4, 16, 1], jax.nn.relu, key=k[1], dtype=jnp.float64)
+    b = gj.nn.MLP([4, 16, 1], jax.nn.relu, key=k[2], dtype=jnp.float64)
+    gauge = gj.derive_gauge(a)
+    loss = lambda m: jnp.mean((m(x) - y) ** 2)  # noqa: E731
+    aligned, _ = gj.align(gauge, a, b)
+    # the loss of the aligned model is the loss of b (exact gauge move)
+    assert abs(float(loss(aligned)) - float(loss(b))) <= 1e-10 * float(loss(b))
+    curve = gj.loss_barrier(loss, a, aligned, num=11)
+    assert curve["loss"].shape == (11,)
+    assert abs(float(curve["loss"][0]) - float(loss(a))) <= 1e-12 * float(loss(a))
+    naive = gj.loss_barrier(loss, a, b, num=11)
+    assert float(curve["barrier"]) <= float(naive["barrier"]) + 1e-12
+    mid = gj.interpolate(a, aligned, 0.5)
+
+    def pre(m):
+        return {"h1": x @ m.layers[0].weight.T + m.layers[0].bias[None]}
+
+    fixed = gj.repair(gauge, mid, a, aligned, pre)
+    z, za, zb = pre(fixed)["h1"], pre(a)["h1"], pre(aligned)["h1"]
+    target_sd = 0.5 * (jnp.std(za, 0) + jnp.std(zb, 0))
+    assert float(jnp.max(jnp.abs(jnp.std(z, 0) - target_sd))) <= 1e-6 * float(jnp.max(target_sd))
+    assert float(jnp.max(jnp.abs(jnp.std(pre(mid)["h1"], 0) - target_sd))) > 1e-3
+    with pytest.raises(ValueError, match="scalar"):
+        gj.loss_barrier(lambda m: m(x), a, aligned)
+
+
+def test_errors(getkey):
+    a = gj.nn.MLP([4, 8, 2], jax.nn.relu, key=getkey(), dtype=jnp.float64)
+    b = gj.nn.MLP([4, 9, 2], jax.nn.relu, key=getkey(), dtype=jnp.float64)
+    gauge = gj.derive_gauge(a)
+    with pytest.raises(ValueError, match=r"same architecture.*layers\[0\]\.weight"):
+        gj.align(gauge, a, b)
+    c = gj.nn.MLP([4, 8, 8, 2], jax.nn.relu, key=getkey(), dtype=jnp.float64)
+    with pytest.raises(ValueError, match="same architecture"):
+        gj.align(gauge, a, c)
+    nan = eqx.tree_at(lambda m: m.layers[0].bias, a, a.layers[0].bias.at[0].set(jnp.nan))
+    with pytest.raises(ValueError, match=r"`b` leaf 'layers\[0\]\.bias'"):
+        gj.align(gauge, a, nan)
+    with pytest.raises(ValueError, match="solver"):
+        gj.align(gauge, a, a, solver="cplex")

@@ -1,0 +1,129 @@
+"""Horizontal projection (issue 5, item 1): vertical -> 0, idempotent, orthogonal to every
+generator, invariant gradients unchanged; structured and matrix-free paths agree."""
+
+import equinox as eqx
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import CASE_IDS, CASES
+
+import gaugejax as gj
+
+
+def _flat(tree):
+    return jax.flatten_util.ravel_pytree(eqx.filter(tree, eqx.is_inexact_array))[0]
+
+
+def _random_like(key, params):
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    out = [jax.random.normal(k, x.shape, x.dtype) if eqx.is_inexact_array(x) else x for k, x in zip(keys, leaves)]
+    return jax.tree.unflatten(treedef, out)
+
+
+CONTINUOUS = [c for c in CASES if c.name not in ("mlp-tanh", "mlp-tanh-signflip", "mlp-gelu", "eqx-mlp-tanh")]
+# one of each kind of continuous site (rescaling, O(n), GL with semidirect heads and a
+# translation, links); the rest of the registry runs in the slow suite
+FAST = ("mlp-relu", "rmsnorm-rotation", "linear-resnet-links")
+LAW_CASES = [
+    pytest.param(c, m, id=f"{c.name}-{m}", marks=() if (c.name in FAST and (m == "auto" or c.name == "mlp-relu")) else pytest.mark.slow)
+    for c in CONTINUOUS
+    for m in ("auto", "cg")
+    if not (m == "cg" and c.name not in ("mlp-relu", "mlp-relu-diagonal", "pairs-leaky", "flax-relu"))
+]
+GRAD_CASES = [pytest.param(c, id=c.name, marks=() if c.name in FAST else pytest.mark.slow) for c in CONTINUOUS]
+
+
+def _generators(gauge, params):
+    """Every vertical generator V e_k as rows of a matrix (dense; small cases only)."""
+    zeros = gauge.algebra_zeros(jnp.float64)
+    flat, unravel = jax.flatten_util.ravel_pytree(zeros)
+    basis = jnp.eye(flat.size, dtype=flat.dtype)
+    return jax.vmap(lambda e: _flat(gauge.vertical(params, unravel(e))))(basis)
+
+
+@pytest.mark.parametrize("case,method", LAW_CASES)
+def test_projection_laws(case, method, getkey):
+    params, gauge, fn, x = case.build(getkey(), jnp.float64)
+    v = _random_like(getkey(), params)
+    h = gj.horizontal(gauge, params, v, method=method)
+    gens = _generators(gauge, params)
+    hf = _flat(h)
+    norms = jnp.linalg.norm(gens, axis=1)
+    live = norms > 1e-12 * jnp.max(norms)  # an O(n) matrix's symmetric part generates nothing
+    cos = jnp.abs(gens[live] @ hf) / (norms[live] * jnp.linalg.norm(hf))
+    assert float(jnp.max(cos)) <= 1e-6
+    # the raw vector is not horizontal (negative control)
+    vf = _flat(v)
+    assert float(jnp.max(jnp.abs(gens[live] @ vf) / (norms[live] * jnp.linalg.norm(vf)))) > 1e-3
+    # idempotent
+    hh = gj.horizontal(gauge, params, h, method=method)
+    assert float(jnp.max(jnp.abs(_flat(hh) - hf))) <= 1e-10 * float(jnp.max(jnp.abs(hf)))
+    # a vertical vector (a random combination of the engine's generators) projects to zero
+    unravel = jax.flatten_util.ravel_pytree(eqx.filter(params, eqx.is_inexact_array))[1]
+    vert_flat = jax.random.normal(getkey(), (gens.shape[0],), jnp.float64) @ gens
+    hv = gj.horizontal(gauge, params, unravel(vert_flat), method=method)
+    assert float(jnp.max(jnp.abs(_flat(hv)))) <= 1e-10 * float(jnp.max(jnp.abs(vert_flat)))
+
+
+@pytest.mark.parametrize("case", GRAD_CASES)
+def test_invariant_gradient_is_horizontal(case, getkey):
+    params, gauge, fn, x = case.build(getkey(), jnp.float64)
+    loss = lambda p: jnp.sum(jnp.sin(fn(p, x)) ** 2)  # noqa: E731
+    grad = eqx.filter_grad(loss)(params)
+    h = gj.horizontal(gauge, params, grad)
+    assert float(jnp.max(jnp.abs(_flat(h) - _flat(grad)))) <= 1e-10 * float(jnp.max(jnp.abs(_flat(grad))))
+    if all(isinstance(g, gj.Orthogonal) for n, g in gauge.sites if n in gauge.continuous_sites):
+        return  # weight decay is O(n)-invariant: no negative control here
+    # negative control: the gradient of a non-invariant loss (weight decay) is changed
+    wd = eqx.filter_grad(lambda p: 0.5 * jnp.sum(_flat(p) ** 2))(params)
+    hw = gj.horizontal(gauge, params, wd)
+    assert float(jnp.max(jnp.abs(_flat(hw) - _flat(wd)))) > 1e-3 * float(jnp.max(jnp.abs(_flat(wd))))
+
+
+def test_structured_paths_agree(getkey):
+    model = gj.nn.MLP([4, 6, 5, 3], jax.nn.relu, key=getkey(), dtype=jnp.float64)
+    gauge = gj.derive_gauge(model)
+    v = _random_like(getkey(), model)
+    dense = gj.vertical_coordinates(gauge, model, v, method="dense")
+    cg = gj.vertical_coordinates(gauge, model, v, method="cg")
+    for k in dense:
+        np.testing.assert_allclose(dense[k], cg[k], rtol=1e-7, atol=1e-9)
+    pcg = gj.vertical_coordinates(gauge, model, v, method="structured")
+    for k in dense:
+        np.testing.assert_allclose(dense[k], pcg[k], rtol=1e-7, atol=1e-9)
+
+
+def test_vertical_adjoint_is_adjoint(getkey):
+    params, gauge, _, _ = CASES[CASE_IDS.index("rmsnorm-rotation")].build(getkey(), jnp.float64)
+    v = _random_like(getkey(), params)
+    xi = gauge.sample_algebra(getkey(), dtype=jnp.float64)
+    lhs = jnp.vdot(_flat(v), _flat(gauge.vertical(params, xi)))
+    adj = gj.vertical_adjoint(gauge, params, v)
+    rhs = sum(jnp.vdot(adj[k], xi[k]) for k in xi)
+    np.testing.assert_allclose(lhs, rhs, rtol=1e-12)
+
+
+def test_works_under_jit_float32(getkey):
+    model = gj.nn.MLP([4, 8, 3], jax.nn.relu, key=getkey(), dtype=jnp.float32)
+    gauge = gj.derive_gauge(model)
+    v = _random_like(getkey(), model)
+    h = jax.jit(lambda m, v: gj.horizontal(gauge, m, v))(model, v)
+    adj = gj.vertical_adjoint(gauge, model, h)
+    assert float(jnp.max(jnp.abs(adj["h1"]))) <= 1e-5 * float(jnp.max(jnp.abs(gj.vertical_adjoint(gauge, model, v)["h1"])))
+
+
+def test_errors(getkey):
+    params, gauge, _, _ = CASES[CASE_IDS.index("mlp-gelu")].build(getkey(), jnp.float64)
+    with pytest.raises(ValueError, match="continuous part"):
+        gj.horizontal(gauge, params, params)
+    params, gauge, _, _ = CASES[CASE_IDS.index("attention")].build(getkey(), jnp.float64)
+    with pytest.raises(ValueError, match="method='structured'"):
+        gj.horizontal(gauge, params, params, method="structured")
+    with pytest.raises(ValueError, match="structure of the parameters"):
+        gj.horizontal(gauge, params, [1.0])
+    bad = dict(params, WQ=jnp.zeros((1, 2), jnp.float64))
+    with pytest.raises(ValueError, match="'WQ'"):
+        gj.horizontal(gauge, params, bad)
