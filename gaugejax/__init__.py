@@ -22,7 +22,7 @@ try:
 except importlib.metadata.PackageNotFoundError:  # pragma: no cover
     __version__ = "0.0.0"
 
-from . import nn as nn
+from . import nn as nn, optim as optim
 from ._activations import (
     activation_family as activation_family,
     admits as admits,
@@ -30,10 +30,38 @@ from ._activations import (
     identity as identity,
     register_activation as register_activation,
 )
+from ._align import (
+    align as align,
+    interpolate as interpolate,
+    loss_barrier as loss_barrier,
+    repair as repair,
+)
 from ._balance import (
     balance as balance,
     balance_residual as balance_residual,
     moment_map as moment_map,
+)
+from ._canonical import canonicalize as canonicalize, gauge_distance as gauge_distance
+from ._continuum import (
+    continuum_report_rows as continuum_report_rows,
+    continuum_tables as continuum_tables,
+)
+from ._diffeo import (
+    AbstractDiffeo as AbstractDiffeo,
+    AbstractTimeReparam as AbstractTimeReparam,
+    Diffeo as Diffeo,
+    IdentityTime as IdentityTime,
+    LinearDiffeo as LinearDiffeo,
+    NearIdentityDiffeo as NearIdentityDiffeo,
+    PiecewiseLinearLiePath as PiecewiseLinearLiePath,
+    SineWarp as SineWarp,
+    SmoothLiePath as SmoothLiePath,
+    TimeReparam as TimeReparam,
+    TimeScale as TimeScale,
+    TransformedField as TransformedField,
+    connection_transform as connection_transform,
+    transform as transform,
+    validate as validate,
 )
 from ._feedforward import derive_gauge as derive_gauge, feedforward_gauge as feedforward_gauge
 from ._functional import (
@@ -41,9 +69,40 @@ from ._functional import (
     functional_dimension as functional_dimension,
     probe_inputs as probe_inputs,
 )
+from ._horizontal import (
+    horizontal as horizontal,
+    vertical_adjoint as vertical_adjoint,
+    vertical_coordinates as vertical_coordinates,
+)
+from ._lattice import node_gauge as node_gauge, resnet_gauge as resnet_gauge
+from ._minilm import MiniLM as MiniLM, load_minilm as load_minilm
+from ._noether import (
+    NoetherMonitor as NoetherMonitor,
+    charge_change as charge_change,
+    noether_charges as noether_charges,
+)
+from ._observables import (
+    FactoredMatrix as FactoredMatrix,
+    attention_orbit_dim as attention_orbit_dim,
+    ov_circuit as ov_circuit,
+    qk_circuit as qk_circuit,
+    transformer_orbit_dim as transformer_orbit_dim,
+)
+from ._processing import (
+    ProcessingReport as ProcessingReport,
+    balance_attention as balance_attention,
+    balanced_factors as balanced_factors,
+    center_writing_weights as center_writing_weights,
+    fold_norm_gains as fold_norm_gains,
+    fold_value_biases as fold_value_biases,
+    layernorm_to_rmsnorm as layernorm_to_rmsnorm,
+    process_weights as process_weights,
+)
 from ._sweep import (
     InvarianceError as InvarianceError,
     InvarianceReport as InvarianceReport,
     check_invariance as check_invariance,
     choose_chunk_size as choose_chunk_size,
 )
+from ._teleport import grad_norm_squared as grad_norm_squared, teleport as teleport
+from ._transformer_gauge import transformer_gauge as transformer_gauge

@@ -14,7 +14,19 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--plot", metavar="DIR", help="draw the invariance-error histograms")
     rep.add_argument("--samples", type=int, default=2048, help="group elements per sweep (default 2048)")
     rep.add_argument("--seed", type=int, default=0)
+    con = sub.add_parser("continuum", help="the S12 and S13 continuum-limit convergence tables")
+    con.add_argument("--json", metavar="PATH", help="write the tables as JSON")
+    con.add_argument("--plot", metavar="DIR", help="draw the log-log plots")
+    con.add_argument("--seed", type=int, default=0)
+    con.add_argument("--max-depth", type=int, default=1024, help="largest L (powers of 2 from 8; default 1024)")
     args = parser.parse_args(argv)
+    if args.command == "continuum":
+        if args.max_depth < 16:
+            parser.error(f"--max-depth must be at least 16 (two depths to fit a slope), got {args.max_depth}")
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+        return _continuum(args)
     if args.command == "report":
         if args.samples <= 0:
             parser.error(f"--samples must be positive, got {args.samples}")
@@ -28,6 +40,31 @@ def main(argv: list[str] | None = None) -> int:
             c["broke_as_predicted"] for m in result["models"] for c in m["controls"])
         return 0 if ok else 1
     return 2
+
+
+def _continuum(args) -> int:
+    import json
+    import pathlib
+
+    from ._continuum import continuum_tables, format_table, plot_tables
+
+    depths = []
+    L = 8
+    while L <= args.max_depth:
+        depths.append(L)
+        L *= 2
+    tables = continuum_tables(depths, seed=args.seed)
+    for table in tables.values():
+        print(format_table(table), end="\n\n")
+    if args.json:
+        path = pathlib.Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(tables, indent=2, default=float))
+        print(f"wrote {path}")
+    if args.plot:
+        for p in plot_tables(tables, args.plot):
+            print(f"wrote {p}")
+    return 0 if all(t["passed"] for t in tables.values()) else 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`gaugejax report` runs end to end and writes the documented JSON."""
+"""`gaugejax report` and `gaugejax continuum` run end to end and write the documented JSON."""
 
 import json
 import subprocess
@@ -14,7 +14,7 @@ def test_report_json_and_plot(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     data = json.loads(out.read_text())
     names = [m["name"] for m in data["models"]]
-    assert {"mlp-relu", "mlp-tanh", "mlp-gelu"} <= set(names)
+    assert {"mlp-relu", "mlp-tanh", "mlp-gelu", "resnet-relu"} <= set(names)
     for m in data["models"]:
         for k in ("name", "params", "orbit_dim", "functional_dim", "sweeps", "controls"):
             assert k in m
@@ -33,3 +33,23 @@ def test_report_json_and_plot(tmp_path):
 def test_bad_samples_argument():
     res = subprocess.run([sys.executable, "-m", "gaugejax", "report", "--samples", "0"], capture_output=True, text=True)
     assert res.returncode != 0 and "--samples must be positive" in res.stderr
+
+
+def test_continuum_tables(tmp_path):
+    out = tmp_path / "continuum.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "gaugejax", "continuum", "--max-depth", "64", "--json", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )
+    data = json.loads(out.read_text())
+    assert set(data) == {"S12", "S13-diagonal", "S13-GL"}
+    for table in data.values():
+        assert table["L"] == [8, 16, 32, 64]
+        assert len(table["error"]) == 4 and abs(table["slope"] - table["expected_slope"]) <= 0.15
+    assert res.returncode == (0 if all(t["passed"] for t in data.values()) else 1)
+    assert "fitted slope" in res.stdout
+
+
+def test_continuum_bad_depth():
+    res = subprocess.run([sys.executable, "-m", "gaugejax", "continuum", "--max-depth", "8"], capture_output=True, text=True)
+    assert res.returncode != 0 and "--max-depth must be at least 16" in res.stderr

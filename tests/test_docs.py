@@ -11,6 +11,7 @@ import pytest
 
 import gaugejax
 import gaugejax.nn
+import gaugejax.optim
 
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -37,7 +38,7 @@ def _documented() -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("module", [gaugejax, gaugejax.nn], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [gaugejax, gaugejax.nn, gaugejax.optim], ids=lambda m: m.__name__)
 def test_every_public_name_has_an_api_entry(module):
     documented = _documented()
     names = _public_names(module)
