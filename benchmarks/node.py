@@ -5,7 +5,7 @@ One run, JSON output. Measured (each after a warm-up call; compile time reported
 1. parametric NODE transformed in parameter space (the grid connection law, through
    `gaugejax.node_gauge`, G near the identity): wall time and vector-field evaluations
    (NFE, from diffrax's stats) vs the original. Target: <= 1.1x time, NFE within 10%.
-2. function-space action with a linear G(t) (`gaugejax.transform` + `LinearDiffeo`):
+2. function-space action with a linear G(t) (`gaugejax.transform_node` + `LinearDiffeo`):
    wall time vs the original. Target: <= 3x.
 3. a vmapped sweep over 64 sampled diffeomorphisms vs a Python loop of jitted solves.
    Target: the vmapped sweep >= 5x faster.
@@ -91,7 +91,7 @@ def main() -> None:
 
     # 2. function space, linear G(t)
     path = gj.SmoothLiePath.random(dim, scale=0.3, key=k[3], dtype=dtype)
-    fs = gj.transform(node, gj.LinearDiffeo(path), boundary="fixed")
+    fs = gj.transform_node(node, gj.LinearDiffeo(path), boundary="fixed")
     f_first, f_t = _timeit(_solve_batch, fs, xs, reps=reps)
     _, f_steps = _solve_batch(fs, xs)
     f_nfe = float(jnp.mean(f_steps)) * stages
@@ -105,7 +105,7 @@ def main() -> None:
     x0 = xs[0]
 
     def one(c):
-        new = gj.transform(node, gj.LinearDiffeo(gj.SmoothLiePath(c)), boundary="unchecked")
+        new = gj.transform_node(node, gj.LinearDiffeo(gj.SmoothLiePath(c)), boundary="unchecked")
         return new.flow(x0)
 
     sweep = eqx.filter_jit(jax.vmap(one))

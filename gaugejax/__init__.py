@@ -60,8 +60,8 @@ from ._diffeo import (
     TimeScale as TimeScale,
     TransformedField as TransformedField,
     connection_transform as connection_transform,
-    transform as transform,
-    validate as validate,
+    transform_node as transform_node,
+    validate_diffeo as validate_diffeo,
 )
 from ._feedforward import derive_gauge as derive_gauge, feedforward_gauge as feedforward_gauge
 from ._functional import (

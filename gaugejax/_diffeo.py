@@ -451,7 +451,7 @@ def _probe_states(dim: int, dtype: Any, n: int = 8) -> Array:
     return jax.random.normal(jax.random.key(0), (n, dim), dtype)
 
 
-def validate(diffeo: AbstractDiffeo, dim: int, T: Any, dtype: Any = jnp.float64, *, num_times: int = 257) -> None:
+def validate_diffeo(diffeo: AbstractDiffeo, dim: int, T: Any, dtype: Any = jnp.float64, *, num_times: int = 257) -> None:
     """Eager checks of a diffeomorphism on $[0, T]$ (skipped under tracing): $\\tau(0) = 0$
     and $\\tau' > 0$ (monotone), $\\phi$ maps `(dim,)` to `(dim,)`, and for
     [`gaugejax.LinearDiffeo`][] $G(t)$ is `(dim, dim)` and well conditioned on a grid of
@@ -501,7 +501,7 @@ def validate(diffeo: AbstractDiffeo, dim: int, T: Any, dtype: Any = jnp.float64,
             )
 
 
-def transform(node: NeuralODE, diffeo: AbstractDiffeo, *, boundary: str = "transform") -> NeuralODE:
+def transform_node(node: NeuralODE, diffeo: AbstractDiffeo, *, boundary: str = "transform") -> NeuralODE:
     """Act with a spacetime diffeomorphism on a neural ODE (MATH.md, "Neural ODEs").
 
     The field becomes [`gaugejax.TransformedField`][]
@@ -515,7 +515,7 @@ def transform(node: NeuralODE, diffeo: AbstractDiffeo, *, boundary: str = "trans
     - `boundary="warn"`: as `"fixed"`, but a violated boundary condition only warns;
     - `boundary="unchecked"`: $E$, $R$ kept with no check (for negative controls, S7).
 
-    The diffeomorphism is validated first (see [`gaugejax.validate`][]): monotone $\\tau$,
+    The diffeomorphism is validated first (see [`gaugejax.validate_diffeo`][]): monotone $\\tau$,
     invertible $G(t)$, matching dimensions.
 
     **Arguments:**
@@ -532,7 +532,7 @@ def transform(node: NeuralODE, diffeo: AbstractDiffeo, *, boundary: str = "trans
     if boundary not in ("transform", "fixed", "warn", "unchecked"):
         raise ValueError(f"`boundary` must be 'transform', 'fixed', 'warn' or 'unchecked'; received {boundary!r}.")
     dtype = node.field.ts.dtype if hasattr(node.field, "ts") else jnp.zeros(()).dtype
-    validate(diffeo, node.dim, node.T, dtype)
+    validate_diffeo(diffeo, node.dim, node.T, dtype)
     T = node.T
     T_new = diffeo.time.tau(jnp.asarray(T, dtype))
     if is_concrete(T_new):

@@ -31,7 +31,7 @@ Euler ResNet `discretize(node, N)` on a uniform grid (that ResNet's output is in
 round-off). The continuous-time NODE's flow map changes by $O(h)$ (with $g_i = G(t_i)$
 for a smooth $G$: $g_{i+1}(I + hA_i)g_i^{-1} - I)/h = GAG^{-1} + \\dot G G^{-1} + O(h)$,
 $g_{i+1} W_{2,i} = G W_2 + O(h)$), measured in `tests/test_continuum.py`. For an exact
-continuous-time symmetry use the function-space action ([`gaugejax.transform`][]).
+continuous-time symmetry use the function-space action ([`gaugejax.transform_node`][]).
 """
 
 from __future__ import annotations

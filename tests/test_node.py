@@ -60,7 +60,7 @@ def _err(a, b):
 def test_s5_linear_gauge_same_flow(base, getkey, diagonal):
     node, x, ref = base
     path = gj.SmoothLiePath.random(3, scale=0.5, diagonal=diagonal, key=getkey(), dtype=F64)
-    new = gj.transform(node, gj.LinearDiffeo(path), boundary="fixed")
+    new = gj.transform_node(node, gj.LinearDiffeo(path), boundary="fixed")
     assert _err(_model(new, x), ref) < CMP
     # not trivially so: the transformed field differs from the original
     t = jnp.asarray(0.4, F64)
@@ -71,7 +71,7 @@ def test_s5_law_matches_formula(base, getkey):
     """v' = G v(G^-1 x, t) + dG/dt G^-1 x, with dG/dt by central differences."""
     node, x, _ = base
     path = gj.SmoothLiePath.random(3, scale=0.5, key=getkey(), dtype=F64)
-    new = gj.transform(node, gj.LinearDiffeo(path), boundary="fixed")
+    new = gj.transform_node(node, gj.LinearDiffeo(path), boundary="fixed")
     t, d = jnp.asarray(0.3, F64), 1e-5
     G = path(t)
     Gdot = (path(t + d) - path(t - d)) / (2 * d)
@@ -89,7 +89,7 @@ def test_linear_diffeo_batched_states_and_piecewise_path(base, getkey):
     assert _err(path(jnp.asarray(0.0, F64)), jnp.eye(3, dtype=F64)) < 1e-14
     t = jnp.asarray(0.6, F64)  # between nodes 2 (0.5) and 3 (0.75)
     assert _err(path(t), jax.scipy.linalg.expm(0.6 * X[2] + 0.4 * X[3])) < 1e-12
-    new = gj.transform(node, gj.LinearDiffeo(path), boundary="fixed")
+    new = gj.transform_node(node, gj.LinearDiffeo(path), boundary="fixed")
     xs = jax.random.normal(getkey(), (4, 3), F64)
     assert _err(new.field(t, xs), jax.vmap(lambda x: new.field(t, x))(xs)) < 1e-13
     assert _err(new.field.diffeo.phi(xs, t), xs @ path(t).T) < 1e-13
@@ -103,7 +103,7 @@ def test_s5_boundary_absorbed_by_E_and_R(getkey):
                      readout=eqx.nn.Linear(3, 2, key=getkey(), dtype=F64), stepsize_controller=_controller())
     u = jax.random.normal(getkey(), (2,), F64)
     path = gj.SmoothLiePath.random(3, scale=0.5, boundary_identity=False, key=getkey(), dtype=F64)
-    new = gj.transform(node, gj.LinearDiffeo(path))
+    new = gj.transform_node(node, gj.LinearDiffeo(path))
     assert _err(_model(new, u), _model(node, u)) < CMP
 
 
@@ -115,7 +115,7 @@ def test_s6_law_and_optimistix_inverse(base, getkey):
     t = jnp.asarray(0.37, F64)
     y = diffeo.phi(x, t)
     assert _err(diffeo.phi_inverse(y, t), x) < 1e-10
-    new = gj.transform(node, diffeo, boundary="fixed")
+    new = gj.transform_node(node, diffeo, boundary="fixed")
     jac = jax.jacfwd(diffeo.psi)(x)
     s = 0.4 * jnp.sin(jnp.pi * t)
     sdot = 0.4 * jnp.pi * jnp.cos(jnp.pi * t)
@@ -127,7 +127,7 @@ def test_s6_law_and_optimistix_inverse(base, getkey):
 def test_s6_nonlinear_near_identity_same_flow(base, getkey):
     node, x, ref = base
     diffeo = gj.NearIdentityDiffeo.random(3, width=6, eps=0.3, key=getkey(), dtype=F64)
-    new = gj.transform(node, diffeo, boundary="fixed")  # phi_0 = phi_T = id: E, R kept
+    new = gj.transform_node(node, diffeo, boundary="fixed")  # phi_0 = phi_T = id: E, R kept
     assert _err(_model(new, x), ref) < CMP
     t = jnp.asarray(0.5, F64)
     assert _err(new.field(t, x), node.field(t, x)) > 1e-2
@@ -138,18 +138,18 @@ def test_s7_boundary_condition_is_necessary(base, getkey):
     node, x, ref = base
     path = gj.SmoothLiePath.random(3, scale=0.5, boundary_identity=False, key=getkey(), dtype=F64)
     diffeo = gj.LinearDiffeo(path)
-    broken = gj.transform(node, diffeo, boundary="unchecked")
+    broken = gj.transform_node(node, diffeo, boundary="unchecked")
     assert _err(_model(broken, x), ref) > 1e-2
     with pytest.raises(ValueError, match="phi_0 is not the identity"):
-        gj.transform(node, diffeo, boundary="fixed")
+        gj.transform_node(node, diffeo, boundary="fixed")
     with pytest.warns(UserWarning, match="not the identity"):
-        gj.transform(node, diffeo, boundary="warn")
+        gj.transform_node(node, diffeo, boundary="warn")
 
 
 @pytest.mark.slow
 def test_s8_time_reparametrisation_same_flow(base):
     node, x, ref = base
-    new = gj.transform(node, gj.LinearDiffeo(lambda t: jnp.eye(3, dtype=F64), time=gj.SineWarp(0.5, T)),
+    new = gj.transform_node(node, gj.LinearDiffeo(lambda t: jnp.eye(3, dtype=F64), time=gj.SineWarp(0.5, T)),
                        boundary="fixed")
     assert abs(new.T - T) < 1e-15
     assert _err(_model(new, x), ref) < CMP
@@ -159,7 +159,7 @@ def test_s8_time_reparametrisation_law(base):
     """Fast variant: v'(x, t') = (dt/dt') v(x, t(t')) for the warp tau(t) = t + a T/2pi sin(2 pi t/T)."""
     node, x, _ = base
     warp = gj.SineWarp(0.5, T)
-    new = gj.transform(node, gj.LinearDiffeo(lambda t: jnp.eye(3, dtype=F64), time=warp), boundary="fixed")
+    new = gj.transform_node(node, gj.LinearDiffeo(lambda t: jnp.eye(3, dtype=F64), time=warp), boundary="fixed")
     t = jnp.asarray(0.3, F64)
     t_new = warp.tau(t)
     assert _err(warp.tau_inverse(t_new, jnp.asarray(T, F64)), t) < 1e-12
@@ -173,7 +173,7 @@ def test_s8_autonomous_scaling(getkey):
     node = NeuralODE(field, 2.0, stepsize_controller=_controller())
     x = jax.random.normal(getkey(), (3,), F64)
     c = 2.5
-    scaled = gj.transform(node, gj.LinearDiffeo(lambda t: jnp.eye(3, dtype=F64), time=gj.TimeScale(c)),
+    scaled = gj.transform_node(node, gj.LinearDiffeo(lambda t: jnp.eye(3, dtype=F64), time=gj.TimeScale(c)),
                           boundary="fixed")
     assert abs(scaled.T - 2.0 / c) < 1e-15
     t = jnp.asarray(0.1, F64)
@@ -343,10 +343,10 @@ def test_bad_non_monotone_tau(base):
     node = base[0]
     eye = gj.LinearDiffeo(lambda t: jnp.eye(3, dtype=F64), time=gj.SineWarp(1.5, T))
     with pytest.raises(ValueError, match="strictly increasing"):
-        gj.transform(node, eye)
+        gj.transform_node(node, eye)
     shifted = gj.LinearDiffeo(lambda t: jnp.eye(3, dtype=F64), time=gj.TimeReparam(lambda t: t + 1.0))
     with pytest.raises(ValueError, match=r"tau\(0\) must be 0"):
-        gj.transform(node, shifted)
+        gj.transform_node(node, shifted)
     with pytest.raises(ValueError, match="must be positive"):
         gj.TimeScale(-1.0)
 
@@ -355,7 +355,7 @@ def test_bad_singular_G(base):
     node = base[0]
     singular = gj.LinearDiffeo(lambda t: jnp.diag(jnp.stack([jnp.ones_like(t), jnp.ones_like(t), t - 0.5])))
     with pytest.raises(ValueError, match=r"singular .* at t = 0.5"):
-        gj.transform(node, singular)
+        gj.transform_node(node, singular)
 
 
 def test_bad_times_outside_interval(base):
@@ -371,7 +371,7 @@ def test_bad_dimension_mismatch(base, getkey):
     with pytest.raises(ValueError, match="dimension 3"):
         node.flow(jnp.ones(4, F64))
     with pytest.raises(ValueError, match=r"G\(t\) has shape \(2, 2\)"):
-        gj.transform(node, gj.LinearDiffeo(lambda t: jnp.eye(2, dtype=F64)))
+        gj.transform_node(node, gj.LinearDiffeo(lambda t: jnp.eye(2, dtype=F64)))
     bad_emb = NeuralODE(node.field, T, embedding=eqx.nn.Linear(2, 4, key=getkey(), dtype=F64))
     with pytest.raises(ValueError, match="embedding"):
         bad_emb(jnp.ones(2, F64))
@@ -402,4 +402,4 @@ def test_bad_model_types(base):
     with pytest.raises(ValueError, match="boundary='absorb' needs"):
         gj.node_gauge(no_linear, boundary="absorb")
     with pytest.raises(ValueError, match="`boundary` must be"):
-        gj.transform(node, gj.LinearDiffeo(lambda t: jnp.eye(3, dtype=F64)), boundary="nope")
+        gj.transform_node(node, gj.LinearDiffeo(lambda t: jnp.eye(3, dtype=F64)), boundary="nope")
