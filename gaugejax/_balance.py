@@ -20,17 +20,12 @@ import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array, PyTree
 
-from ._gauge import Gauge, _expand
+from ._gauge import Gauge, _expand, params_float_dtype as _dtype
 from ._groups import PositiveDiagonal, PositiveMonomial
 
 
 def _sq_norm(tree: PyTree) -> Array:
     return sum(jnp.sum(x**2) for x in jtu.tree_leaves(eqx.filter(tree, eqx.is_inexact_array)))
-
-
-def _dtype(params: PyTree) -> Any:
-    dts = {x.dtype for x in jtu.tree_leaves(params) if eqx.is_inexact_array(x)}
-    return dts.pop() if len(dts) == 1 else jnp.zeros(()).dtype
 
 
 @eqx.filter_jit

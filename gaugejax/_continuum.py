@@ -38,6 +38,25 @@ DEFAULT_LS: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512, 1024)
 SLOPE_TOL = 0.1
 
 
+def _rate_table(statement: str, description: str, Ls: Sequence[int], errors: list[float],
+                config: dict[str, Any], t0: float) -> dict[str, Any]:
+    """A convergence table: the errors per depth, the fitted log-log slope and its verdict
+    against the theory's slope -1."""
+    slope = fit_slope(Ls, errors)
+    return {
+        "statement": statement,
+        "description": description,
+        "L": [int(L) for L in Ls],
+        "error": errors,
+        "slope": slope,
+        "expected_slope": -1.0,
+        "tolerance": SLOPE_TOL,
+        "passed": bool(abs(slope + 1.0) <= SLOPE_TOL),
+        "config": config,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
 def fit_slope(Ls: Sequence[int], errors: Sequence[float]) -> float:
     """Least-squares slope of $\\log(\\mathrm{error})$ against $\\log L$."""
     x = np.log(np.asarray(Ls, np.float64))
@@ -94,20 +113,12 @@ def s12_table(
         for L in Ls:
             out = jax.vmap(lambda x, L=L: _euler_dynamic(field, x, jnp.asarray(L), Tarr))(xs)
             errors.append(float(jnp.max(jnp.abs(out - ref))))
-        slope = fit_slope(Ls, errors)
-        return {
-            "statement": "S12",
-            "description": "ResNet (Euler, h = T/L) vs the neural-ODE flow map: max abs error",
-            "L": [int(L) for L in Ls],
-            "error": errors,
-            "slope": slope,
-            "expected_slope": -1.0,
-            "tolerance": SLOPE_TOL,
-            "passed": bool(abs(slope + 1.0) <= SLOPE_TOL),
-            "config": {"dim": dim, "width": width, "num_nodes": num_nodes, "T": T, "seed": seed,
-                       "reference": f"diffrax.Dopri8, rtol = atol = {rtol:g}", "dtype": "float64"},
-            "seconds": time.perf_counter() - t0,
-        }
+        return _rate_table(
+            "S12", "ResNet (Euler, h = T/L) vs the neural-ODE flow map: max abs error", Ls, errors,
+            {"dim": dim, "width": width, "num_nodes": num_nodes, "T": T, "seed": seed,
+             "reference": f"diffrax.Dopri8, rtol = atol = {rtol:g}", "dtype": "float64"},
+            t0,
+        )
 
 
 def lattice_links(A: jax.Array, gs: jax.Array, h: float, *, engine: bool = True) -> jax.Array:
@@ -188,21 +199,15 @@ def s13_table(
             err = jnp.max(jnp.abs(new - target_all[cur]), axis=(1, 2))
             bounds = np.cumsum([0, *Ls])
             errors = [float(jnp.max(err[a:b])) for a, b in zip(bounds[:-1], bounds[1:])]
-        slope = fit_slope(Ls, errors)
         kind = "positive diagonal G (feedforward rescaling)" if diagonal else "general G in GL(d)"
-        return {
-            "statement": "S13",
-            "description": f"lattice gauge (g_l = G(lh)) vs connection law G A G^-1 + dG/dt G^-1, {kind}: max abs error",
-            "L": [int(L) for L in Ls],
-            "error": errors,
-            "slope": slope,
-            "expected_slope": -1.0,
-            "tolerance": SLOPE_TOL,
-            "passed": bool(abs(slope + 1.0) <= SLOPE_TOL),
-            "config": {"dim": dim, "diagonal": diagonal, "num_modes": num_modes, "scale": scale, "T": T,
-                       "seed": seed, "engine": engine, "dtype": "float64"},
-            "seconds": time.perf_counter() - t0,
-        }
+        return _rate_table(
+            "S13",
+            f"lattice gauge (g_l = G(lh)) vs connection law G A G^-1 + dG/dt G^-1, {kind}: max abs error",
+            Ls, errors,
+            {"dim": dim, "diagonal": diagonal, "num_modes": num_modes, "scale": scale, "T": T,
+             "seed": seed, "engine": engine, "dtype": "float64"},
+            t0,
+        )
 
 
 def continuum_tables(

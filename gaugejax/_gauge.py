@@ -122,6 +122,15 @@ def _gather_axes(x: Array, perms: Mapping[int, Array]) -> Array:
     return x
 
 
+def params_float_dtype(params: PyTree) -> Any:
+    """The one float dtype of `params` (JAX's default float when there are none); mixed float
+    dtypes are refused, since every orbit computation works in one dtype."""
+    dts = {jnp.dtype(x.dtype) for x in jtu.tree_leaves(params) if eqx.is_inexact_array(x)}
+    if len(dts) > 1:
+        raise ValueError(f"the parameters mix float dtypes {sorted(map(str, dts))}; cast them to one.")
+    return dts.pop() if dts else jnp.zeros(()).dtype
+
+
 def _float_dtypes(tree: Any) -> set[Any]:
     return {
         jnp.dtype(x.dtype)

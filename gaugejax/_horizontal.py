@@ -36,15 +36,8 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, PyTree
 
-from ._gauge import Gauge, _expand
+from ._gauge import Gauge, _expand, params_float_dtype as _dtype
 from ._groups import GL, Monomial, Orthogonal, PositiveDiagonal, PositiveMonomial, Translation
-
-
-def _dtype(params: PyTree) -> Any:
-    dts = {jnp.dtype(x.dtype) for x in jtu.tree_leaves(params) if eqx.is_inexact_array(x)}
-    if len(dts) > 1:
-        raise ValueError(f"the parameters mix float dtypes {sorted(map(str, dts))}; cast them to one.")
-    return dts.pop() if dts else jnp.zeros(()).dtype
 
 
 def _vdot(a: PyTree, b: PyTree) -> Array:
