@@ -17,9 +17,11 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, PyTree
 
+from . import _rescaling as _rs
 from ._gauge import Gauge, _expand, params_float_dtype as _dtype
 from ._groups import PositiveDiagonal, PositiveMonomial
 
@@ -60,17 +62,43 @@ def balance(
     number of sweeps. At the result the moment map vanishes: each hidden neuron's
     incoming and outgoing squared norms are equal (MATH.md, S4).
 
+    For sites coupled by `Produce` / `Consume` (every feedforward and attention gauge) the
+    Hessian is the structured Gram matrix of the log-scale generators, built from the
+    squared parameters: each Newton step is a Jacobi-preconditioned CG solve with an
+    $O(|\theta|)$ operator, followed by an Armijo backtracking line search (memory linear
+    in the parameters; a 3 x 512 MLP balances in about 2 s on 2 CPU cores). Sites that are
+    also coupled through a [`gaugejax.Link`][] (a ResNet's streams) use Newton on the
+    autodiff Hessian instead (one JVP per rescaled neuron per step).
+
+    **Arguments:**
+
+    - `gauge`, `params`: the gauge and the parameters to balance.
+    - `rtol`, `atol`: stop when a Newton step moves every log-scale by less than
+      `atol + rtol * max|xi|` (default $\epsilon^{3/4}$ of the dtype).
+    - `max_steps`: the Newton step limit.
+
     **Returns:** `(balanced_params, g)` with `balanced_params == gauge.act(g, params)`.
     """
-    positive = [
-        n for n, grp in gauge.sites if isinstance(grp, (PositiveDiagonal, PositiveMonomial))
-    ]
+    positive = _rs.rescaling_sites(gauge)
     dtype = _dtype(params)
     if not positive:
         return params, gauge.identity(dtype)
     eps = jnp.finfo(dtype).eps
     rtol = float(eps**0.75) if rtol is None else rtol
     atol = float(eps**0.75) if atol is None else atol
+    if _rs.is_structured(gauge, positive):
+        xi = _newton_structured(gauge, params, positive, rtol, atol, max_steps)
+    else:
+        xi = _newton_generic(gauge, params, positive, rtol, atol, max_steps)
+    g = gauge.exp(xi, dtype)
+    return gauge.act(g, params, check=False), g
+
+
+def _newton_generic(gauge, params, positive, rtol, atol, max_steps):
+    # Rescaling sites coupled through links (a ResNet's streams): the objective is no
+    # longer a sum of exponentials of linear forms, so Newton runs on the autodiff
+    # Hessian (N JVPs per step; fine for lattice gauges of modest width).
+    dtype = _dtype(params)
     zeros = {n: gauge.site_groups[n].algebra_zeros(dtype) for n in positive}
     scale = _sq_norm(params)
 
@@ -85,9 +113,96 @@ def balance(
     sol = optx.root_find(
         gradient, optx.Newton(rtol=rtol, atol=atol), zeros, max_steps=max_steps, throw=False
     )
-    xi = sol.value
-    g = gauge.exp(xi, dtype)
-    return gauge.act(g, params, check=False), g
+    return sol.value
+
+
+_ARMIJO = 1e-4
+#: inexact Newton: each step's linear system is solved to this relative residual
+_CG_RTOL = 1e-6
+_CG_MAX_STEPS = 1000
+_MAX_HALVINGS = 40
+_RESOLVE = 1e3
+
+
+@eqx.filter_jit
+def _newton_structured(gauge, params, positive, rtol, atol, max_steps):
+    """Damped Newton on $F(\\xi) = \\tfrac12\\|\\exp(\\xi)\\cdot\\theta\\|^2$ with the exact
+    structured Hessian $2G$ (see `gaugejax/_rescaling.py`) and an Armijo backtracking line
+    search: globally convergent on this convex problem, quadratic near the minimum."""
+    leaves = jtu.tree_leaves(params)
+    dtype = _dtype(params)
+    pairs = _rs.couplings(gauge, positive)
+    # normalise so that F is O(1): the tolerances are then relative
+    scale = sum(jnp.sum(leaves[plan.index] ** 2) for plan, _ in pairs)
+    scale = jnp.where(scale > 0, scale, 1)
+
+    def scaled(xi):
+        out = list(leaves)
+        for plan, cs in pairs:
+            x = leaves[plan.index]
+            s = sum(sign * _expand(xi[site], dims, x.ndim) for site, dims, sign in cs)
+            out[plan.index] = x * jnp.exp(s)
+        return out
+
+    def value(xi):
+        return 0.5 * sum(jnp.sum(x**2) for x in (scaled(xi)[p.index] for p, _ in pairs)) / scale
+
+    def direction(xi):
+        cur = [x / jnp.sqrt(scale) for x in scaled(xi)]
+        grad = _rs.adjoint(gauge, cur, cur, positive)  # moment map / scale
+        diag = _rs.gram_diagonal(gauge, cur, positive)
+        struct = jax.eval_shape(lambda: grad)
+        op = lx.FunctionLinearOperator(
+            lambda v: {n: 2 * w for n, w in _rs.gram_apply(gauge, cur, v, positive).items()},
+            struct, tags=lx.positive_semidefinite_tag)
+        pre = lx.FunctionLinearOperator(
+            lambda v: {n: v[n] / jnp.where(diag[n] > 0, 2 * diag[n], 1) for n in v},
+            struct, tags=lx.positive_semidefinite_tag)
+        rhs = {n: -x for n, x in grad.items()}
+        sol = lx.linear_solve(op, rhs, lx.CG(rtol=_CG_RTOL, atol=0.0, max_steps=_CG_MAX_STEPS),
+                              options={"preconditioner": pre}, throw=False)
+        return grad, sol.value
+
+    def body(carry):
+        xi, f, it, _ = carry
+        grad, step = direction(xi)
+        slope = sum(jnp.vdot(grad[n], step[n]) for n in positive)
+
+        def shrink(c):
+            t, _ = c
+            t = 0.5 * t
+            return t, value(_axpy(t, step, xi))
+
+        # Backtrack only while the predicted decrease is above rounding in F: near the
+        # minimum the full Newton step is taken (quadratic convergence) even when F cannot
+        # resolve its O(step^2) decrease.
+        resolvable = -slope > _RESOLVE * jnp.finfo(dtype).eps * f
+
+        def too_high(c):
+            t, f_new = c
+            return resolvable & (f_new > f + _ARMIJO * t * slope) & (t > 2.0**-_MAX_HALVINGS)
+
+        t, f_new = jax.lax.while_loop(too_high, shrink, (jnp.ones((), dtype), value(_axpy(1.0, step, xi))))
+        new = _axpy(t, step, xi)
+        size = jnp.max(jnp.stack([jnp.max(jnp.abs(t * step[n])) for n in positive]))
+        ref = jnp.max(jnp.stack([jnp.max(jnp.abs(new[n])) for n in positive]))
+        failed = resolvable & ~(f_new <= f + _ARMIJO * t * slope)  # no descent: stop here
+        converged = (size <= atol + rtol * ref) | failed
+        new = jax.tree_util.tree_map(lambda a, b: jnp.where(failed, b, a), new, xi)
+        return new, jnp.where(failed, f, f_new), it + 1, converged
+
+    def cond(carry):
+        _, _, it, converged = carry
+        return (it < max_steps) & ~converged
+
+    xi0 = {n: gauge.site_groups[n].algebra_zeros(dtype) for n in positive}
+    init = (xi0, value(xi0), jnp.zeros((), jnp.int32), jnp.zeros((), bool))
+    xi, _, _, _ = jax.lax.while_loop(cond, body, init)
+    return xi
+
+
+def _axpy(t, step, xi):
+    return {n: xi[n] + t * step[n] for n in xi}
 
 
 @eqx.filter_jit

@@ -33,11 +33,11 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
-import numpy as np
 from jaxtyping import Array, PyTree
 
-from ._gauge import Gauge, _expand, params_float_dtype as _dtype
-from ._groups import GL, Monomial, Orthogonal, PositiveDiagonal, PositiveMonomial, Translation
+from . import _rescaling as _rs
+from ._gauge import Gauge, params_float_dtype as _dtype
+from ._groups import PositiveDiagonal, PositiveMonomial
 
 
 def _vdot(a: PyTree, b: PyTree) -> Array:
@@ -95,167 +95,17 @@ def vertical_adjoint(gauge: Gauge, params: PyTree, v: PyTree) -> dict[str, Array
     return out
 
 
-def _exp_tangent(group, xi: Array, dtype) -> Any:
-    """$\\frac{d}{d\\epsilon}\\exp(\\epsilon\\xi)|_{\\epsilon=0}$ as a tangent to the group
-    element pytree: $\\xi$ itself for the groups gaugejax ships (the skew part for $O(n)$),
-    without differentiating a matrix exponential; other groups fall back to a JVP of their
-    `exp`. Integer parts (permutations) get `None`."""
-    if isinstance(group, (GL, PositiveDiagonal, Translation)):
-        return xi.astype(dtype)
-    if isinstance(group, Orthogonal):
-        return (0.5 * (xi - jnp.swapaxes(xi, -1, -2))).astype(dtype)
-    if isinstance(group, PositiveMonomial):
-        return Monomial(None, xi.astype(dtype))
-    _, t = eqx.filter_jvp(lambda e: group.exp(e * xi, dtype), (jnp.zeros((), dtype),), (jnp.ones((), dtype),))
-    return t
-
-
-def _zero_tangent(elem: Any) -> Any:
-    return jtu.tree_map(lambda x: jnp.zeros_like(x) if eqx.is_inexact_array(x) else None, elem)
-
-
 def _vert(gauge: Gauge, params: PyTree, xi: Mapping[str, Array]) -> PyTree:
     """The vertical vector of `xi` (as [`gaugejax.Gauge.vertical`][]) as a JVP of the
     action at the identity along the tangent of `exp`; `None` on non-float leaves."""
-    dtype = _dtype(params)
-    ident = gauge.identity(dtype)
-    tangent = {
-        name: _exp_tangent(group, xi[name], dtype) if name in xi else _zero_tangent(ident[name])
-        for name, group in gauge.sites
-    }
-    _, t = eqx.filter_jvp(lambda g: gauge.act(g, params, check=False), (ident,), (tangent,))
-    return jtu.tree_map(
-        lambda a, p: (jnp.zeros_like(p) if a is None else a) if eqx.is_inexact_array(p) else None,
-        t, params, is_leaf=lambda a: a is None,
-    )
+    t = gauge.vertical(params, xi)
+    return jtu.tree_map(lambda a, p: a if eqx.is_inexact_array(p) else None,
+                        t, params, is_leaf=lambda a: a is None)
 
 
 def _clean(params: PyTree, v: PyTree) -> PyTree:
     return jtu.tree_map(lambda a, p: jnp.asarray(a, p.dtype) if eqx.is_inexact_array(p) else None,
                         v, params, is_leaf=lambda a: a is None)
-
-
-# ---------------------------------------------------------------------------------------
-# the structured (positive-rescaling) path
-# ---------------------------------------------------------------------------------------
-def _is_diagonal_gauge(gauge: Gauge) -> bool:
-    groups = gauge.site_groups
-    cont = gauge.continuous_sites
-    if not all(isinstance(groups[n], (PositiveDiagonal, PositiveMonomial)) for n in cont):
-        return False
-    for plan in gauge.plans:
-        for lp in plan.links:
-            if lp.out_site in cont or lp.in_site in cont:
-                return False
-    return True
-
-
-def _diag_couplings(gauge: Gauge):
-    """Per leaf plan: [(site, dims, sign)] for the log-scale sites it carries."""
-    cont = set(gauge.continuous_sites)
-    out = []
-    for plan in gauge.plans:
-        cs = [(lin.site, (*lin.batch_axes, lin.axis), 1.0 if lin.kind == "produce" else -1.0)
-              for lin in plan.linear if lin.site in cont]
-        if cs:
-            out.append((plan, cs))
-    return out
-
-
-def _diag_vertical(gauge: Gauge, leaves: list[Array], xi: Mapping[str, Array]) -> list[Array | None]:
-    out: list[Array | None] = [None] * len(leaves)
-    for plan, cs in _diag_couplings(gauge):
-        x = leaves[plan.index]
-        s = sum(sign * _expand(xi[site].astype(x.dtype), dims, x.ndim) for site, dims, sign in cs)
-        out[plan.index] = x * s
-    return out
-
-
-def _reduce_to(x: Array, dims: tuple[int, ...]) -> Array:
-    """Sum `x` over every axis not in `dims`; the result is indexed by `dims` in order."""
-    others = tuple(a for a in range(x.ndim) if a not in dims)
-    y = jnp.sum(x, axis=others) if others else x
-    kept = sorted(dims)
-    return jnp.transpose(y, [kept.index(d) for d in dims])
-
-
-def _diag_adjoint(gauge: Gauge, leaves: list[Array], t: list[Array | None]) -> dict[str, Array]:
-    groups = gauge.site_groups
-    dtype = next(x.dtype for x in leaves if eqx.is_inexact_array(x))
-    out = {n: groups[n].algebra_zeros(dtype) for n in gauge.continuous_sites}
-    for plan, cs in _diag_couplings(gauge):
-        xt = leaves[plan.index] * t[plan.index]
-        for site, dims, sign in cs:
-            out[site] = out[site] + sign * _reduce_to(xt, dims)
-    return out
-
-
-def _diag_gram_apply(gauge: Gauge, leaves: list[Array], xi: Mapping[str, Array]) -> dict[str, Array]:
-    return _diag_adjoint(gauge, leaves, _diag_vertical(gauge, leaves, xi))
-
-
-def _diag_gram_dense(gauge: Gauge, leaves: list[Array]) -> tuple[Array, dict[str, tuple[int, tuple[int, ...]]]]:
-    """The Gram matrix $V^\\top V$ of the log-scale generators, assembled from the
-    squared parameters: $O(|\\theta|)$ work plus the $N^2$ matrix."""
-    groups = gauge.site_groups
-    layout: dict[str, tuple[int, tuple[int, ...]]] = {}
-    offset = 0
-    for n in gauge.continuous_sites:
-        shape = (*groups[n].batch, groups[n].n)
-        layout[n] = (offset, shape)
-        offset += int(np.prod(shape))
-    dtype = next(x.dtype for x in leaves if eqx.is_inexact_array(x))
-    gram = jnp.zeros((offset, offset), dtype)
-    for plan, cs in _diag_couplings(gauge):
-        x2 = leaves[plan.index] ** 2
-        for site_a, dims_a, sa in cs:
-            for site_b, dims_b, sb in cs:
-                keep = tuple(sorted(set(dims_a) | set(dims_b)))
-                vals = _reduce_to(x2, keep)  # indexed by `keep`
-
-                def flat(site, dims):
-                    off, shape = layout[site]
-                    idx = jnp.zeros(vals.shape, jnp.int32)
-                    stride = 1
-                    for d, size in zip(reversed(dims), reversed(shape)):
-                        pos = keep.index(d)
-                        io = jax.lax.broadcasted_iota(jnp.int32, vals.shape, pos)
-                        idx = idx + io * stride
-                        stride *= size
-                    return idx + off
-
-                rows, cols = flat(site_a, dims_a), flat(site_b, dims_b)
-                gram = gram.at[rows.ravel(), cols.ravel()].add((sa * sb) * vals.ravel())
-    return gram, layout
-
-
-def _flatten_alg(xi: Mapping[str, Array], layout) -> Array:
-    return jnp.concatenate([xi[n].ravel() for n in layout])
-
-
-def _unflatten_alg(vec: Array, layout) -> dict[str, Array]:
-    out = {}
-    for n, (off, shape) in layout.items():
-        size = int(np.prod(shape))
-        out[n] = vec[off : off + size].reshape(shape)
-    return out
-
-
-def _cholesky_solve(gram: Array, rhs: Array) -> Array:
-    """Exact solve of the PSD system; a relative jitter of eps keeps it defined where a
-    neuron has no weights (a zero row: its right-hand side is zero too)."""
-    eps = jnp.finfo(gram.dtype).eps
-    diag = jnp.diagonal(gram)
-    jitter = eps * jnp.maximum(jnp.max(diag), jnp.finfo(gram.dtype).tiny)
-    chol = jnp.linalg.cholesky(gram + jitter * jnp.eye(gram.shape[0], dtype=gram.dtype))
-
-    def solve(b):
-        y = jax.scipy.linalg.solve_triangular(chol, b, lower=True)
-        return jax.scipy.linalg.solve_triangular(chol.T, y, lower=False)
-
-    x = solve(rhs)
-    # one step of iterative refinement against the un-jittered matrix
-    return x + solve(rhs - gram @ x)
 
 
 # ---------------------------------------------------------------------------------------
@@ -294,7 +144,7 @@ def vertical_coordinates(
     _check_tangent(gauge, params, v)
     if method not in ("auto", "structured", "dense", "cg"):
         raise ValueError(f"`method` must be 'auto', 'structured', 'dense' or 'cg', got {method!r}.")
-    diag_ok = _is_diagonal_gauge(gauge)
+    diag_ok = _rs.is_structured(gauge)
     if method in ("structured", "dense") and not diag_ok:
         bad = [f"{n}: {g!r}" for n, g in gauge.sites if n in gauge.continuous_sites
                and not isinstance(g, (PositiveDiagonal, PositiveMonomial))]
@@ -322,19 +172,16 @@ def _aligned(params: PyTree, v: PyTree) -> list[Any]:
 @eqx.filter_jit
 def _solve_structured(gauge, params, v, force_dense, rtol, atol, max_steps):
     leaves = jtu.tree_leaves(params)
-    rhs = _diag_adjoint(gauge, leaves, _aligned(params, v))
+    rhs = _rs.adjoint(gauge, leaves, _aligned(params, v))
     if force_dense:
-        gram, layout = _diag_gram_dense(gauge, leaves)
-        return _unflatten_alg(_cholesky_solve(gram, _flatten_alg(rhs, layout)), layout)
+        gram, layout = _rs.gram_dense(gauge, leaves)
+        return _rs.unflatten(_rs.cholesky_solve(gram, _rs.flatten(rhs, layout)), layout)
     # large: Jacobi-preconditioned CG on the structured operator; the diagonal of G is
     # |in|^2 + |out|^2 per neuron (the squared parameters it scales)
-    dg = {n: jnp.zeros_like(r) for n, r in rhs.items()}
-    for plan, cs in _diag_couplings(gauge):
-        for site, dims, _ in cs:
-            dg[site] = dg[site] + _reduce_to(leaves[plan.index] ** 2, dims)
+    dg = _rs.gram_diagonal(gauge, leaves)
     inv = {n: jnp.where(d > 0, 1 / jnp.where(d > 0, d, 1), 0) for n, d in dg.items()}
     struct = jax.eval_shape(lambda: rhs)
-    op = lx.FunctionLinearOperator(lambda xi: _diag_gram_apply(gauge, leaves, xi), struct,
+    op = lx.FunctionLinearOperator(lambda xi: _rs.gram_apply(gauge, leaves, xi), struct,
                                    tags=lx.positive_semidefinite_tag)
     pre = lx.FunctionLinearOperator(lambda xi: {n: inv[n] * xi[n] for n in xi}, struct,
                                     tags=lx.positive_semidefinite_tag)
@@ -401,8 +248,8 @@ def horizontal(
 def _subtract_vertical(gauge, params, v, xi):
     treedef = jtu.tree_structure(params)
     vl = _aligned(params, v)
-    if _is_diagonal_gauge(gauge):
-        vx = _diag_vertical(gauge, jtu.tree_leaves(params), xi)
+    if _rs.is_structured(gauge):
+        vx = _rs.vertical(gauge, jtu.tree_leaves(params), xi)
     else:
         vx = _aligned(params, _vert(gauge, params, xi))
     out = [a if (a is None or t is None) else a - t for a, t in zip(vl, vx)]
