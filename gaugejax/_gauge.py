@@ -736,15 +736,25 @@ class Gauge(eqx.Module):
         Returns a pytree like `params` (zeros on leaves the gauge does not touch, `None` for
         non-array leaves).
         """
-        dts = _float_dtypes(dict(xi))
-        dtype = dts.pop() if len(dts) == 1 else jnp.zeros(()).dtype
-
-        def along(e):
-            scaled = jtu.tree_map(lambda x: e * x, dict(xi))
-            return self.act(self.exp(scaled, dtype), params, check=False)
-
-        zero = jnp.zeros((), dtype)
-        _, tangent = eqx.filter_jvp(along, (zero,), (jnp.ones((), dtype),))
+        if not isinstance(xi, Mapping):
+            raise TypeError(f"a Lie-algebra element is a dict {{site: array}}, got {type(xi).__name__}.")
+        cont = self.continuous_sites
+        unknown = [k for k in xi if k not in cont]
+        if unknown:
+            raise ValueError(
+                f"Lie-algebra element has entries {unknown} that are not continuous sites "
+                f"(continuous sites: {list(cont)})."
+            )
+        dtype = params_float_dtype(params)
+        ident = self.identity(dtype)
+        # push the derivative of exp at 0 (exact per group: no matrix exponential is
+        # differentiated) through the action at the identity
+        direction = {
+            name: group.exp_tangent(xi[name], dtype) if name in xi
+            else jtu.tree_map(lambda x: jnp.zeros_like(x) if eqx.is_inexact_array(x) else None, ident[name])
+            for name, group in self.sites
+        }
+        _, tangent = eqx.filter_jvp(lambda g: self.act(g, params, check=False), (ident,), (direction,))
         # Leaves the gauge does not touch have a zero (not a missing) tangent.
         return jtu.tree_map(
             lambda t, p: jnp.zeros_like(p) if t is None and eqx.is_inexact_array(p) else t,

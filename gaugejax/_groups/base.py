@@ -105,6 +105,18 @@ class AbstractGroup(eqx.Module):
         del xi
         return self.identity(dtype)
 
+    def exp_tangent(self, xi: Array, dtype: Any = None) -> Any:
+        """$\\frac{d}{d\\epsilon}\\exp(\\epsilon\\xi)|_{\\epsilon=0}$ as a tangent to the element
+        pytree at the identity (what [`gaugejax.Gauge.vertical`][] pushes through the action).
+
+        The default differentiates `exp` (a JVP); groups whose exponential has a known
+        derivative at 0 (every group gaugejax ships: $\\xi$ itself, the skew part for
+        $O(n)$) override it, so no matrix exponential is ever differentiated."""
+        dtype = default_float(dtype)
+        _, t = eqx.filter_jvp(lambda e: self.exp(e * xi, dtype), (jnp.zeros((), dtype),),
+                              (jnp.ones((), dtype),))
+        return t
+
     # -- helpers -------------------------------------------------------------------------
     @property
     def is_permutation(self) -> bool:

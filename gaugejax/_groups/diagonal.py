@@ -69,6 +69,9 @@ class PositiveDiagonal(AbstractGroup):
             return self.identity(dtype)
         return jnp.exp(xi)
 
+    def exp_tangent(self, xi: Array, dtype: Any = None) -> Array:
+        return xi.astype(default_float(dtype))
+
 
 class SignFlip(AbstractGroup):
     """Diagonal sign matrices $\\mathrm{diag}(\\pm 1)$; elements are float arrays of $\\pm 1$,

@@ -4,7 +4,8 @@ $GL(n)$ is the symmetry of a site with no nonlinearity (identity activations, th
 query/key and value/output spaces of attention heads); $O(n)$ that of a residual stream
 read through a scale-free RMSNorm. Elements are `(*batch, n, n)` matrices. A produced axis
 is multiplied by $g$, a consumed axis by $g^{-T}$ (a solve-free explicit inverse for $GL$,
-$g$ itself for $O(n)$).
+$g$ itself for $O(n)$). Inverses and exponentials avoid LAPACK custom calls on small
+matrices (see `gaugejax/_groups/_linalg.py` for the XLA:CPU deadlock this prevents).
 """
 
 from __future__ import annotations
@@ -14,15 +15,13 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.scipy.linalg as jsl
 from jaxtyping import Array, PRNGKeyArray
 
+from . import _linalg
 from .base import AbstractGroup, AxisFactors, Kind, default_float
 
 
-def _expm(x: Array) -> Array:
-    flat = x.reshape(-1, *x.shape[-2:])
-    return jax.vmap(jsl.expm)(flat).reshape(x.shape)
+_expm = _linalg.expm
 
 
 def _mT(x: Array) -> Array:
@@ -67,15 +66,18 @@ class GL(_AbstractMatrixGroup):
         return self.exp(self.sample_algebra(key, 0.5 if scale is None else scale, dtype))
 
     def inverse(self, g: Array) -> Array:
-        return jnp.linalg.inv(g)
+        return _linalg.inv(g)
 
     def factors(self, g: Array, kind: Kind) -> AxisFactors:
-        return AxisFactors(matrix=g if kind == "produce" else _mT(jnp.linalg.inv(g)))
+        return AxisFactors(matrix=g if kind == "produce" else _mT(_linalg.inv(g)))
 
     def check(self, g: Array) -> list[tuple[Array, str]]:
-        s = jnp.linalg.svd(g, compute_uv=False)
         eps = jnp.finfo(g.dtype).eps
-        singular = jnp.any(s[..., -1] <= self.n * eps * s[..., 0])
+        if self.n <= _linalg.PURE_MAX_N:
+            singular = jnp.any(~(_linalg.relative_pivot(g) > self.n * eps))
+        else:
+            s = jnp.linalg.svd(g, compute_uv=False)
+            singular = jnp.any(s[..., -1] <= self.n * eps * s[..., 0])
         return [
             (jnp.any(~jnp.isfinite(g)), "contains NaN or inf"),
             (singular, "is singular (or numerically singular); a GL element must be invertible"),
@@ -93,6 +95,9 @@ class GL(_AbstractMatrixGroup):
         if xi is None:
             return self.identity(dtype)
         return _expm(xi)
+
+    def exp_tangent(self, xi: Array, dtype: Any = None) -> Array:
+        return xi.astype(default_float(dtype))
 
 
 class Orthogonal(_AbstractMatrixGroup):
@@ -151,3 +156,6 @@ class Orthogonal(_AbstractMatrixGroup):
         if xi is None:
             return self.identity(dtype)
         return _expm(0.5 * (xi - _mT(xi)))
+
+    def exp_tangent(self, xi: Array, dtype: Any = None) -> Array:
+        return (0.5 * (xi - _mT(xi))).astype(default_float(dtype))

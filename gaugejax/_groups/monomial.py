@@ -116,6 +116,9 @@ class PositiveMonomial(_AbstractMonomial):
             return self.identity(dtype)
         return Monomial(Permutation(self.n, self.batch).identity(), jnp.exp(xi))
 
+    def exp_tangent(self, xi: Array, dtype: Any = None) -> Monomial:
+        return Monomial(None, xi.astype(default_float(dtype)))  # the permutation is fixed
+
 
 class SignedPermutation(_AbstractMonomial):
     """Signed permutation matrices $P S$ (the hyperoctahedral group): the symmetry of a

@@ -75,5 +75,8 @@ class Translation(AbstractGroup):
     def exp(self, xi: Array | None, dtype: Any = None) -> Array:
         return self.identity(dtype) if xi is None else xi
 
+    def exp_tangent(self, xi: Array, dtype: Any = None) -> Array:
+        return xi.astype(default_float(dtype))
+
     def __repr__(self) -> str:
         return f"Translation({self.shape})"

@@ -1,0 +1,88 @@
+"""Small dense linear algebra in plain XLA ops (no LAPACK custom calls).
+
+On XLA:CPU, batched `jnp.linalg.inv` / `solve` / `svd` lower to LAPACK custom calls that
+split their batch over the intra-op thread pool and block until it is done. When XLA runs
+two such calls concurrently (independent per-layer $GL$ sites of one sampled element, as
+in an invariance sweep over a 6-layer, 12-head model) on a machine with two pool threads,
+both threads wait for work that neither can run and the program hangs (observed with jax
+0.10.2 on 2 cores). The matrix groups therefore invert small matrices by Gauss-Jordan
+elimination and exponentiate by scaling and squaring of a Taylor polynomial, written in
+ordinary XLA ops; only matrices larger than `PURE_MAX_N` use LAPACK.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array
+
+
+#: matrices up to this size are inverted and checked without LAPACK (Gauss-Jordan is
+#: O(n) sequential steps: slower than LAPACK for large n)
+PURE_MAX_N = 128
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+_TAYLOR_ORDER = 18
+
+
+def _gauss_jordan(a: Array) -> tuple[Array, Array]:
+    """Inverse of one `(n, n)` matrix and its smallest relative pivot."""
+    n = a.shape[-1]
+    aug = jnp.concatenate([a, jnp.eye(n, dtype=a.dtype)], axis=-1)
+    scale = jnp.max(jnp.abs(a))
+    rows = jnp.arange(n)
+
+    def step(k, carry):
+        aug, piv = carry
+        col = jnp.where(rows >= k, jnp.abs(aug[:, k]), -1)
+        p = jnp.argmax(col)
+        rk, rp = aug[k], aug[p]
+        aug = aug.at[k].set(rp).at[p].set(rk)
+        pivot = aug[k, k]
+        aug = aug.at[k].set(aug[k] / pivot)
+        factors = jnp.where(rows == k, 0, aug[:, k])
+        aug = aug - factors[:, None] * aug[k][None, :]
+        return aug, jnp.fmin(piv, jnp.abs(pivot))
+
+    aug, piv = jax.lax.fori_loop(0, n, step, (aug, jnp.asarray(jnp.inf, a.dtype)))
+    return aug[:, n:], piv / jnp.where(scale > 0, scale, 1)
+
+
+def _batched(fn, x: Array):
+    flat = x.reshape(-1, *x.shape[-2:])
+    out = jax.vmap(fn)(flat)
+    return jax.tree_util.tree_map(lambda o: o.reshape(*x.shape[:-2], *o.shape[1:]), out)
+
+
+def inv(a: Array) -> Array:
+    """Batched matrix inverse: Gauss-Jordan with partial pivoting up to `PURE_MAX_N`,
+    LAPACK above."""
+    if a.shape[-1] > PURE_MAX_N:
+        return jnp.linalg.inv(a)
+    return _batched(_gauss_jordan, a)[0]
+
+
+def relative_pivot(a: Array) -> Array:
+    """Smallest Gauss-Jordan pivot relative to the largest entry, per matrix: zero (up to
+    rounding) exactly when the matrix is singular."""
+    return _batched(_gauss_jordan, a)[1]
+
+
+def _expm_one(x: Array) -> Array:
+    n = x.shape[-1]
+    norm = jnp.max(jnp.sum(jnp.abs(x), axis=-1))
+    s = jnp.maximum(0, jnp.ceil(jnp.log2(jnp.maximum(norm, 1e-30) / 0.5))).astype(jnp.int32)
+    y = x / jnp.exp2(s.astype(x.dtype))
+    eye = jnp.eye(n, dtype=x.dtype)
+    out, term = eye, eye
+    for k in range(1, _TAYLOR_ORDER + 1):
+        term = jnp.matmul(term, y, precision=_HIGHEST) / jnp.asarray(k, x.dtype)
+        out = out + term
+    return jax.lax.fori_loop(0, s, lambda _, m: jnp.matmul(m, m, precision=_HIGHEST), out)
+
+
+def expm(x: Array) -> Array:
+    """Batched matrix exponential in plain XLA ops: scaling and squaring of the Taylor
+    polynomial of order 18 on a matrix of 1-norm <= 1/2 (truncation below float64
+    rounding)."""
+    return _batched(_expm_one, x)
