@@ -65,7 +65,7 @@ def balance(
     For sites coupled by `Produce` / `Consume` (every feedforward and attention gauge) the
     Hessian is the structured Gram matrix of the log-scale generators, built from the
     squared parameters: each Newton step is a Jacobi-preconditioned CG solve with an
-    $O(|\theta|)$ operator, followed by an Armijo backtracking line search (memory linear
+    $O(|\\theta|)$ operator, followed by an Armijo backtracking line search (memory linear
     in the parameters; a 3 x 512 MLP balances in about 2 s on 2 CPU cores). Sites that are
     also coupled through a [`gaugejax.Link`][] (a ResNet's streams) use Newton on the
     autodiff Hessian instead (one JVP per rescaled neuron per step).
@@ -74,7 +74,7 @@ def balance(
 
     - `gauge`, `params`: the gauge and the parameters to balance.
     - `rtol`, `atol`: stop when a Newton step moves every log-scale by less than
-      `atol + rtol * max|xi|` (default $\epsilon^{3/4}$ of the dtype).
+      `atol + rtol * max|xi|` (default $\\epsilon^{3/4}$ of the dtype).
     - `max_steps`: the Newton step limit.
 
     **Returns:** `(balanced_params, g)` with `balanced_params == gauge.act(g, params)`.
