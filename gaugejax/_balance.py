@@ -147,10 +147,17 @@ def _newton_structured(gauge, params, positive, rtol, atol, max_steps):
     def value(xi):
         return 0.5 * sum(jnp.sum(x**2) for x in (scaled(xi)[p.index] for p, _ in pairs)) / scale
 
-    def direction(xi):
+    def moment(xi):
         cur = [x / jnp.sqrt(scale) for x in scaled(xi)]
         grad = _rs.adjoint(gauge, cur, cur, positive)  # moment map / scale
-        diag = _rs.gram_diagonal(gauge, cur, positive)
+        diag = _rs.gram_diagonal(gauge, cur, positive)  # |in|^2 + |out|^2 per neuron
+        return cur, grad, diag
+
+    def residual(grad, diag):  # the relative moment map, as balance_residual
+        return jnp.max(jnp.stack([jnp.max(jnp.abs(grad[n]) / jnp.where(diag[n] > 0, diag[n], 1))
+                                  for n in positive]))
+
+    def direction(cur, grad, diag):
         struct = jax.eval_shape(lambda: grad)
         op = lx.FunctionLinearOperator(
             lambda v: {n: 2 * w for n, w in _rs.gram_apply(gauge, cur, v, positive).items()},
@@ -161,35 +168,46 @@ def _newton_structured(gauge, params, positive, rtol, atol, max_steps):
         rhs = {n: -x for n, x in grad.items()}
         sol = lx.linear_solve(op, rhs, lx.CG(rtol=_CG_RTOL, atol=0.0, max_steps=_CG_MAX_STEPS),
                               options={"preconditioner": pre}, throw=False)
-        return grad, sol.value
+        newton = sol.value
+        # An inexact solve (float32, ill-conditioned Gram) may not give a descent
+        # direction: fall back to the preconditioned gradient, which always is one.
+        slope = _dot(grad, newton, positive)
+        ok = (slope < 0) & jnp.isfinite(slope)
+        fallback = pre.mv(rhs)
+        step = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), newton, fallback)
+        return step, jnp.where(ok, slope, _dot(grad, fallback, positive))
 
     def body(carry):
         xi, f, it, _ = carry
-        grad, step = direction(xi)
-        slope = sum(jnp.vdot(grad[n], step[n]) for n in positive)
+        cur, grad, diag = moment(xi)
+        step, slope = direction(cur, grad, diag)
 
         def shrink(c):
             t, _ = c
             t = 0.5 * t
             return t, value(_axpy(t, step, xi))
 
-        # Backtrack only while the predicted decrease is above rounding in F: near the
-        # minimum the full Newton step is taken (quadratic convergence) even when F cannot
-        # resolve its O(step^2) decrease.
+        # Backtrack while the predicted decrease is above rounding in F. Below it, F cannot
+        # tell a good step from a bad one, so the step is judged by the moment map instead:
+        # taken if it reduces the relative residual (quadratic convergence to the end),
+        # otherwise the iteration has converged to working precision.
         resolvable = -slope > _RESOLVE * jnp.finfo(dtype).eps * f
 
         def too_high(c):
             t, f_new = c
-            return resolvable & (f_new > f + _ARMIJO * t * slope) & (t > 2.0**-_MAX_HALVINGS)
+            return resolvable & ~(f_new <= f + _ARMIJO * t * slope) & (t > 2.0**-_MAX_HALVINGS)
 
         t, f_new = jax.lax.while_loop(too_high, shrink, (jnp.ones((), dtype), value(_axpy(1.0, step, xi))))
         new = _axpy(t, step, xi)
+        _, grad_new, diag_new = moment(new)
+        improved = jnp.where(resolvable, f_new <= f + _ARMIJO * t * slope,
+                             residual(grad_new, diag_new) < residual(grad, diag))
+        improved = improved & jnp.isfinite(f_new)
         size = jnp.max(jnp.stack([jnp.max(jnp.abs(t * step[n])) for n in positive]))
         ref = jnp.max(jnp.stack([jnp.max(jnp.abs(new[n])) for n in positive]))
-        failed = resolvable & ~(f_new <= f + _ARMIJO * t * slope)  # no descent: stop here
-        converged = (size <= atol + rtol * ref) | failed
-        new = jax.tree_util.tree_map(lambda a, b: jnp.where(failed, b, a), new, xi)
-        return new, jnp.where(failed, f, f_new), it + 1, converged
+        converged = (size <= atol + rtol * ref) | ~improved
+        new = jax.tree_util.tree_map(lambda a, b: jnp.where(improved, a, b), new, xi)
+        return new, jnp.where(improved, f_new, f), it + 1, converged
 
     def cond(carry):
         _, _, it, converged = carry
@@ -199,6 +217,10 @@ def _newton_structured(gauge, params, positive, rtol, atol, max_steps):
     init = (xi0, value(xi0), jnp.zeros((), jnp.int32), jnp.zeros((), bool))
     xi, _, _, _ = jax.lax.while_loop(cond, body, init)
     return xi
+
+
+def _dot(a, b, names) -> Array:
+    return sum(jnp.vdot(a[n], b[n]) for n in names)
 
 
 def _axpy(t, step, xi):

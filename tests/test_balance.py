@@ -60,3 +60,16 @@ def test_vmapped_balance(getkey):
     for i in range(1, 4):
         other = jax.tree.map(lambda a: a[i], balanced)  # noqa: B023
         assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(other))) <= 1e-8
+
+
+def test_float32_inexact_newton_stays_finite(getkey):
+    """In float32 the CG solve of an ill-conditioned Gram matrix can return a non-descent
+    (or huge) step near the minimum, where F no longer resolves the decrease; such steps
+    must be rejected (a trained digits MLP once balanced to NaN)."""
+    model = gj.nn.MLP([60, 16, 16, 10], jax.nn.relu, key=getkey(), dtype=jnp.float32)
+    gauge = gj.derive_gauge(model)
+    for _ in range(3):
+        far = gauge.act(gauge.sample(getkey(), scale=2.0, dtype=jnp.float32), model)
+        balanced, _ = gj.balance(gauge, far)
+        assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(balanced))
+        assert float(gj.balance_residual(gauge, balanced)) <= 1e-5
