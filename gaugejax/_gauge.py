@@ -707,10 +707,7 @@ class Gauge(eqx.Module):
         groups = self.site_groups
         return {n: groups[n].sample_algebra(k, scale, dtype) for k, n in zip(keys, names)}
 
-    def exp(self, xi: Mapping[str, Array], dtype: Any = None) -> dict[str, Any]:
-        """The exponential map, site by site: a group element near the identity whose
-        derivative at `xi = 0` is the Lie-algebra direction `xi`. Discrete sites (and
-        continuous sites missing from `xi`) are the identity."""
+    def _check_algebra(self, xi: Any) -> None:
         if not isinstance(xi, Mapping):
             raise TypeError(f"a Lie-algebra element is a dict {{site: array}}, got {type(xi).__name__}.")
         cont = self.continuous_sites
@@ -720,6 +717,12 @@ class Gauge(eqx.Module):
                 f"Lie-algebra element has entries {unknown} that are not continuous sites "
                 f"(continuous sites: {list(cont)})."
             )
+
+    def exp(self, xi: Mapping[str, Array], dtype: Any = None) -> dict[str, Any]:
+        """The exponential map, site by site: a group element near the identity whose
+        derivative at `xi = 0` is the Lie-algebra direction `xi`. Discrete sites (and
+        continuous sites missing from `xi`) are the identity."""
+        self._check_algebra(xi)
         if dtype is None:
             dts = _float_dtypes(dict(xi))
             dtype = dts.pop() if len(dts) == 1 else None
@@ -736,15 +739,7 @@ class Gauge(eqx.Module):
         Returns a pytree like `params` (zeros on leaves the gauge does not touch, `None` for
         non-array leaves).
         """
-        if not isinstance(xi, Mapping):
-            raise TypeError(f"a Lie-algebra element is a dict {{site: array}}, got {type(xi).__name__}.")
-        cont = self.continuous_sites
-        unknown = [k for k in xi if k not in cont]
-        if unknown:
-            raise ValueError(
-                f"Lie-algebra element has entries {unknown} that are not continuous sites "
-                f"(continuous sites: {list(cont)})."
-            )
+        self._check_algebra(xi)
         dtype = params_float_dtype(params)
         ident = self.identity(dtype)
         # push the derivative of exp at 0 (exact per group: no matrix exponential is

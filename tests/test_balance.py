@@ -16,6 +16,7 @@ def _mlp(sizes, key):
     return gj.nn.MLP(sizes, jax.nn.relu, key=key, dtype=F64)
 
 
+@pytest.mark.slow
 def test_structured_newton_equals_autodiff_newton(getkey):
     model = _mlp([6, 16, 12, 3], getkey())
     gauge = gj.derive_gauge(model, group=gj.PositiveDiagonal)

@@ -22,7 +22,10 @@ from jaxtyping import Array
 PURE_MAX_N = 128
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-_TAYLOR_ORDER = 18
+_TAYLOR_ORDER = 16
+#: matrices of 1-norm up to 0.5 * 2**_MAX_SQUARINGS (32768) are exponentiated accurately;
+#: the exponential of a larger one overflows float64 unless it is skew (a rotation)
+_MAX_SQUARINGS = 16
 
 
 def _gauss_jordan(a: Array) -> tuple[Array, Array]:
@@ -71,18 +74,23 @@ def relative_pivot(a: Array) -> Array:
 def _expm_one(x: Array) -> Array:
     n = x.shape[-1]
     norm = jnp.max(jnp.sum(jnp.abs(x), axis=-1))
-    s = jnp.maximum(0, jnp.ceil(jnp.log2(jnp.maximum(norm, 1e-30) / 0.5))).astype(jnp.int32)
+    s = jnp.clip(jnp.ceil(jnp.log2(jnp.maximum(norm, 1e-30) / 0.5)), 0, _MAX_SQUARINGS).astype(jnp.int32)
     y = x / jnp.exp2(s.astype(x.dtype))
     eye = jnp.eye(n, dtype=x.dtype)
     out, term = eye, eye
     for k in range(1, _TAYLOR_ORDER + 1):
         term = jnp.matmul(term, y, precision=_HIGHEST) / jnp.asarray(k, x.dtype)
         out = out + term
-    return jax.lax.fori_loop(0, s, lambda _, m: jnp.matmul(m, m, precision=_HIGHEST), out)
+    # a static number of (masked) squarings, so that reverse-mode differentiation works
+    # (a loop with a traced trip count cannot be transposed)
+    return jax.lax.fori_loop(
+        0, _MAX_SQUARINGS, lambda i, m: jnp.where(i < s, jnp.matmul(m, m, precision=_HIGHEST), m), out
+    )
 
 
 def expm(x: Array) -> Array:
     """Batched matrix exponential in plain XLA ops: scaling and squaring of the Taylor
-    polynomial of order 18 on a matrix of 1-norm <= 1/2 (truncation below float64
-    rounding)."""
+    polynomial of order 16 on a matrix of 1-norm <= 1/2 (truncation error
+    $0.5^{17}/17! \\approx 2\\times10^{-20}$, below float64 rounding). Differentiable in
+    both modes."""
     return _batched(_expm_one, x)
