@@ -106,3 +106,29 @@ from ._sweep import (
 )
 from ._teleport import grad_norm_squared as grad_norm_squared, teleport as teleport
 from ._transformer_gauge import transformer_gauge as transformer_gauge
+from ._particles import (
+    particle_coefficients as particle_coefficients,
+    particle_flow as particle_flow,
+    particle_gauge_transform as particle_gauge_transform,
+    particle_residual_stack as particle_residual_stack,
+    particle_velocity as particle_velocity,
+)
+from ._processing import (
+    ProcessingReport as ProcessingReport,
+    balance_attention as balance_attention,
+    balanced_factors as balanced_factors,
+    center_writing_weights as center_writing_weights,
+    fold_norm_gains as fold_norm_gains,
+    fold_value_biases as fold_value_biases,
+    head_order as head_order,
+    layernorm_to_rmsnorm as layernorm_to_rmsnorm,
+    process_weights as process_weights,
+)
+from ._sweep import (
+    InvarianceError as InvarianceError,
+    InvarianceReport as InvarianceReport,
+    check_invariance as check_invariance,
+    choose_chunk_size as choose_chunk_size,
+)
+from ._teleport import grad_norm_squared as grad_norm_squared, teleport as teleport
+from ._transformer_gauge import transformer_gauge as transformer_gauge

@@ -93,6 +93,11 @@ def _layer(model: Transformer, layer: int):
         raise TypeError(f"expected a gaugejax.nn.Transformer, got {type(model).__name__}.")
     if not -model.n_layers <= layer < model.n_layers:
         raise ValueError(f"layer {layer} is out of range for a model with {model.n_layers} layers.")
+    if model.grouped:
+        raise ValueError(
+            f"the model uses grouped-query attention (n_kv_heads={model.n_kv_heads}); per-head "
+            "circuits are implemented for the plain multi-head layout only."
+        )
     return model.blocks[layer].attn
 
 
@@ -134,7 +139,7 @@ def transformer_orbit_dim(
 ) -> int:
     """The orbit dimension of the gauge [`gaugejax.transformer_gauge`][] derives for
     `model`, by formula (with the same switches; families the model does not admit count
-    zero): $L H (d_k^2 + d_v^2)$ for attention, $L H d_k$ for key shifts, $L\\,d_{mlp}$ for
+    zero): $L H (d_k^2 + d_v^2)$ for attention ($H$ the number of key/value heads), $L H d_k$ for key shifts, $L\\,d_{mlp}$ for
     ReLU MLPs (positive scalings; GELU has none), $d(d-1)/2$ for the residual rotation.
     Independent of the engine, for comparing with [`gaugejax.Gauge.orbit_dim`][] and
     [`gaugejax.Gauge.orbit_rank`][].
@@ -142,6 +147,7 @@ def transformer_orbit_dim(
     from ._transformer_gauge import rotation_obstruction
 
     L, H, dk, dv, d, m = model.n_layers, model.n_heads, model.d_k, model.d_v, model.d_model, model.d_mlp
+    H = model.n_kv_heads if model.grouped else H  # one GL(d_k), GL(d_v), key shift per key/value head
     qk = qk and not model.rotary
     key_shift = key_shift and not model.rotary
     dim = attention_orbit_dim(L, H, dk if qk else 0, dv if ov else 0)

@@ -31,6 +31,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Int
 
 from .nn._transformer import Norm, Transformer
@@ -42,6 +43,11 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 def _check_model(model: Any, what: str) -> Transformer:
     if not isinstance(model, Transformer):
         raise TypeError(f"{what} expects a gaugejax.nn.Transformer, got {type(model).__name__}.")
+    if model.grouped:
+        raise ValueError(
+            f"{what}: the model uses grouped-query attention (n_kv_heads={model.n_kv_heads}); "
+            "weight processing is implemented for the plain multi-head layout only."
+        )
     return model
 
 
@@ -245,13 +251,17 @@ def fold_value_biases(model: Transformer) -> Transformer:
     return eqx.tree_at(lambda m: m.blocks, model, tuple(blocks))
 
 
-def _sign_fix(left: Array, right: Array) -> tuple[Array, Array]:
+def _sign_fix(left: Array, right: Array, xp: Any = jnp) -> tuple[Array, Array]:
     """Flip paired columns of `left` (`(..., m, r)`) and rows of `right` (`(..., r, n)`)
     so that each column of `left` has its largest-magnitude entry positive."""
-    idx = jnp.argmax(jnp.abs(left), axis=-2, keepdims=True)
-    sign = jnp.sign(jnp.take_along_axis(left, idx, axis=-2))
-    sign = jnp.where(sign == 0, jnp.ones_like(sign), sign)
-    return left * sign, right * jnp.swapaxes(sign, -1, -2)
+    idx = xp.argmax(xp.abs(left), axis=-2)[..., None, :]
+    sign = xp.sign(xp.take_along_axis(left, idx, axis=-2))
+    sign = xp.where(sign == 0, xp.ones_like(sign), sign)
+    return left * sign, right * xp.swapaxes(sign, -1, -2)
+
+
+def _is_concrete(*xs: Any) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
 def balanced_factors(left: Array, right: Array) -> tuple[Array, Array]:
@@ -262,7 +272,21 @@ def balanced_factors(left: Array, right: Array) -> tuple[Array, Array]:
     The result depends only on the product (it is canonical on the $GL(r)$ orbit
     `left -> left M^{-1}`, `right -> M right`, ties of singular values aside) and is its
     minimum-norm factorisation: `L^T L = R R^T = diag(s)`.
+
+    Concrete (non-traced) inputs are factorised on the host with NumPy: batched LAPACK
+    custom calls inside XLA:CPU programs can stall or deadlock on small machines (see
+    `gaugejax/_groups/_linalg.py`), and processing is a one-off host-side step. Under `jax.jit`
+    the same algorithm runs with `jax.numpy`.
     """
+    if _is_concrete(left, right):
+        dtype = jnp.result_type(left, right)
+        a, b = np.asarray(left), np.asarray(right)
+        q1, r1 = np.linalg.qr(a)
+        q2, r2 = np.linalg.qr(np.swapaxes(b, -1, -2))
+        u, s, vt = np.linalg.svd(r1 @ np.swapaxes(r2, -1, -2))
+        lu, rvt = _sign_fix(q1 @ u, np.swapaxes(q2 @ np.swapaxes(vt, -1, -2), -1, -2), np)
+        root = np.sqrt(s)
+        return (jnp.asarray(lu * root[..., None, :], dtype), jnp.asarray(rvt * root[..., :, None], dtype))
     q1, r1 = jnp.linalg.qr(left)
     q2, r2 = jnp.linalg.qr(jnp.swapaxes(right, -1, -2))
     u, s, vt = jnp.linalg.svd(jnp.matmul(r1, jnp.swapaxes(r2, -1, -2), precision=_HIGHEST))
@@ -273,13 +297,51 @@ def balanced_factors(left: Array, right: Array) -> tuple[Array, Array]:
     return lu * root[..., None, :], rvt * root[..., :, None]
 
 
-def balance_attention(model: Transformer) -> Transformer:
+def head_order(model: Transformer, layer: int) -> Array:
+    """The canonical order of a layer's heads: by descending Frobenius norm of the
+    bias-augmented $W_{QK} = [W_Q\\,b_Q]^T [W_K\\,b_K]$, ties broken by descending
+    $\\|W_O [W_V\\,b_V]\\|_F$ (then by the current index).
+
+    Both norms are computed from the factors ($\\|L R\\|_F^2 = \\mathrm{tr}(L^T L\\,R R^T)$) and are
+    invariant under the per-head $GL(d_k)$, $GL(d_v)$ (and, after $b_K = 0$, the key
+    shift), so the order is a function of the orbit: `model.blocks[layer]` with its heads
+    taken in this order is the same for every point of the
+    $(GL(d_k)^H \\times GL(d_v)^H) \\rtimes S_H$ orbit, up to ties.
+
+    **Returns:** an `(H,)` integer permutation (new head `i` is old head `order[i]`).
+    """
+    _check_model(model, "head_order")
+    a = model.blocks[layer].attn
+    aq = jnp.concatenate([a.W_Q, a.b_Q[..., None]], axis=-1)  # (H, dk, d+1)
+    ak = jnp.concatenate([a.W_K, a.b_K[..., None]], axis=-1)
+    av = jnp.concatenate([a.W_V, a.b_V[..., None]], axis=-1)  # (H, dv, d+1)
+    wo = jnp.transpose(a.W_O, (1, 0, 2))  # (H, d, dv)
+    hi = dict(precision=_HIGHEST)
+    qk = jnp.einsum("hij,hji->h", jnp.einsum("hkd,hjd->hkj", aq, aq, **hi), jnp.einsum("hkd,hjd->hjk", ak, ak, **hi), **hi)
+    ov = jnp.einsum("hij,hji->h", jnp.einsum("hdv,hdw->hvw", wo, wo, **hi), jnp.einsum("hvd,hwd->hwv", av, av, **hi), **hi)
+    if _is_concrete(qk, ov):
+        return jnp.asarray(np.lexsort((np.arange(qk.shape[0]), -np.asarray(ov), -np.asarray(qk))))
+    return jnp.lexsort((jnp.arange(qk.shape[0]), -ov, -qk))
+
+
+def _permute_heads(a: Any, order: Array) -> Any:
+    take = lambda x, axis: jnp.take(x, order, axis=axis)  # noqa: E731
+    return dataclasses.replace(
+        a, W_Q=take(a.W_Q, 0), b_Q=take(a.b_Q, 0), W_K=take(a.W_K, 0), b_K=take(a.b_K, 0),
+        W_V=take(a.W_V, 0), b_V=take(a.b_V, 0), W_O=take(a.W_O, 1),
+    )
+
+
+def balance_attention(model: Transformer, *, sort_heads: bool = True) -> Transformer:
     """Gauge-fix every head's $GL(d_k)$, $GL(d_v)$ and key shift: $b_K \\mapsto 0$, then the
     SVD-balanced factors of the bias-augmented products
-    $[W_Q\\,b_Q]^T [W_K\\,0]$ and $W_O [W_V\\,b_V]$ (see [`gaugejax.balanced_factors`][]).
+    $[W_Q\\,b_Q]^T [W_K\\,0]$ and $W_O [W_V\\,b_V]$ (see [`gaugejax.balanced_factors`][]);
+    then (`sort_heads=True`) fix the head permutations too, by putting each layer's heads
+    in the canonical order of [`gaugejax.head_order`][] (descending $\\|W_{QK}\\|_F$, ties by
+    descending $\\|W_{OV}\\|_F$).
 
     The result is canonical (the same for every point of the orbit under these sites,
-    up to ties between singular values) and balanced: per head
+    heads included, up to ties between singular values or head norms) and balanced: per head
     $W_Q W_Q^T + b_Q b_Q^T = W_K W_K^T$ and $W_V W_V^T + b_V b_V^T = W_O^T W_O$, the
     vanishing of the moment map (Kempf-Ness), i.e. the minimum-norm point of the orbit.
     Needs $d_k, d_v \\le d$. Rotary models keep their $Q/K$ factors (their $GL(d_k)$ is not a
@@ -309,7 +371,12 @@ def balance_attention(model: Transformer) -> Transformer:
             W_O=jnp.transpose(wo, (1, 0, 2)),
         )
         blocks.append(dataclasses.replace(blk, attn=new_a))
-    return eqx.tree_at(lambda m: m.blocks, model, tuple(blocks))
+    new = eqx.tree_at(lambda m: m.blocks, model, tuple(blocks))
+    if not sort_heads:
+        return new
+    blocks = tuple(dataclasses.replace(b, attn=_permute_heads(b.attn, head_order(new, i)))
+                   for i, b in enumerate(new.blocks))
+    return eqx.tree_at(lambda m: m.blocks, new, blocks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,7 +421,10 @@ def process_weights(
     [`gaugejax.center_writing_weights`][] and [`gaugejax.layernorm_to_rmsnorm`][] (after which
     every norm is a scale-free RMSNorm and [`gaugejax.transformer_gauge`][] includes the
     residual rotation), then [`gaugejax.fold_value_biases`][] and
-    [`gaugejax.balance_attention`][]. Post-norm models get the last two only.
+    [`gaugejax.balance_attention`][] (which also sorts the heads, see
+    [`gaugejax.head_order`][]). Post-norm models get the last two only: a post-norm's
+    gain acts on the stream the residual connection carries on, so it cannot be folded
+    into the next layer's readers (the pre-norm steps raise a `ValueError` saying so).
 
     **Arguments:**
 

@@ -10,15 +10,18 @@ Per layer $l$ (with $H$ heads):
 | `key_shift{l}` | $\\mathbb{R}^{H \\times d_k}$ | $b_K \\mapsto b_K + t$ (S16) |
 | `mlp{l}` | by activation | $W_{in}, b_{in}$ produce; $W_{out}$ consumes |
 
+With grouped-query attention (`n_kv_heads=G`), `heads{l}` permutes the $G$ key/value
+groups, a `qheads{l}` site $S_{H/G}$ the query heads within the groups (one permutation
+shared by all groups), and `qk{l}`, `ov{l}`, `key_shift{l}` are batched over the $G$
+groups: one $GL(d_k)$ and one $GL(d_v)$ per key/value head, shared by its query heads.
+
 and, when every norm is a scale-free RMSNorm and the model has an unembedding, one
 `stream` site $O(d)$ (S17) that the embeddings and every writer produce and every reader
 (and the unembedding) consumes. Because the per-head sites are batched on the heads axis
 that `heads{l}` permutes, the engine derives the semidirect product
 $(GL(d_k)^H \\times GL(d_v)^H) \\rtimes S_H$ by itself.
 
-This module writes only the table; [`gaugejax.Gauge`][] does the rest. The per-head $GL$
-sites use `PureGL` (`gaugejax/_puregl.py`), the same group with LAPACK-free inverse and
-exponential, because batched LAPACK calls can deadlock XLA:CPU on small machines.
+This module writes only the table; [`gaugejax.Gauge`][] does the rest.
 """
 
 from __future__ import annotations
@@ -29,8 +32,7 @@ from . import _activations
 from ._coupling import Consume, Produce, Translate
 from ._feedforward import derive_gauge
 from ._gauge import Gauge
-from ._groups import AbstractGroup, Orthogonal, Permutation, Translation
-from ._puregl import PureGL
+from ._groups import GL, AbstractGroup, Orthogonal, Permutation, Translation
 from .nn._transformer import ACTIVATION_FNS, Transformer
 
 
@@ -38,7 +40,7 @@ from .nn._transformer import ACTIVATION_FNS, Transformer
 #: field outside this set makes the derivation refuse instead of guessing
 KNOWN_FIELDS = frozenset({
     "token_embedding", "position_embedding", "embed_norm", "blocks", "final_norm", "unembed",
-    "unembed_bias", "n_heads", "norm_position", "causal", "unembedding", "rotary",
+    "unembed_bias", "n_heads", "norm_position", "causal", "unembedding", "rotary", "n_kv_heads",
 })
 
 
@@ -135,24 +137,49 @@ def transformer_gauge(
     sites: dict[str, AbstractGroup] = {}
     couplings: list[Any] = []
     act = ACTIVATION_FNS[model.activation]
+    G = model.n_kv_heads if model.grouped else H
     for l in range(model.n_layers):
         a, p = f"blocks[{l}].attn", f"blocks[{l}].mlp"
-        if heads:
-            sites[f"heads{l}"] = Permutation(H)
-            couplings += [Produce(f"{a}.{w}", 0, f"heads{l}") for w in ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V")]
-            couplings.append(Produce(f"{a}.W_O", 1, f"heads{l}"))
-        if qk:
-            s = f"qk{l}"
-            sites[s] = PureGL(dk, (H,))
-            couplings += [Produce(f"{a}.W_Q", 1, s, (0,)), Produce(f"{a}.b_Q", 1, s, (0,)),
-                          Consume(f"{a}.W_K", 1, s, (0,)), Consume(f"{a}.b_K", 1, s, (0,))]
-        if ov:
-            s = f"ov{l}"
-            sites[s] = PureGL(dv, (H,))
-            couplings += [Produce(f"{a}.W_V", 1, s, (0,)), Produce(f"{a}.b_V", 1, s, (0,)),
-                          Consume(f"{a}.W_O", 2, s, (1,))]
+        if model.grouped:
+            # grouped-query attention: W_Q (G, r, dk, d), W_O (d, G, r, dv). `heads{l}`
+            # permutes the key/value groups (with their query heads), `qheads{l}` the query
+            # heads within the groups (one permutation shared by all groups: the engine has
+            # no batched permutations, so this is a subgroup of S_r^G); the per-head GLs are
+            # shared by the query heads of a group
+            if heads:
+                sites[f"heads{l}"] = Permutation(G)
+                couplings += [Produce(f"{a}.{w}", 0, f"heads{l}") for w in ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V")]
+                couplings.append(Produce(f"{a}.W_O", 1, f"heads{l}"))
+                sites[f"qheads{l}"] = Permutation(H // G)
+                couplings += [Produce(f"{a}.W_Q", 1, f"qheads{l}"), Produce(f"{a}.b_Q", 1, f"qheads{l}"),
+                              Produce(f"{a}.W_O", 2, f"qheads{l}")]
+            if qk:
+                s = f"qk{l}"
+                sites[s] = GL(dk, (G,))
+                couplings += [Produce(f"{a}.W_Q", 2, s, (0,)), Produce(f"{a}.b_Q", 2, s, (0,)),
+                              Consume(f"{a}.W_K", 1, s, (0,)), Consume(f"{a}.b_K", 1, s, (0,))]
+            if ov:
+                s = f"ov{l}"
+                sites[s] = GL(dv, (G,))
+                couplings += [Produce(f"{a}.W_V", 1, s, (0,)), Produce(f"{a}.b_V", 1, s, (0,)),
+                              Consume(f"{a}.W_O", 3, s, (1,))]
+        else:
+            if heads:
+                sites[f"heads{l}"] = Permutation(H)
+                couplings += [Produce(f"{a}.{w}", 0, f"heads{l}") for w in ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V")]
+                couplings.append(Produce(f"{a}.W_O", 1, f"heads{l}"))
+            if qk:
+                s = f"qk{l}"
+                sites[s] = GL(dk, (H,))
+                couplings += [Produce(f"{a}.W_Q", 1, s, (0,)), Produce(f"{a}.b_Q", 1, s, (0,)),
+                              Consume(f"{a}.W_K", 1, s, (0,)), Consume(f"{a}.b_K", 1, s, (0,))]
+            if ov:
+                s = f"ov{l}"
+                sites[s] = GL(dv, (H,))
+                couplings += [Produce(f"{a}.W_V", 1, s, (0,)), Produce(f"{a}.b_V", 1, s, (0,)),
+                              Consume(f"{a}.W_O", 2, s, (1,))]
         if key_shift:
-            sites[f"key_shift{l}"] = Translation((H, dk))
+            sites[f"key_shift{l}"] = Translation((G, dk))
             couplings.append(Translate(f"{a}.b_K", f"key_shift{l}"))
         if mlp:
             s = f"mlp{l}"
@@ -167,7 +194,7 @@ def transformer_gauge(
             couplings += [Produce(f"{p}.W_in", 0, s), Produce(f"{p}.b_in", 0, s), Consume(f"{p}.W_out", 1, s)]
         if rotation:
             couplings += [
-                Consume(f"{a}.W_Q", 2, "stream"), Consume(f"{a}.W_K", 2, "stream"),
+                Consume(f"{a}.W_Q", 3 if model.grouped else 2, "stream"), Consume(f"{a}.W_K", 2, "stream"),
                 Consume(f"{a}.W_V", 2, "stream"), Produce(f"{a}.W_O", 0, "stream"),
                 Produce(f"{a}.b_O", 0, "stream"), Consume(f"{p}.W_in", 1, "stream"),
                 Produce(f"{p}.W_out", 0, "stream"), Produce(f"{p}.b_out", 0, "stream"),

@@ -155,8 +155,67 @@ def test_refusals_and_bad_input(getkey):
 
 
 # ----------------------------------------------------------------------------------------
+# grouped-query attention
+# ----------------------------------------------------------------------------------------
+def _as_multi_head(m):
+    """The same model in the plain layout: each key/value head repeated for its query heads."""
+    blocks = []
+    for b in m.blocks:
+        a = b.attn
+        G, r = a.W_Q.shape[:2]
+        rep = lambda x: jnp.repeat(x, r, axis=0)  # noqa: E731
+        a2 = type(a)(W_Q=a.W_Q.reshape(G * r, *a.W_Q.shape[2:]), b_Q=a.b_Q.reshape(G * r, -1),
+                     W_K=rep(a.W_K), b_K=rep(a.b_K), W_V=rep(a.W_V), b_V=rep(a.b_V),
+                     W_O=a.W_O.reshape(a.W_O.shape[0], G * r, -1), b_O=a.b_O)
+        blocks.append(eqx.tree_at(lambda x: x.attn, b, a2))
+    out = eqx.tree_at(lambda x: x.blocks, m, tuple(blocks))
+    object.__setattr__(out, "n_kv_heads", None)
+    return out
+
+
+def test_grouped_query_attention_gauge(getkey):
+    model = Transformer(VOCAB, D, 1, 4, MLP, CTX, n_kv_heads=2, norm="rms", norm_gain=False,
+                        unembedding="untied", key=getkey(), dtype=jnp.float64)
+    tokens = _tokens(getkey())
+    fwd = eqx.filter_jit(_fn)  # one compilation per structure instead of op-by-op dispatch
+    assert model.blocks[0].attn.W_Q.shape == (2, 2, 2, D) and model.blocks[0].attn.W_K.shape == (2, 2, D)
+    assert rel(fwd(model, tokens), fwd(_as_multi_head(model), tokens)) <= 1e-12
+    gauge = gj.derive_gauge(model)
+    assert set(gauge.site_groups) == {"heads0", "qheads0", "qk0", "ov0", "key_shift0", "mlp0", "stream"}
+    assert gauge.orbit_dim == gj.transformer_orbit_dim(model) == 2 * (4 + 4) + 2 * 2 + 8 * 7 // 2  # GELU MLP: no continuous part
+    g = cheap_sample(gauge, getkey())
+    g["heads0"], g["qheads0"] = jnp.asarray([1, 0], g["heads0"].dtype), jnp.asarray([1, 0], g["qheads0"].dtype)
+    moved = eqx.filter_jit(gauge.act)(g, model)
+    assert rel(moved, model) > 1e-2
+    assert rel(fwd(moved, tokens), fwd(model, tokens)) <= 1e-10
+    # negative control: moving query heads to another key/value group (without their keys
+    # and values) is not a symmetry
+    bad = gj.Gauge({"x": gj.Permutation(2)}, [gj.Produce("blocks[0].attn.W_Q", 0, "x"),
+                                              gj.Produce("blocks[0].attn.b_Q", 0, "x"),
+                                              gj.Produce("blocks[0].attn.W_O", 1, "x")], model)
+    moved_bad = bad.act({"x": jnp.asarray([1, 0], g["heads0"].dtype)}, model)
+    assert rel(fwd(moved_bad, tokens), fwd(model, tokens)) > 1e-3
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        Transformer(VOCAB, D, 1, 4, MLP, CTX, n_kv_heads=3, key=getkey())
+    with pytest.raises(ValueError, match="grouped-query"):
+        gj.process_weights(model)
+    with pytest.raises(ValueError, match="grouped-query"):
+        gj.qk_circuit(model, 0)
+
+
+@pytest.mark.slow
+def test_grouped_query_attention_sweep(getkey):
+    model = Transformer(VOCAB, D, 1, 4, MLP, CTX, n_kv_heads=2, norm="rms", norm_gain=False,
+                        activation="relu", unembedding="untied", key=getkey(), dtype=jnp.float64)
+    rep = gj.check_invariance(_fn, gj.derive_gauge(model), model, _tokens(getkey()), key=getkey(),
+                              num_samples=12, chunk_size=1)
+    assert rep.max_rel_error <= TOL[jnp.float64], rep
+
+
+# ----------------------------------------------------------------------------------------
 # group laws, and the semidirect product the engine derives
 # ----------------------------------------------------------------------------------------
+@pytest.mark.slow  # ~20-60 s on 2 shared cores (compile-bound)
 def test_group_laws_and_semidirect_product(getkey):
     model = _model(getkey(), norm="rms", norm_gain=False, activation="relu", unembedding="untied")
     gauge = gj.derive_gauge(model)
@@ -187,7 +246,7 @@ _F32_SLOW = pytest.mark.slow
 
 PROCESSING = [
     pytest.param({}, jnp.float64, id="pre-ln-tied-f64"),
-    pytest.param({}, jnp.float32, id="pre-ln-tied-f32"),
+    pytest.param({}, jnp.float32, id="pre-ln-tied-f32", marks=_F32_SLOW),
     pytest.param(dict(unembedding="untied", activation="relu"), jnp.float64, id="pre-ln-untied-f64"),
     pytest.param(dict(norm="rms"), jnp.float64, id="pre-rms-gain-f64"),
     pytest.param(dict(norm_position="post", embed_norm=True, unembedding="none", causal=False), jnp.float64,
@@ -267,9 +326,32 @@ def test_balance_attention_is_canonical_and_balanced(getkey):
     assert sq(b1) < sq(gauge.act(cheap_sample(gauge, getkey(), sites=["qk0"]), b1))
 
 
+def test_canonical_form_fixes_head_permutations_too(getkey):
+    """balance_attention sorts heads (head_order): canon(h . g . params) == canon(params)
+    for a head permutation h and per-head GL / key shifts g; the function is preserved."""
+    model = Transformer(VOCAB, D, 1, 4, MLP, CTX, key=getkey(), dtype=jnp.float64)
+    gauge = gj.derive_gauge(model, mlp=False)
+    g = cheap_sample(gauge, getkey())
+    g["heads0"] = jnp.asarray([2, 0, 3, 1], g["heads0"].dtype)
+    moved = eqx.filter_jit(gauge.act)(g, model)
+    c0, c1 = gj.balance_attention(model), gj.balance_attention(moved)
+    assert rel(c1, c0) <= 1e-10
+    tokens = _tokens(getkey())
+    fwd = eqx.filter_jit(_fn)
+    assert rel(fwd(c1, tokens), fwd(model, tokens)) <= 1e-12
+    # the documented order: descending |W_QK|_F
+    qk = gj.qk_circuit(c0, 0, bias=True).frobenius_norm()
+    assert bool(jnp.all(qk[:-1] >= qk[1:])), qk
+    assert [int(i) for i in gj.head_order(c0, 0)] == [0, 1, 2, 3]
+    # negative control: without sorting, the permuted model's balanced form differs
+    u0, u1 = gj.balance_attention(model, sort_heads=False), gj.balance_attention(moved, sort_heads=False)
+    assert rel(u1, u0) > 1e-3
+
+
 # ----------------------------------------------------------------------------------------
 # observables and orbit dimensions
 # ----------------------------------------------------------------------------------------
+@pytest.mark.slow  # ~25-75 s on 2 shared cores; the invariance of W_QK is also checked by the canonical-form tests
 def test_factored_observables_are_invariant(getkey):
     model = _model(getkey(), d_k=3, d_v=2)
     gauge = gj.derive_gauge(model, heads=False, key_shift=False)
@@ -314,3 +396,23 @@ def test_bert_base_attention_orbit_dimension():
     gauge = gj.derive_gauge(bert, key_shift=False, mlp=False)
     assert gauge.orbit_dim == 1_179_648 == gj.transformer_orbit_dim(bert, key_shift=False, mlp=False)
     assert gj.derive_gauge(bert).orbit_dim == 1_179_648 + 12 * 12 * 64  # + key shifts; GELU MLP: none
+
+
+@pytest.mark.slow
+def test_report_rows(getkey):
+    """The rows gaugejax/_report_transformer.py adds to `gaugejax report`."""
+    from gaugejax._report_transformer import (
+        run_transformer_case,
+        transformer_cases,
+        transformer_rows_ok,
+    )
+
+    rows = [run_transformer_case(c, num_samples=16) for c in transformer_cases()]
+    assert transformer_rows_ok(rows), rows
+    for r in rows:
+        assert r["orbit_dim"] == r["orbit_dim_engine"]
+        assert {s["part"] for s in r["sweeps"]} >= {"heads", "qk", "ov", "key_shift", "mlp", "all"}
+        assert all(c["broke_as_predicted"] for c in r["controls"]) and r["controls"]
+    # a row whose control did not break is not ok
+    bad = [{**rows[0], "controls": [{**rows[0]["controls"][0], "broke_as_predicted": False}]}]
+    assert not transformer_rows_ok(bad)

@@ -70,7 +70,11 @@ def rotary(x: Float[Array, "heads n k"], base: float = 10000.0) -> Float[Array, 
 class Attention(eqx.Module):
     """Multi-head attention with per-head weights stacked on a leading heads axis:
     `W_Q, W_K: (H, d_k, d)`, `W_V: (H, d_v, d)`, `W_O: (d, H, d_v)`; biases `b_Q, b_K:
-    (H, d_k)`, `b_V: (H, d_v)`, `b_O: (d,)`."""
+    (H, d_k)`, `b_V: (H, d_v)`, `b_O: (d,)`.
+
+    Grouped-query attention ($G$ key/value heads, each shared by $r = H/G$ query heads):
+    `W_Q: (G, r, d_k, d)`, `b_Q: (G, r, d_k)`, `W_K: (G, d_k, d)`, `W_V: (G, d_v, d)`,
+    `W_O: (d, G, r, d_v)`."""
 
     W_Q: Float[Array, "heads dk d"]
     b_Q: Float[Array, "heads dk"]
@@ -84,6 +88,8 @@ class Attention(eqx.Module):
     def __call__(
         self, x: Float[Array, "n d"], allowed: Bool[Array, "n n"], use_rotary: bool
     ) -> Float[Array, "n d"]:
+        if self.W_Q.ndim == 4:  # grouped-query attention: queries (groups, per group, dk, d)
+            return self._grouped(x, allowed, use_rotary)
         q = _einsum("hkd,nd->hnk", self.W_Q, x) + self.b_Q[:, None, :]
         k = _einsum("hkd,nd->hnk", self.W_K, x) + self.b_K[:, None, :]
         v = _einsum("hvd,nd->hnv", self.W_V, x) + self.b_V[:, None, :]
@@ -94,6 +100,18 @@ class Attention(eqx.Module):
         a = jax.nn.softmax(scores, axis=-1)
         z = _einsum("hnm,hmv->hnv", a, v)
         return _einsum("dhv,hnv->nd", self.W_O, z) + self.b_O[None, :]
+
+    def _grouped(self, x, allowed, use_rotary):
+        q = _einsum("grkd,nd->grnk", self.W_Q, x) + self.b_Q[:, :, None, :]
+        k = _einsum("gkd,nd->gnk", self.W_K, x) + self.b_K[:, None, :]
+        v = _einsum("gvd,nd->gnv", self.W_V, x) + self.b_V[:, None, :]
+        if use_rotary:
+            q, k = rotary(q), rotary(k)
+        scores = _einsum("grnk,gmk->grnm", q, k) / jnp.asarray(math.sqrt(q.shape[-1]), x.dtype)
+        scores = jnp.where(allowed[None, None], scores, -jnp.inf)
+        a = jax.nn.softmax(scores, axis=-1)
+        z = _einsum("grnm,gmv->grnv", a, v)
+        return _einsum("dgrv,grnv->nd", self.W_O, z) + self.b_O[None, :]
 
 
 class MLPBlock(eqx.Module):
@@ -153,6 +171,9 @@ class Transformer(eqx.Module):
     - `unembedding`: `"tied"`, `"untied"` or `"none"`.
     - `positional`: learnt absolute position embeddings.
     - `rotary`: rotary position embeddings on queries and keys (needs an even `d_k`).
+    - `n_kv_heads`: grouped-query attention with this many key/value heads, each shared by
+      `n_heads // n_kv_heads` query heads (default `None`: one key/value head per query
+      head, the plain multi-head layout).
     - `eps`: the norms' epsilon.
     - `key`: a JAX PRNG key (keyword-only); `dtype`: parameter dtype.
     """
@@ -169,6 +190,7 @@ class Transformer(eqx.Module):
     causal: bool = eqx.field(static=True)
     unembedding: str = eqx.field(static=True)
     rotary: bool = eqx.field(static=True)
+    n_kv_heads: int | None = eqx.field(static=True, default=None)
 
     def __init__(
         self,
@@ -190,6 +212,7 @@ class Transformer(eqx.Module):
         unembedding: Literal["tied", "untied", "none"] = "tied",
         positional: bool = True,
         rotary: bool = False,
+        n_kv_heads: int | None = None,
         eps: float = 1e-5,
         key: PRNGKeyArray,
         dtype: Any = None,
@@ -213,6 +236,13 @@ class Transformer(eqx.Module):
             raise ValueError(f"norm_position must be 'pre' or 'post', got {norm_position!r}.")
         if unembedding not in ("tied", "untied", "none"):
             raise ValueError(f"unembedding must be 'tied', 'untied' or 'none', got {unembedding!r}.")
+        if n_kv_heads is not None and (not isinstance(n_kv_heads, int) or n_kv_heads <= 0 or n_heads % n_kv_heads):
+            raise ValueError(
+                f"n_kv_heads={n_kv_heads!r} must be a positive integer dividing n_heads={n_heads} "
+                "(each key/value head is shared by n_heads // n_kv_heads query heads)."
+            )
+        if n_kv_heads == n_heads:
+            n_kv_heads = None
         if rotary and d_k % 2:
             raise ValueError(f"rotary embeddings rotate pairs of query/key features; d_k={d_k} is odd.")
         dtype = jnp.zeros(()).dtype if dtype is None else dtype
@@ -228,12 +258,14 @@ class Transformer(eqx.Module):
             return Norm(w, b, norm, float(eps))
 
         blocks = []
+        G = H if n_kv_heads is None else n_kv_heads
+        qh = (H,) if n_kv_heads is None else (G, H // G)  # the query heads' leading axes
         for _ in range(n_layers):
             attn = Attention(
-                W_Q=_normal(next(keys), (H, d_k, d), s, dtype), b_Q=_normal(next(keys), (H, d_k), 0.1, dtype),
-                W_K=_normal(next(keys), (H, d_k, d), s, dtype), b_K=_normal(next(keys), (H, d_k), 0.1, dtype),
-                W_V=_normal(next(keys), (H, d_v, d), s, dtype), b_V=_normal(next(keys), (H, d_v), 0.1, dtype),
-                W_O=_normal(next(keys), (d, H, d_v), 1.0 / math.sqrt(H * d_v), dtype),
+                W_Q=_normal(next(keys), (*qh, d_k, d), s, dtype), b_Q=_normal(next(keys), (*qh, d_k), 0.1, dtype),
+                W_K=_normal(next(keys), (G, d_k, d), s, dtype), b_K=_normal(next(keys), (G, d_k), 0.1, dtype),
+                W_V=_normal(next(keys), (G, d_v, d), s, dtype), b_V=_normal(next(keys), (G, d_v), 0.1, dtype),
+                W_O=_normal(next(keys), (d, *qh, d_v), 1.0 / math.sqrt(H * d_v), dtype),
                 b_O=_normal(next(keys), (d,), 0.1, dtype),
             )
             mlp = MLPBlock(
@@ -254,6 +286,7 @@ class Transformer(eqx.Module):
         self.causal = bool(causal)
         self.unembedding = unembedding
         self.rotary = bool(rotary)
+        self.n_kv_heads = n_kv_heads
 
     # -- configuration read off the weights ------------------------------------------------
     @property
@@ -266,7 +299,12 @@ class Transformer(eqx.Module):
 
     @property
     def d_k(self) -> int:
-        return self.blocks[0].attn.W_Q.shape[1]
+        return self.blocks[0].attn.W_Q.shape[-2]
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the model uses grouped-query attention (`n_kv_heads` < `n_heads`)."""
+        return self.n_kv_heads is not None
 
     @property
     def d_v(self) -> int:
