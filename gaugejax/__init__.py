@@ -74,6 +74,15 @@ from ._horizontal import (
     vertical_adjoint as vertical_adjoint,
     vertical_coordinates as vertical_coordinates,
 )
+from ._infer import (
+    GaugeCertificationError as GaugeCertificationError,
+    GaugeDifference as GaugeDifference,
+    InferenceError as InferenceError,
+    InferredGauge as InferredGauge,
+    Restriction as Restriction,
+    infer_gauge as infer_gauge,
+    same_gauge as same_gauge,
+)
 from ._lattice import node_gauge as node_gauge, resnet_gauge as resnet_gauge
 from ._minilm import MiniLM as MiniLM, load_minilm as load_minilm
 from ._noether import (
@@ -88,24 +97,6 @@ from ._observables import (
     qk_circuit as qk_circuit,
     transformer_orbit_dim as transformer_orbit_dim,
 )
-from ._processing import (
-    ProcessingReport as ProcessingReport,
-    balance_attention as balance_attention,
-    balanced_factors as balanced_factors,
-    center_writing_weights as center_writing_weights,
-    fold_norm_gains as fold_norm_gains,
-    fold_value_biases as fold_value_biases,
-    layernorm_to_rmsnorm as layernorm_to_rmsnorm,
-    process_weights as process_weights,
-)
-from ._sweep import (
-    InvarianceError as InvarianceError,
-    InvarianceReport as InvarianceReport,
-    check_invariance as check_invariance,
-    choose_chunk_size as choose_chunk_size,
-)
-from ._teleport import grad_norm_squared as grad_norm_squared, teleport as teleport
-from ._transformer_gauge import transformer_gauge as transformer_gauge
 from ._particles import (
     particle_coefficients as particle_coefficients,
     particle_flow as particle_flow,

