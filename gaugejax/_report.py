@@ -27,6 +27,14 @@ from ._balance import balance, balance_residual
 from ._feedforward import derive_gauge
 from ._functional import functional_dimension, probe_inputs
 from ._groups import PositiveDiagonal, SignFlip
+from ._infer import inference_report_rows
+from ._report_node import run_node_case
+from ._report_transformer import (
+    run_minilm_case,
+    run_transformer_case,
+    transformer_cases,
+    transformer_table,
+)
 from ._sweep import check_invariance
 from .nn import MLP
 
@@ -191,7 +199,7 @@ def run_case(case: ModelCase, *, num_samples: int, seed: int, errors: dict) -> d
 
 
 def run_report(*, num_samples: int = 2048, seed: int = 0, json_path: str | None = None,
-               plot_dir: str | None = None, console=None) -> dict[str, Any]:
+               plot_dir: str | None = None, console=None, model: str | None = None) -> dict[str, Any]:
     from rich.console import Console
     from rich.table import Table
 
@@ -208,12 +216,28 @@ def run_report(*, num_samples: int = 2048, seed: int = 0, json_path: str | None 
     # Most of the time is XLA compilation, which releases the GIL: two models at a time.
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} models"),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("compiling and sweeping", total=len(cases))
+        t_cases = transformer_cases()
+        task = bar.add_task("compiling and sweeping", total=len(cases) + len(t_cases) + 2 + (model == "minilm"))
         with ThreadPoolExecutor(max_workers=2) as pool:
+            # the longest single jobs first: the neural ODE's diffrax compilation, the transformers
+            node_future = pool.submit(run_node_case, num_samples=num_samples, seed=seed)
+            infer_future = pool.submit(inference_report_rows, seed=seed, certify=False)
+            t_futures = [pool.submit(run_transformer_case, c, num_samples=num_samples, seed=seed) for c in t_cases]
             futures = [pool.submit(run_case, c, num_samples=num_samples, seed=seed, errors=errors) for c in cases]
             for f in futures:
                 models.append(f.result())
                 bar.advance(task)
+            node = node_future.result()
+            bar.advance(task)
+            inference = infer_future.result()
+            bar.advance(task)
+            transformers = []
+            for f in t_futures:
+                transformers.append(f.result())
+                bar.advance(task)
+        if model == "minilm":
+            transformers.append(run_minilm_case(seed=seed))
+            bar.advance(task)
 
     table = Table(title="gaugejax report: gauge symmetries of built-in models")
     for col in ("model", "params", "sites", "orbit", "functional", "= params - orbit",
@@ -241,10 +265,13 @@ def run_report(*, num_samples: int = 2048, seed: int = 0, json_path: str | None 
             ("[green]yes[/green]" if eq else f"[yellow]no[/yellow] ({m['params_minus_orbit']})"),
             fmt(sw["float32"]), fmt(sw["float64"]), bal_s, ctrl)
     console.print(table)
+    console.print(_node_table(node))
+    console.print(transformer_table(transformers))
+    console.print(_inference_table(inference))
     elapsed = time.perf_counter() - start
-    result = {"models": models, "num_samples": num_samples, "seed": seed,
+    result = {"models": models, "node": node, "transformers": transformers, "inference": inference, "num_samples": num_samples, "seed": seed,
               "devices": [str(d) for d in jax.devices()], "seconds": elapsed}
-    console.print(f"[dim]{len(models)} models, {num_samples} group elements per sweep, "
+    console.print(f"[dim]{len(models) + 1 + len(transformers)} models, {num_samples} group elements per sweep, "
                   f"{elapsed:.1f} s on {jax.devices()[0].platform}[/dim]")
     if json_path:
         path = pathlib.Path(json_path)
@@ -255,6 +282,37 @@ def run_report(*, num_samples: int = 2048, seed: int = 0, json_path: str | None 
         _plot(errors, pathlib.Path(plot_dir))
         console.print(f"wrote {pathlib.Path(plot_dir) / 'invariance_errors.png'}")
     return result
+
+
+def _node_table(node: dict[str, Any]):
+    from rich.table import Table
+
+    table = Table(title=f"{node['name']}: spacetime diffeomorphisms ({node['description']})")
+    for col in ("check", "samples", "max rel err", "median rel err", "expected", "result"):
+        table.add_column(col, overflow="fold")
+    for s in node["sweeps"]:
+        table.add_row(s["name"], str(s["num_samples"]), f"{s['max_rel_error']:.1e}", f"{s['median_rel_error']:.1e}",
+                      f"< {node['tolerance']:.0e}", "[green]ok[/green]" if s["passed"] else "[red]FAIL[/red]")
+    for c in node["controls"]:
+        table.add_row(c["name"], str(c["num_samples"]), f"{c['max_rel_error']:.1e}", f"{c['median_rel_error']:.1e}",
+                      f"median >= {CONTROL_MIN_ERROR:.0e}",
+                      "[green]broke[/green]" if c["broke_as_predicted"] else "[red]did not break[/red]")
+    table.caption = f"parameter-space gauge (connection law on the grid): orbit dimension {node['orbit_dim']}"
+    return table
+
+
+def _inference_table(rows: list[dict[str, Any]]):
+    from rich.table import Table
+
+    table = Table(title="gauge inference from the traced program vs the declared gauge")
+    for col in ("model", "inferred = declared", "sites", "difference"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["model"], "[green]yes[/green]" if r["agrees"] else "[red]no[/red]", str(r["sites"]),
+                      "-" if r["agrees"] else r["difference"])
+    table.caption = ("inference only (milliseconds per model); `gaugejax infer` and the tests certify each "
+                     "inferred gauge with a sweep")
+    return table
 
 
 def _plot(errors: dict, out: pathlib.Path) -> None:

@@ -4,7 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow  # the CI install command runs `gaugejax report` itself
 def test_report_json_and_plot(tmp_path):
     out = tmp_path / "report.json"
     res = subprocess.run(
@@ -23,6 +26,15 @@ def test_report_json_and_plot(tmp_path):
         assert all(c["broke_as_predicted"] for c in m["controls"])
         for s in m["sweeps"]:
             assert set(s) >= {"dtype", "num_samples", "max_rel_error"}
+    node = data["node"]
+    assert node["name"] == "node-parametric" and node["orbit_dim"] > 0
+    assert all(s["passed"] for s in node["sweeps"]) and len(node["sweeps"]) == 2
+    assert all(c["broke_as_predicted"] for c in node["controls"])
+    assert "spacetime diffeomorphisms" in res.stdout
+    from gaugejax._report_transformer import transformer_rows_ok
+
+    assert {t["name"] for t in data["transformers"]} >= {"transformer-rms-relu"}
+    assert transformer_rows_ok(data["transformers"])
     relu = data["models"][names.index("mlp-relu")]
     assert relu["functional_equals_params_minus_orbit"]
     assert relu["balance"]["residual_after"] <= 1e-8
