@@ -48,6 +48,7 @@ def test_lmc_alignment_lowers_the_barrier(data):
     assert set(summ["12"]) >= set(digits_lmc.METHODS)
 
 
+@pytest.mark.slow
 def test_teleport_keeps_loss_and_raises_gradient(data):
     r = digits_teleport.run_one(data, "adam", "transport", seed=0, steps=20, schedule={0, 10}, ascent_steps=5,
                                 ascent_lr=0.2, hidden=(6, 6), record_every=10)

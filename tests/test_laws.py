@@ -68,7 +68,12 @@ def test_jit_matches_eager_and_does_not_retrace(case, getkey):
         assert rel(jitted(g, params), gauge.act(g, params)) <= 1e-14
 
 
-@pytest.mark.parametrize("case", SUBSET, ids=lambda c: c.name)
+# the attention case (per-head GL inside a vmap over elements and params) is the slowest
+# compile of the suite; its group laws and jit run by default, its vmap with -m slow
+VMAP_CASES = [pytest.param(c, marks=pytest.mark.slow) if c.name == "attention" else c for c in SUBSET]
+
+
+@pytest.mark.parametrize("case", VMAP_CASES, ids=lambda c: c.name)
 def test_vmap_over_elements_and_params(case, getkey):
     params, gauge, _, _ = case.build(getkey(), jnp.float64)
     keys = jax.random.split(getkey(), 4)
