@@ -35,7 +35,7 @@ from ._report_transformer import (
     transformer_cases,
     transformer_table,
 )
-from ._sweep import check_invariance
+from ._sweep import CONTROL_MIN_ERROR, check_invariance
 from .nn import MLP
 
 
@@ -46,9 +46,6 @@ SWEEP_CHUNK = 1
 
 #: at most this many Jacobian rows (outputs x inputs) for the functional dimension
 FD_MAX_ROWS = 8192
-
-#: a control "fails as predicted" when its error is at least this large
-CONTROL_MIN_ERROR = 1e-2
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,12 +33,9 @@ from ._feedforward import derive_gauge
 from ._groups import SignFlip
 from ._observables import attention_orbit_dim, transformer_orbit_dim
 from ._processing import process_weights
-from ._sweep import DEFAULT_RTOL, _rel_error, check_invariance
+from ._sweep import CONTROL_MIN_ERROR, DEFAULT_RTOL, _rel_error, check_invariance
 from .nn._transformer import Transformer
 
-
-#: a control "fails as predicted" when its median error is at least this large
-CONTROL_MIN_ERROR = 1e-2
 
 #: per-part sweeps sample at most this many elements per dtype (tiny models: sequential)
 MAX_SAMPLES = 256

@@ -29,6 +29,10 @@ from ._gauge import Gauge
 #: near the identity at 1e-5 in float32 and 1e-10 in float64)
 DEFAULT_RTOL = {"float32": 1e-5, "float64": 1e-10, "bfloat16": 2e-2, "float16": 5e-3}
 
+#: a negative control (a group the model does not admit) "breaks as predicted" when its
+#: median relative output change is at least this large: O(1), far above any tolerance
+CONTROL_MIN_ERROR = 1e-2
+
 #: bytes of transformed parameters a chunk may hold; past it the chunk shrinks (a vmap
 #: over many copies of large weights is slower than a sequential map on CPU caches)
 CHUNK_BYTES = 8 * 2**20
