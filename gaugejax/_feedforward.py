@@ -32,8 +32,9 @@ def _make_group(spec: Any, n: int) -> AbstractGroup:
 
 
 def _detect_layers(params: Any) -> tuple[list[str], list[str | None], str]:
-    """Weight and bias paths of a list of `(W, b)` pairs, a list of dicts, or a flax-style
-    `{"params": {"Dense_0": {"kernel", "bias"}, ...}}` tree."""
+    """Weight and bias paths of a list of `(W, b)` pairs, a list of dicts, a flax-style
+    `{"params": {"Dense_0": {"kernel", "bias"}, ...}}` tree or a haiku-style
+    `{"mlp/~/linear_0": {"w", "b"}, ...}` one."""
     if isinstance(params, (list, tuple)) and params and all(isinstance(p, (list, tuple)) for p in params):
         ws = [f"[{i}][0]" for i in range(len(params))]
         bs = [f"[{i}][1]" if len(p) > 1 else None for i, p in enumerate(params)]
@@ -63,6 +64,12 @@ def _detect_layers(params: Any) -> tuple[list[str], list[str | None], str]:
             ws = [f"{prefix}[{k!r}]['kernel']" for k in dense]
             bs = [f"{prefix}[{k!r}]['bias']" if "bias" in tree[k] else None for k in dense]
             return ws, bs, "in_out"
+        # haiku: {"mlp/~/linear_0": {"w": (in, out), "b": (out,)}, ...}
+        linear = sorted((k for k in params if isinstance(params[k], dict) and "w" in params[k]), key=index)
+        if linear:
+            ws = [f"[{k!r}]['w']" for k in linear]
+            bs = [f"[{k!r}]['b']" if "b" in params[k] else None for k in linear]
+            return ws, bs, "in_out"
     raise ValueError(
         "could not find the layers of these parameters; pass `weights=` and `biases=` (leaf "
         "paths, first layer first) and `layout=`."
@@ -83,8 +90,8 @@ def feedforward_gauge(
     linear) whose parameters are any pytree.
 
     Sites `"h1" .. "h{L-1}"` are the hidden layers. Layers are found automatically in a
-    list of `(W, b)` pairs, a list of dicts, and flax's `{"params": {"Dense_i": {"kernel",
-    "bias"}}}`; otherwise name them.
+    list of `(W, b)` pairs, a list of dicts, flax's `{"params": {"Dense_i": {"kernel",
+    "bias"}}}` and haiku's `{"mlp/~/linear_i": {"w", "b"}}`; otherwise name them.
 
     **Arguments:**
 

@@ -16,11 +16,17 @@ way, of the largest group the operation admits (MATH.md "Conventions"):
 | odd elementwise map (`tanh`, `sin`, `sinh`, `atan`, `erf`) | signed permutations |
 | any other elementwise map, a sum or max over the axis (LayerNorm's mean), elementwise products | permutations |
 | a batch dimension of `dot_general` (attention heads) | permutations |
-| a gather with data-dependent indices, a merging/splitting reshape, a slice, a `cond`, an unknown primitive, an input or output axis | the identity (not a site) |
+| a gather with data-dependent indices, a merging/splitting reshape, a slice, an unknown primitive, an input or output axis | the identity (not a site) |
 
-`lax.scan` (up to 256 steps) is unrolled; a `while_loop` is analysed one iteration at a
-time with its carry tied before and after (equivariance for any trip count, by
-induction). A residual step $x + h(Ax + \\ldots)$ with a square leaf $A$ becomes a
+Only the computation the outputs depend on is analysed (dead code, e.g. an error estimate a
+fixed step size ignores, constrains nothing). `lax.scan` (up to 256 steps) is unrolled; a
+`while_loop` is analysed one iteration at a time with its carry tied before and after
+(equivariance for any trip count, by induction); the branches of a `cond` are analysed on
+the same operands with their results tied (a branch that only raises an `equinox.error_if`
+error is skipped). equinox's internal primitives (the loop buffers and vmap-aware selects
+that diffrax's solvers use) are analysed through the jaxpr of their implementation, so a
+diffrax solve is traced like any other loop. Zeros and non-finite fills (inf/NaN: unwritten
+buffer slots, NaN guards) count as fixed by every action. A residual step $x + h(Ax + \\ldots)$ with a square leaf $A$ becomes a
 [`gaugejax.Link`][] between two stream sites (the ResNet lattice gauge).
 
 The meet is taken in the lattice $GL \\supset O, \\mathrm{Mon} \\supset \\ldots \\supset S_n
@@ -42,6 +48,7 @@ that fail alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -325,6 +332,11 @@ class _Lit:
 #: scans up to this length are unrolled (their iterations analysed one by one)
 MAX_UNROLL = 256
 
+#: equinox's internal primitives (loop buffers, vmap-aware selects and reductions, used by
+#: diffrax's solvers): analysed through the jaxpr of their implementation
+_IMPL_INLINED = {"vprim", "maybe_set", "select_if_vmap", "unvmap_any", "unvmap_all", "unvmap_max",
+                 "nonbatchable"}
+
 _CALLS = {"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
           "custom_vjp_call_jaxpr", "remat", "checkpoint", "remat2", "named_call"}
 
@@ -334,6 +346,17 @@ def _sub_jaxpr(eqn) -> Any:
         if k in eqn.params:
             return eqn.params[k]
     return None
+
+
+def _raises(jaxpr) -> bool:
+    """A branch that reports an `equinox.error_if` error: it raises and never returns a value
+    (only its sibling branches compute the result)."""
+    for q in jaxpr.eqns:
+        if q.primitive.name == "pure_callback":
+            f = getattr(q.params.get("callback"), "callback_func", None)
+            if getattr(f, "__module__", "") == "equinox._errors":
+                return True
+    return False
 
 
 def _where(eqn) -> str:
@@ -374,22 +397,21 @@ class _Flat:
             if name == "while":
                 self.while_loop(eqn, ins, env)
                 continue
+            if name == "cond":
+                self.cond(eqn, ins, env)
+                continue
             sub = _sub_jaxpr(eqn) if name in _CALLS else None
+            if sub is None and name in _IMPL_INLINED:
+                impl = functools.partial(eqn.primitive.impl, **eqn.params)
+                sub = jax.make_jaxpr(impl)(*[jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars])
             if sub is not None:
                 closed = sub if hasattr(sub, "consts") else None
                 inner = sub.jaxpr if closed is not None else sub
-                sub_env: dict = {}
                 consts = list(closed.consts) if closed is not None else []
-                for cv, c in zip(inner.constvars, consts):
-                    sub_env[cv] = self.const(c)
-                args = ins[len(ins) - len(inner.invars):]
-                for iv, a in zip(inner.invars, args):
-                    sub_env[iv] = a if isinstance(a, int) else self.literal(a)
-                self.run(inner, sub_env)
-                for ov, iv in zip(eqn.outvars, inner.outvars):
-                    if type(ov).__name__ == "DropVar":
-                        continue
-                    env[ov] = sub_env[iv] if not type(iv).__name__ == "Literal" else self.literal(_Lit(iv.val, tuple(np.shape(iv.val))))
+                outs = self.inline(inner, consts, ins[len(ins) - len(inner.invars):])
+                for ov, o in zip(eqn.outvars, outs):
+                    if type(ov).__name__ != "DropVar":
+                        env[ov] = o
                 continue
             outs = []
             for ov in eqn.outvars:
@@ -398,6 +420,32 @@ class _Flat:
                     env[ov] = i
                 outs.append(i)
             self.eqns.append(_Eqn(name, dict(eqn.params), ins, outs, _where(eqn)))
+
+    def inline(self, inner, consts: list, args: list) -> list[int]:
+        """Analyse a sub-jaxpr in place (a call, an inlined primitive, a branch); its outputs."""
+        sub_env: dict = {}
+        for cv, c in zip(inner.constvars, consts):
+            sub_env[cv] = self.const(c)
+        for iv, a in zip(inner.invars, args):
+            sub_env[iv] = a if isinstance(a, int) else self.literal(a)
+        self.run(inner, sub_env)
+        return [self.literal(_Lit(o.val, tuple(np.shape(o.val)))) if type(o).__name__ == "Literal"
+                else sub_env[o] for o in inner.outvars]
+
+    def cond(self, eqn, ins: list, env: dict) -> None:
+        """Analyse every branch of a `lax.cond`/`lax.switch` on the same operands; a `__join__`
+        pseudo-primitive ties each output's axes across the branches (if every branch is
+        equivariant with the same output action, so is the choice between them, as long as
+        the branch index is invariant, which the analysis of its computation ensures)."""
+        ins = [a if isinstance(a, int) else self.literal(a) for a in ins]
+        index, operands = ins[0], ins[1:]
+        branches = [br for br in eqn.params["branches"] if not _raises(br.jaxpr)] or eqn.params["branches"]
+        per_branch = [self.inline(br.jaxpr, list(br.consts), operands) for br in branches]
+        for k, ov in enumerate(eqn.outvars):
+            i = self.new(ov.aval)
+            self.eqns.append(_Eqn("__join__", {}, [outs[k] for outs in per_branch] + [index], [i], _where(eqn)))
+            if type(ov).__name__ != "DropVar":
+                env[ov] = i
 
     def unroll_scan(self, eqn, ins: list, env: dict) -> None:
         """Inline a `lax.scan` iteration by iteration: iteration `i` reads slice `i` of each
@@ -451,20 +499,17 @@ class _Flat:
         p = eqn.params
         ins = [a if isinstance(a, int) else self.literal(a) for a in ins]
         nc, nb = int(p["cond_nconsts"]), int(p["body_nconsts"])
-        cconsts, bconsts, carry = ins[:nc], ins[nc:nc + nb], ins[nc + nb:]
-        for closed, args in ((p["cond_jaxpr"], [*cconsts, *carry]), (p["body_jaxpr"], [*bconsts, *carry])):
-            inner = closed.jaxpr
-            sub_env: dict = {}
-            for cv, c in zip(inner.constvars, closed.consts):
-                sub_env[cv] = self.const(c)
-            for iv, a in zip(inner.invars, args):
-                sub_env[iv] = a
-            self.run(inner, sub_env)
-            outs = [self.literal(_Lit(o.val, tuple(np.shape(o.val)))) if type(o).__name__ == "Literal"
-                    else sub_env[o] for o in inner.outvars]
+        cconsts, bconsts, init = ins[:nc], ins[nc:nc + nb], ins[nc + nb:]
+        carry = []
+        for c in init:  # the carry as the body sees it: the initial value or any later one
+            ci = self.new(jax.ShapeDtypeStruct(self.shapes[c], self.dtypes[c]))
+            self.eqns.append(_Eqn("__carry__", {}, [c], [ci], "lax.while_loop (the carry)"))
+            carry.append(ci)
+        (pred,) = self.inline(p["cond_jaxpr"].jaxpr, list(p["cond_jaxpr"].consts), [*cconsts, *carry])
+        outs = self.inline(p["body_jaxpr"].jaxpr, list(p["body_jaxpr"].consts), [*bconsts, *carry])
         for ov, c_in, c_out in zip(eqn.outvars, carry, outs):
             i = self.new(ov.aval)
-            self.eqns.append(_Eqn("__loop__", {}, [c_in, c_out], [i], "lax.while_loop (one iteration)"))
+            self.eqns.append(_Eqn("__loop__", {}, [c_in, c_out, pred], [i], "lax.while_loop (one iteration)"))
             if type(ov).__name__ != "DropVar":
                 env[ov] = i
 
@@ -549,7 +594,7 @@ _ELEMENTWISE = {"exp", "exp2", "log", "log1p", "expm1", "logistic", "erfc", "erf
                 "round", "sign", "is_finite", "lgamma", "digamma", "not", "nextafter",
                 "clamp", "rem", "logaddexp"}
 _LINEAR_UNARY = {"neg", "copy", "copy_p", "stop_gradient", "reduce_precision", "real", "optimization_barrier"}
-_COMPARE = {"gt", "ge", "lt", "le", "eq", "ne"}
+_COMPARE = {"gt", "ge", "lt", "le", "eq", "ne", "lt_to", "le_to"}
 _BOOL = {"and", "or", "xor"}
 
 
@@ -574,9 +619,29 @@ def _scalar_const(a: _Analysis, v) -> Any:
     return a.consts.get(v)
 
 
+def _live(eqns: list[_Eqn], outputs: list) -> list[_Eqn]:
+    """The equations the outputs depend on (dead code, e.g. an error estimate that a constant
+    step size ignores, constrains nothing). A loop iteration is live when its result or its
+    carry is read; iterate to a fixed point because loop bodies read their carry."""
+    live_vals = {v for v in outputs if isinstance(v, int)}
+    live = [False] * len(eqns)
+    changed = True
+    while changed:
+        changed = False
+        for k in range(len(eqns) - 1, -1, -1):
+            e = eqns[k]
+            if live[k]:
+                continue
+            if any(o in live_vals for o in e.outs) or (e.prim == "__loop__" and e.ins[0] in live_vals):
+                live[k] = changed = True
+                live_vals.update(v for v in e.ins if isinstance(v, int))
+    return [e for e, keep in zip(eqns, live) if keep]
+
+
 def _analyse(flat: _Flat, leaf_vals: dict[int, int], input_vals: list[tuple[int, str]], outputs: list) -> _Analysis:
     cls = _Classes()
     a = _Analysis(flat, cls, {}, {}, dict(leaf_vals), [], [], {})
+    flat.eqns = _live(flat.eqns, outputs)
     uses: dict[int, list[int]] = {}
     for k, e in enumerate(flat.eqns):
         for v in e.ins:
@@ -625,6 +690,12 @@ def _analyse(flat: _Flat, leaf_vals: dict[int, int], input_vals: list[tuple[int,
     def is_zero(x) -> bool:
         c = _scalar_const(a, x)
         return c is not None and bool(np.all(c == 0))
+
+    def neutral(x) -> bool:
+        """Zeros (fixed by every linear action) or a non-finite fill (inf/nan: the marker of a
+        buffer slot not yet written or of a NaN guard; the gauge is certified on finite values)."""
+        c = _scalar_const(a, x)
+        return c is not None and bool(np.all((c == 0) | ~np.isfinite(c)))
 
     def normalised(e: _Eqn) -> list:
         """Operand dims with implicitly broadcast size-1 axes as `None` (those leaf axes
@@ -715,12 +786,24 @@ def _analyse(flat: _Flat, leaf_vals: dict[int, int], input_vals: list[tuple[int,
             else:
                 fix(ins[0][:1], "scan", "a scanned-over axis (one slice per iteration)", w)
                 a.dims[e.outs[0]] = tuple(ins[0][1:])
+        elif p == "__carry__":
+            (d,) = ins
+            out = []
+            for n in d:
+                if n is None:
+                    n = cls.node()
+                    if not neutral(e.ins[0]):
+                        cls.restrict(n, "Permutation", "while", "the loop starts from a value constant along the axis", w)
+                out.append(n)
+            a.dims[e.outs[0]] = tuple(out)
         elif p == "__loop__":
-            d_in, d_out = ins
+            d_in, d_out = ins[:2]
             out = []
             for i, (m, n) in enumerate(zip(d_in, d_out)):
                 if m is not None and n is not None:
                     cls.union(m, n, 0, "while", "the loop carry has the same space before and after an iteration")
+                elif (m is None and neutral(e.ins[0])) or (n is None and neutral(e.ins[1])):
+                    pass
                 elif m is not None or n is not None:
                     cls.restrict(m if m is not None else n, "Permutation", "while",
                                  "the loop carry is constant along this axis on one side only", w)
@@ -799,12 +882,80 @@ def _analyse(flat: _Flat, leaf_vals: dict[int, int], input_vals: list[tuple[int,
             else:
                 elementwise(e, "Permutation", "a comparison")
         elif p == "select_n":
-            elementwise(e, "Monomial", "select_n picks entries elementwise")
+            nd = normalised(e)
+            rank = len(out_shape)
+            d_pred, cases = nd[0], list(zip(e.ins[1:], nd[1:]))
+            out = []
+            for i in range(rank):
+                nodes = [d[i] for _, d in cases if len(d) == rank and d[i] is not None]
+                n_pred = d_pred[i] if len(d_pred) == rank else None
+                if not nodes:
+                    if n_pred is not None:
+                        cls.restrict(n_pred, "Permutation", p, "selects constants by a predicate on the axis", w)
+                    out.append(n_pred)
+                    continue
+                for n in nodes[1:]:
+                    cls.union(nodes[0], n, 0, p, w)
+                if len(nodes) < len(cases) and not all(
+                        neutral(x) for x, d in cases if not (len(d) == rank and d[i] is not None)):
+                    cls.restrict(nodes[0], "Permutation", p, "selects between a value on the axis and one "
+                                 "constant along it", w)
+                if n_pred is not None:  # an entrywise choice (leaky ReLU's branches)
+                    cls.union(nodes[0], n_pred, 0, p, w)
+                    cls.restrict(nodes[0], "Monomial", p, "select_n picks entries elementwise", w)
+                out.append(nodes[0])
+            a.dims[e.outs[0]] = tuple(out)
+        elif p == "__join__":
+            *branches, _index = ins
+            rank = len(out_shape)
+            out = []
+            for i in range(rank):
+                nodes = [d[i] for d in branches if d[i] is not None]
+                for n in nodes[1:]:
+                    cls.union(nodes[0], n, 0, "cond", w)
+                if nodes and not all(neutral(x) for x, d in zip(e.ins, branches) if d[i] is None):
+                    cls.restrict(nodes[0], "Permutation", "cond", "a branch returns a value constant along the axis", w)
+                out.append(nodes[0] if nodes else None)
+            a.dims[e.outs[0]] = tuple(out)
+        elif p in ("scatter", "scatter-add", "scatter_add"):
+            dop, dix, dup = ins[0], ins[1], ins[2]
+            dn = e.params["dimension_numbers"]
+            op_shape, up_shape = shape_of(e.ins[0]), shape_of(e.ins[2])
+            skip = set(dn.inserted_window_dims) | set(getattr(dn, "operand_batching_dims", ()))
+            window = [j for j in range(len(op_shape)) if j not in skip]
+            out = list(dop)
+            for j, u in zip(window, dn.update_window_dims):
+                m, n = dop[j], dup[u]
+                if op_shape[j] != up_shape[u]:
+                    fix([m, n], p, "a partial update along the axis", w)
+                    out[j] = cls.node()
+                    cls.restrict(out[j], "Identity", p, "a partially updated axis", w)
+                elif m is not None and n is not None:
+                    cls.union(m, n, 0, p, w)
+                elif n is not None and not neutral(e.ins[0]):
+                    cls.restrict(n, "Permutation", p, "an update written into a buffer constant along the axis", w)
+                    out[j] = n
+                elif m is not None:
+                    cls.restrict(m, "Permutation", p, "an update constant along the axis", w)
+                else:
+                    out[j] = n
+            for j in skip:
+                fix([dop[j]], p, "scattered into along this axis (entries written by index)", w)
+                if out[j] is None:
+                    out[j] = cls.node()
+                    cls.restrict(out[j], "Identity", p, "an axis written by index", w)
+            fix([n for u, n in enumerate(dup) if u not in dn.update_window_dims], p,
+                "an axis of scattered updates (one per index)", w)
+            fix(dix, p, "used as an index", w)
+            a.dims[e.outs[0]] = tuple(out)
         elif p == "abs":
             elementwise(e, "PositiveMonomial", "abs is positively homogeneous")
         elif p in _ODD:
             elementwise(e, "SignedPermutation", f"{p} is odd")
         elif p in _LINEAR_UNARY:
+            c = _scalar_const(a, e.ins[0])
+            if c is not None and len(e.outs) == 1:
+                a.consts[e.outs[0]] = -c if p == "neg" else c
             elementwise(e, None, "")
         elif (p == "integer_pow" and e.params.get("y") == 2) or p == "square":
             use = uses.get(e.outs[0], [])
@@ -1104,7 +1255,9 @@ def _gather_dims(a: _Analysis, e: _Eqn, ins: list, fix) -> tuple:
     op_shape = a.flat.shapes[e.ins[0]]
     out_shape = a.flat.shapes[e.outs[0]]
     reason = "a gather with data-dependent indices (e.g. a token-embedding lookup) indexes this axis"
-    fix([od[i] for i in dn.start_index_map], "gather", reason, e.where)
+    # an index into a full-size slice can only be 0 (clamped) or out of bounds (filled): the
+    # axis is carried whole (a vmapped `x[i]` indexes every axis this way)
+    fix([od[i] for i in dn.start_index_map if slice_sizes[i] != op_shape[i]], "gather", reason, e.where)
     fix([od[i] for i in dn.collapsed_slice_dims], "gather", reason, e.where)
     fix(idd, "gather", "the indices of a gather", e.where)
     obatch = tuple(getattr(dn, "operand_batching_dims", ()))
@@ -1682,7 +1835,8 @@ def same_gauge(a: Gauge, b: Gauge) -> GaugeDifference:
 # ----------------------------------------------------------------------------------------
 def inference_report_rows(*, seed: int = 0, num_samples: int = 8, certify: bool = True) -> list[dict[str, Any]]:
     """For each built-in model (MLPs of each activation family, Transformers in two
-    configurations, ResNets with both boundaries), whether the inferred gauge agrees with the declared one and whether it
+    configurations, ResNets with both boundaries, neural ODEs with constant and adaptive
+    steps), whether the inferred gauge agrees with the declared one and whether it
     certifies. Rows: `{"model", "agrees", "certified", "difference", "sites", "seconds"}`;
     with `certify=False` no sweep runs and `"certified"` is `None` (`gaugejax report` does
     this: inference takes milliseconds, certification is compile-bound, and the tests
@@ -1702,14 +1856,14 @@ def inference_report_rows(*, seed: int = 0, num_samples: int = 8, certify: bool 
             m = MLP([4, 8, 8, 3], act, key=key)
             p, static = eqx.partition(m, eqx.is_array)
             fn = lambda p, x: eqx.combine(p, static)(x)  # noqa: E731
-            return fn, p, (jax.random.normal(key, (5, 4)),), derive_gauge(m), ()
+            return fn, p, (jax.random.normal(key, (5, 4)),), derive_gauge(m), {}
         cases.append((f"MLP({getattr(act, '__name__', 'act')})", mlp_case))
     for cfg in (dict(norm="rms", norm_gain=False, unembedding="untied"), dict(norm="layer", unembedding="none")):
         def tr_case(cfg=cfg):
             m = Transformer(11, 8, 1, 2, 12, 6, causal=True, key=key, **cfg)
             p, static = eqx.partition(m, eqx.is_array)
             fn = lambda p, t: eqx.combine(p, static)(t)  # noqa: E731
-            return fn, p, (jnp.arange(5) % 11,), derive_gauge(m), ()
+            return fn, p, (jnp.arange(5) % 11,), derive_gauge(m), {}
         cases.append((f"Transformer({cfg['norm']}, {cfg['unembedding']})", tr_case))
     for boundary in ("fixed", "absorb"):
         def resnet_case(boundary=boundary):
@@ -1723,13 +1877,36 @@ def inference_report_rows(*, seed: int = 0, num_samples: int = 8, certify: bool 
             m = ResNet.random(3, 5, 4, key=key, **kw)
             p, static = eqx.partition(m, eqx.is_array)
             fn = lambda p, x: eqx.combine(p, static)(x)  # noqa: E731
-            return fn, p, (x,), resnet_gauge(m, boundary=boundary), ()
+            return fn, p, (x,), resnet_gauge(m, boundary=boundary), {}
         cases.append((f"ResNet(boundary={boundary})", resnet_case))
+    for steps in ("constant", "adaptive"):
+        def node_case(steps=steps):
+            import diffrax
+
+            from ._groups import Permutation
+            from ._lattice import node_gauge
+            from .nn import NeuralODE, ParametricField
+
+            tol = 1e-8
+            ctrl = (diffrax.ConstantStepSize() if steps == "constant"
+                    else diffrax.PIDController(rtol=tol, atol=tol))
+            m = NeuralODE(ParametricField.random(3, 5, num_nodes=3, key=key), 1.0,
+                          embedding=eqx.nn.Linear(2, 3, key=key), readout=eqx.nn.Linear(3, 2, key=key),
+                          stepsize_controller=ctrl, dt0=0.125 if steps == "constant" else None)
+            p, static = eqx.partition(m, eqx.is_inexact_array)
+            fn = lambda p, x: eqx.combine(p, static)(x)  # noqa: E731
+            # an adaptive solve is invariant only under permutations of the state exactly,
+            # and to the solver's tolerance (not to rounding) under any of them
+            declared = node_gauge(m, boundary="absorb", time_dependent=False,
+                                  stream_group=None if steps == "constant" else Permutation)
+            return fn, p, (jax.random.normal(key, (4, 2)),), declared, (
+                {} if steps == "constant" else {"rtol": 1e2 * tol})
+        cases.append((f"NeuralODE({steps} steps)", node_case))
     for name, build in cases:
         t0 = time.perf_counter()
-        fn, p, xs, declared, _ = build()
+        fn, p, xs, declared, kw = build()
         try:
-            inf = infer_gauge(fn, p, *xs, key=key, num_samples=num_samples, certify=certify)
+            inf = infer_gauge(fn, p, *xs, key=key, num_samples=num_samples, certify=certify, **kw)
             diff = same_gauge(inf.gauge, declared)
             rows.append({"model": name, "agrees": bool(diff), "certified": inf.certified if certify else None,
                          "difference": str(diff), "sites": len(inf.gauge.sites),

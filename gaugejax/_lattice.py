@@ -149,6 +149,7 @@ def node_gauge(
     group: Any = None,
     boundary: str = "fixed",
     unsafe: bool = False,
+    time_dependent: bool = True,
 ) -> Gauge:
     """The parameter-space gauge of a parametric neural ODE on its time grid.
 
@@ -158,8 +159,19 @@ def node_gauge(
     difference of $G$; backward at the last node): exact for the Euler ResNet on the grid,
     $O(h)$ for the ODE's flow map (module docstring).
 
+    With `time_dependent=False`, the subgroup with the same elements at every grid node: one
+    stream site `"s"` (with `boundary="absorb"`; $G$ is then pinned to $I$ by fixed boundaries)
+    acting as $A_i \\to G A_i G^{-1}$, $W_{1,i} \\to k W_{1,i} G^{-1}$, $W_{2,i} \\to G W_{2,i}
+    k^{-1}$, $c_i \\to G c_i$, and one hidden site `"k"`. $\\dot G = 0$, so the connection law
+    holds exactly, and since the grid values are interpolated linearly the vector field
+    itself is transformed exactly at every $t$: this gauge is an exact symmetry of the ODE
+    and of every fixed-step solve of it (an adaptive step-size controller's error norm is
+    invariant only under (signed) permutations of the state; see
+    [`gaugejax.infer_gauge`][], which finds exactly this group from the traced solve).
+
     **Arguments:** as for [`gaugejax.resnet_gauge`][]; `node` must have a
-    [`gaugejax.nn.ParametricField`][] with at least two grid nodes.
+    [`gaugejax.nn.ParametricField`][] (with at least two grid nodes unless
+    `time_dependent=False`).
 
     **Returns:** a [`gaugejax.Gauge`][] acting on the NeuralODE module itself.
     """
@@ -167,6 +179,8 @@ def node_gauge(
         raise TypeError("`node`: expected a gaugejax.nn.NeuralODE with a gaugejax.nn.ParametricField.")
     field = node.field
     N = field.num_nodes - 1
+    if not time_dependent:
+        return _constant_node_gauge(node, stream_group, group, boundary, unsafe)
     if N < 1:
         raise ValueError("`node.field` has one grid node; its gauge needs at least two (a constant field has no link).")
     if not is_concrete(field.ts):
@@ -194,6 +208,25 @@ def node_gauge(
                               Produce(f"field.c[{i}]", 0, names[N])]
     couplings += _boundary_couplings("", absorb_in, absorb_out, "s0", f"s{N}", node)
     return Gauge(_ordered(sites), couplings, node)
+
+
+def _constant_node_gauge(node: NeuralODE, stream_group: Any, group: Any, boundary: str, unsafe: bool) -> Gauge:
+    field = node.field
+    absorb_in, absorb_out = _boundary_sites(node, boundary, "NeuralODE")
+    stream = GL if stream_group is None else stream_group
+    s = "s" if absorb_in else None
+    sites: dict[str, AbstractGroup] = {"s": _make_group(stream, field.dim)} if s else {}
+    sites["k"] = _hidden_group(field.activation, field.width, group, unsafe, "k")
+    couplings: list = []
+    for i in range(field.num_nodes):
+        couplings += [Produce(f"field.W1[{i}]", 0, "k"), Produce(f"field.b[{i}]", 0, "k"),
+                      Consume(f"field.W2[{i}]", 1, "k")]
+        if s:
+            couplings += [Produce(f"field.A[{i}]", 0, s), Consume(f"field.A[{i}]", 1, s),
+                          Consume(f"field.W1[{i}]", 1, s), Produce(f"field.W2[{i}]", 0, s),
+                          Produce(f"field.c[{i}]", 0, s)]
+    couplings += _boundary_couplings("", absorb_in, absorb_out, "s", "s", node)
+    return Gauge(sites, couplings, node)
 
 
 def _ordered(sites: dict[str, AbstractGroup]) -> dict[str, AbstractGroup]:

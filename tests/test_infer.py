@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import textwrap
 
+import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -33,8 +34,8 @@ def _normal(rng, shape, scale=1.0):
     return jnp.asarray(scale * rng.standard_normal(shape))
 
 
-def _split(model):
-    params, static = eqx.partition(model, eqx.is_array)
+def _split(model, filter_spec=eqx.is_array):
+    params, static = eqx.partition(model, filter_spec)
     return params, (lambda p, *xs: eqx.combine(p, static)(*xs))
 
 
@@ -211,6 +212,22 @@ def test_flax_linen_dense_mlp(getkey):
     assert same_gauge(inferred.gauge, declared)
 
 
+def test_haiku_mlp(getkey):
+    hk = pytest.importorskip("haiku")
+
+    def forward(x):
+        return hk.nets.MLP([8, 6, 3], activation=jax.nn.relu)(x)
+
+    model = hk.without_apply_rng(hk.transform(forward))
+    x = _normal(_rng(getkey()), (5, 4)).astype(jnp.float32)
+    params = model.init(getkey(), x)
+    inferred = infer_gauge(model.apply, params, x, key=getkey(), num_samples=8)
+    assert inferred.certified
+    declared = gj.feedforward_gauge(params, [jax.nn.relu, jax.nn.relu])
+    diff = same_gauge(inferred.gauge, declared)
+    assert diff, str(diff)
+
+
 def test_flax_linen_attention_block(getkey):
     nn = pytest.importorskip("flax.linen")
     H, dk, d = 2, 4, 6
@@ -327,7 +344,9 @@ def test_while_loop_is_analysed_by_induction(getkey):
     assert _groups(inferred) == {"['W']:0": "PositiveMonomial"}
 
 
-def test_cond_is_restricted_with_reason(getkey):
+def test_cond_branches_are_analysed(getkey):
+    """Both branches are analysed and their results tied: an input-only predicate keeps the
+    gauge; a predicate on one hidden unit fixes that axis, with the reason."""
     rng = _rng(getkey())
     params = {"W": _normal(rng, (4, 3)), "V": _normal(rng, (2, 4))}
 
@@ -336,19 +355,71 @@ def test_cond_is_restricted_with_reason(getkey):
         h = jax.lax.cond(jnp.sum(x) > 0, lambda h: h, lambda h: 2.0 * h, h)
         return h @ p["V"].T
 
-    inferred = infer_gauge(fn, params, jnp.ones((2, 3)), certify=False)
+    inferred = infer_gauge(fn, params, jnp.ones((2, 3)), key=getkey())
+    assert _groups(inferred) == {"['W']:0": "PositiveMonomial"} and inferred.certified
+
+    def unit_fn(p, x):
+        h = jax.nn.relu(x @ p["W"].T)
+        h = jax.lax.cond(h[0, 0] > 1.0, lambda h: h, lambda h: 2.0 * h, h)
+        return h @ p["V"].T
+
+    inferred = infer_gauge(unit_fn, params, jnp.ones((2, 3)), certify=False)
     assert not inferred.gauge.sites
-    assert any(r.primitive == "cond" and "not analysed" in r.reason for r in inferred.restrictions)
+    assert any(r.primitive in ("slice", "gather", "dynamic_slice") for r in inferred.restrictions)
+
+    def branch_fn(p, x):  # one branch returns a constant: only permutations survive
+        h = jax.nn.relu(x @ p["W"].T)
+        h = jax.lax.cond(jnp.sum(x) > 0, lambda h: h, lambda h: jnp.ones_like(h), h)
+        return h @ p["V"].T
+
+    inferred = infer_gauge(branch_fn, params, jnp.ones((2, 3)), certify=False)
+    assert _groups(inferred) == {"['W']:0": "Permutation"}
+    assert any(r.primitive == "cond" and "constant" in r.reason for r in inferred.restrictions)
+
+
+def _node_case(key, steps: str, tol: float = 1e-8):
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    ctrl = diffrax.ConstantStepSize() if steps == "constant" else diffrax.PIDController(rtol=tol, atol=tol)
+    node = gj.nn.NeuralODE(
+        gj.nn.ParametricField.random(3, 5, num_nodes=3, key=k1), 1.0,
+        embedding=eqx.nn.Linear(2, 3, key=k2), readout=eqx.nn.Linear(3, 2, key=k3),
+        stepsize_controller=ctrl, dt0=0.125 if steps == "constant" else None,
+    )
+    params, fn = _split(node, eqx.is_inexact_array)
+    return node, params, fn, _normal(_rng(k4), (4, 2))
+
+
+def test_neural_ode_inferred_equals_declared(getkey):
+    """The traced diffrax solve (equinox's loop primitives, branches, buffers) gives the
+    time-independent gauge: GL on the state with fixed steps, the hidden group of the field's
+    activation; an adaptive controller's error norm leaves permutations of the state."""
+    node, params, fn, x = _node_case(getkey(), "constant")
+    inferred = infer_gauge(fn, params, x, key=getkey(), num_samples=4)
+    declared = gj.node_gauge(node, boundary="absorb", time_dependent=False)
+    diff = same_gauge(inferred.gauge, declared)
+    assert diff, str(diff)
+    assert inferred.certified and inferred.report.max_rel_error < 1e-10
+    # the lattice gauge (G_i per grid node, links) is NOT what the solve admits exactly
+    assert not same_gauge(inferred.gauge, gj.node_gauge(node, boundary="absorb"))
+
+    node, params, fn, x = _node_case(getkey(), "adaptive")
+    inferred = infer_gauge(fn, params, x, certify=False)
+    diff = same_gauge(inferred.gauge, gj.node_gauge(node, boundary="absorb", time_dependent=False,
+                                                    stream_group=gj.Permutation))
+    assert diff, str(diff)
+    reasons = " ".join(r.where for r in inferred.restrictions if r.group == "Permutation")
+    assert "pid.py" in reasons  # the step-size controller's error norm
 
 
 @pytest.mark.slow
-def test_neural_ode_is_restricted_with_reasons(getkey):
-    """Honest limitation: the diffrax solve uses primitives inference does not model."""
-    field = gj.nn.ParametricField.random(3, 4, num_nodes=3, key=getkey())
-    params, fn = _split(gj.nn.NeuralODE(field, 1.0))
-    inferred = infer_gauge(fn, params, jnp.ones((2, 3)), certify=False)
-    assert not inferred.gauge.sites
-    assert any("not understood" in r.reason or "not analysed" in r.reason for r in inferred.restrictions)
+def test_neural_ode_adaptive_certifies_to_solver_tolerance(getkey):
+    tol = 1e-8
+    node, params, fn, x = _node_case(getkey(), "adaptive", tol)
+    inferred = infer_gauge(fn, params, x, key=getkey(), num_samples=8, rtol=1e2 * tol)
+    assert inferred.certified
+    # not to rounding: step sizes follow the rounding of the error estimate
+    with pytest.raises(gj.GaugeCertificationError):
+        infer_gauge(fn, params, x, key=getkey(), num_samples=8, rtol=1e-13)
 
 
 # ----------------------------------------------------------------------------------------
