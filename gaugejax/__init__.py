@@ -123,3 +123,4 @@ from ._sweep import (
 )
 from ._teleport import grad_norm_squared as grad_norm_squared, teleport as teleport
 from ._transformer_gauge import transformer_gauge as transformer_gauge
+from ._eqx_attention import multihead_attention_gauge as multihead_attention_gauge

@@ -161,6 +161,7 @@ def _matched_sites(gauge: Gauge) -> list[str]:
 
 
 def _views(gauge: Gauge, leaves: list[Array], site: str) -> list[Array]:
+    gauge.require_whole_axes("weight matching")
     out = []
     for plan in gauge.plans:
         for lin in plan.linear:
@@ -411,6 +412,7 @@ def repair(
 
     **Returns:** the repaired parameters.
     """
+    gauge.require_whole_axes("repair")
     _check_same_architecture(gauge, merged, a)
     _check_same_architecture(gauge, merged, b)
     groups = gauge.site_groups

@@ -17,7 +17,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, PyTree
 
@@ -158,17 +157,10 @@ def _newton_structured(gauge, params, positive, rtol, atol, max_steps):
                                   for n in positive]))
 
     def direction(cur, grad, diag):
-        struct = jax.eval_shape(lambda: grad)
-        op = lx.FunctionLinearOperator(
-            lambda v: {n: 2 * w for n, w in _rs.gram_apply(gauge, cur, v, positive).items()},
-            struct, tags=lx.positive_semidefinite_tag)
-        pre = lx.FunctionLinearOperator(
-            lambda v: {n: v[n] / jnp.where(diag[n] > 0, 2 * diag[n], 1) for n in v},
-            struct, tags=lx.positive_semidefinite_tag)
+        # the Hessian of F is 2 G
         rhs = {n: -x for n, x in grad.items()}
-        sol = lx.linear_solve(op, rhs, lx.CG(rtol=_CG_RTOL, atol=0.0, max_steps=_CG_MAX_STEPS),
-                              options={"preconditioner": pre}, throw=False)
-        newton = sol.value
+        newton, pre = _rs.solve_gram(gauge, cur, rhs, diag, sites=positive, scale=2.0, rtol=_CG_RTOL,
+                                     atol=0.0, max_steps=_CG_MAX_STEPS)
         # An inexact solve (float32, ill-conditioned Gram) may not give a descent
         # direction: fall back to the preconditioned gradient, which always is one.
         slope = _dot(grad, newton, positive)
@@ -244,6 +236,7 @@ def balance_residual(gauge: Gauge, params: PyTree) -> Array:
 
 
 def _abs_moment(gauge: Gauge, params: PyTree, sites: list[str], dtype: Any) -> Mapping[str, Array]:
+    gauge.require_whole_axes("balance")
     # d/dxi 1/2 |g theta|^2 with g acting on produced axes by e^xi and consumed by e^xi too
     # (instead of e^-xi) gives |in|^2 + |out|^2.
     zeros = {n: gauge.site_groups[n].algebra_zeros(dtype) for n in sites}

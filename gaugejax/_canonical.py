@@ -103,6 +103,7 @@ def _matricise(x: Array, batch_axes: tuple[int, ...], axis: int) -> Array:
 
 def _site_views(gauge: Gauge, leaves: list[Array], site: str, kind: str | None = None):
     """[(plan, lin, X)] for every linear coupling of `site` (of `kind` if given)."""
+    gauge.require_whole_axes("canonicalize")
     out = []
     for plan in gauge.plans:
         for lin in plan.linear:
@@ -157,6 +158,7 @@ def _with(gauge: Gauge, dtype, **elems) -> dict:
 # stage checks
 # ---------------------------------------------------------------------------------------
 def _check_supported(gauge: Gauge) -> None:
+    gauge.require_whole_axes("canonicalize")
     groups = gauge.site_groups
     for plan in gauge.plans:
         for lp in plan.links:
@@ -327,6 +329,7 @@ def _permutation_stage(gauge, params, g_total, dtype):
 
 def _sign_order(gauge: Gauge) -> list[tuple[str, str]]:
     """Sign sites in dependency order, each with the coupling kind whose leaves decide it."""
+    gauge.require_whole_axes("canonicalize")
     pending = _sign_sites(gauge)
     done: set[str] = set()
     order = []

@@ -33,12 +33,18 @@ class Produce:
     - `site`: the site's name.
     - `batch_axes`: for a batched site (e.g. one $GL(d_k)$ per head), the leaf axes that
       carry the site's batch dimensions, in order.
+    - `view`: act on the leaf reshaped to this shape, a refinement of its own (each leaf axis
+      split into consecutive axes): a $(H d_k, d)$ query projection viewed as $(H, d_k, d)$
+      carries one $GL(d_k)$ per head on axis 1, batched over axis 0. `axis` and
+      `batch_axes` then count the view's axes. Every linear coupling of a leaf uses the
+      same view.
     """
 
     leaf: str
     axis: int
     site: str
     batch_axes: tuple[int, ...] = ()
+    view: tuple[int, ...] | None = None
 
     kind = "produce"
 
@@ -55,6 +61,7 @@ class Consume:
     axis: int
     site: str
     batch_axes: tuple[int, ...] = ()
+    view: tuple[int, ...] | None = None
 
     kind = "consume"
 

@@ -57,11 +57,28 @@ class _LeafPlan(NamedTuple):
     linear: tuple[_Linear, ...]
     links: tuple[_LinkPlan, ...]
     translate: str | None
+    view: tuple[int, ...] | None = None  # the shape the linear couplings act on
+
+
+def _refines(shape: tuple[int, ...], view: tuple[int, ...]) -> bool:
+    """Whether `view` splits each axis of `shape` into consecutive axes."""
+    j = 0
+    for s in shape:
+        p = 1
+        while p < s and j < len(view):
+            p *= view[j]
+            j += 1
+        if p == 1 and s == 1 and j < len(view) and view[j] == 1:
+            j += 1
+        if p != s:
+            return False
+    return j == len(view)
 
 
 def _describe_coupling(c: Coupling) -> str:
     if isinstance(c, (Produce, Consume)):
         extra = f", batch_axes={c.batch_axes}" if c.batch_axes else ""
+        extra += f", view={c.view}" if c.view is not None else ""
         return f"{type(c).__name__}(leaf={c.leaf!r}, axis={c.axis}, site={c.site!r}{extra})"
     return repr(c)
 
@@ -263,9 +280,28 @@ class Gauge(eqx.Module):
         # (site -> [(leaf path, axis, size, kind)]) for the dimension check
         sizes: dict[str, list[tuple[str, int, int, str]]] = {}
 
+        views: dict[int, tuple[int, ...] | None] = {}
+
+        def set_view(c: Coupling, i: int, view: Any) -> None:
+            shape = tuple(leaves[i].shape)
+            if view is not None:
+                view = tuple(int(s) for s in view)
+                if not _refines(shape, view):
+                    raise ValueError(
+                        f"{_describe_coupling(c)}: view {view} is not a refinement of leaf "
+                        f"{paths[i]!r}'s shape {shape} (each leaf axis must split into "
+                        "consecutive view axes)."
+                    )
+            if i in views and views[i] != view:
+                raise ValueError(
+                    f"{_describe_coupling(c)}: leaf {paths[i]!r} is coupled with view {views[i]} "
+                    f"elsewhere and {view} here; every linear coupling of a leaf uses one view."
+                )
+            views[i] = view
+
         def add_linear(c: Coupling, i: int, axis: int, site: str, kind: str, batch_axes) -> None:
             group = need_site(c, site)
-            shape = tuple(leaves[i].shape)
+            shape = views.get(i) or tuple(leaves[i].shape)
             if isinstance(group, Translation):
                 raise ValueError(
                     f"{_describe_coupling(c)}: site {site!r} is a Translation; use "
@@ -300,6 +336,7 @@ class Gauge(eqx.Module):
         for c in couplings:
             i = resolve(c)
             if isinstance(c, (Produce, Consume)):
+                set_view(c, i, c.view)
                 add_linear(c, i, c.axis, c.site, c.kind, c.batch_axes)
             elif isinstance(c, Link):
                 if leaves[i].ndim != 2 or leaves[i].shape[0] != leaves[i].shape[1]:
@@ -307,6 +344,7 @@ class Gauge(eqx.Module):
                         f"{_describe_coupling(c)}: a link leaf must be a square matrix A in "
                         f"U = I + hA; leaf {paths[i]!r} has shape {tuple(leaves[i].shape)}."
                     )
+                set_view(c, i, None)
                 if not (isinstance(c.h, (int, float)) and c.h > 0):
                     raise ValueError(f"{_describe_coupling(c)}: the step h must be a positive float, got {c.h!r}.")
                 for s in (c.out_site, c.in_site):
@@ -408,6 +446,7 @@ class Gauge(eqx.Module):
                     linear=tuple(linear.get(i, ())),
                     links=tuple(links.get(i, ())),
                     translate=translate.get(i),
+                    view=views.get(i),
                 )
             )
 
@@ -421,6 +460,17 @@ class Gauge(eqx.Module):
     # ------------------------------------------------------------------------------------
     # structure
     # ------------------------------------------------------------------------------------
+    def require_whole_axes(self, what: str) -> None:
+        """Raise if a coupling acts through a reshaped view of a leaf (`what` does not
+        support views yet: it reads leaf axes directly)."""
+        viewed = [p.path for p in self.plans if p.view is not None]
+        if viewed:
+            raise NotImplementedError(
+                f"{what} does not support couplings through a reshaped view of a leaf; leaves "
+                f"{viewed} are coupled through views (split attention heads). `act`, `sample`, "
+                "`vertical` and `gaugejax.check_invariance` do."
+            )
+
     @property
     def site_groups(self) -> dict[str, AbstractGroup]:
         """`{site name: group}`."""
@@ -564,7 +614,10 @@ class Gauge(eqx.Module):
 
     def _act_leaf(self, g: Mapping[str, Any], x: Array, plan: _LeafPlan) -> Array:
         groups = dict(self.sites)
-        x = self._act_linear(g, x, plan)
+        if plan.view is not None:
+            x = self._act_linear(g, x.reshape(plan.view), plan).reshape(plan.shape)
+        else:
+            x = self._act_linear(g, x, plan)
         for lp in plan.links:
             eye = jnp.eye(x.shape[0], dtype=x.dtype)
             m_out = eye if lp.out_site is None else _dense(groups[lp.out_site], g[lp.out_site], x.dtype)

@@ -178,16 +178,9 @@ def _solve_structured(gauge, params, v, force_dense, rtol, atol, max_steps):
         return _rs.unflatten(_rs.cholesky_solve(gram, _rs.flatten(rhs, layout)), layout)
     # large: Jacobi-preconditioned CG on the structured operator; the diagonal of G is
     # |in|^2 + |out|^2 per neuron (the squared parameters it scales)
-    dg = _rs.gram_diagonal(gauge, leaves)
-    inv = {n: jnp.where(d > 0, 1 / jnp.where(d > 0, d, 1), 0) for n, d in dg.items()}
-    struct = jax.eval_shape(lambda: rhs)
-    op = lx.FunctionLinearOperator(lambda xi: _rs.gram_apply(gauge, leaves, xi), struct,
-                                   tags=lx.positive_semidefinite_tag)
-    pre = lx.FunctionLinearOperator(lambda xi: {n: inv[n] * xi[n] for n in xi}, struct,
-                                    tags=lx.positive_semidefinite_tag)
-    sol = lx.linear_solve(op, rhs, lx.CG(rtol=rtol, atol=atol, max_steps=max_steps),
-                          options={"preconditioner": pre}, throw=False)
-    return sol.value
+    value, _ = _rs.solve_gram(gauge, leaves, rhs, _rs.gram_diagonal(gauge, leaves), rtol=rtol, atol=atol,
+                              max_steps=max_steps)
+    return value
 
 
 @eqx.filter_jit

@@ -16,7 +16,7 @@ way, of the largest group the operation admits (MATH.md "Conventions"):
 | odd elementwise map (`tanh`, `sin`, `sinh`, `atan`, `erf`) | signed permutations |
 | any other elementwise map, a sum or max over the axis (LayerNorm's mean), elementwise products | permutations |
 | a batch dimension of `dot_general` (attention heads) | permutations |
-| a gather with data-dependent indices, a merging/splitting reshape, a slice, an unknown primitive, an input or output axis | the identity (not a site) |
+| a gather with data-dependent indices, a reshape regrouping axes (other than splitting one into pieces, e.g. heads, or merging pieces), a slice, an unknown primitive, an input or output axis | the identity (not a site) |
 
 Only the computation the outputs depend on is analysed (dead code, e.g. an error estimate a
 fixed step size ignores, constrains nothing). `lax.scan` (up to 256 steps) is unrolled; a
@@ -305,6 +305,7 @@ class InferredGauge:
 def _describe(c: Coupling) -> str:
     if isinstance(c, (Produce, Consume)):
         b = f" batch_axes={c.batch_axes}" if c.batch_axes else ""
+        b += f" (viewed as {c.view})" if c.view is not None else ""
         return f"{'produce' if isinstance(c, Produce) else 'consume'} {c.leaf}:{c.axis}{b}"
     if isinstance(c, Translate):
         return f"translate {c.leaf}"
@@ -533,6 +534,9 @@ class _Classes:
         self.par: list[int] = []
         self.level: dict[int, str] = {}
         self.events: dict[int, list[tuple[str, str, str, str]]] = {}
+        # root -> (sizes, [(child node, parity of the child relative to the root's frame)]):
+        # the space is a tensor product of the children's (a reshape split it, or merged them)
+        self.split: dict[int, tuple[tuple[int, ...], list[tuple[int, int]]]] = {}
 
     def node(self) -> int:
         n = len(self.parent)
@@ -582,10 +586,56 @@ class _Classes:
             other = rb if fixed == ra else ra
             self.events[other].append(("Identity", prim, f"tied to a fixed axis ({why})", where))
         self.parent[rb] = ra
-        self.par[rb] = pa ^ pb ^ parity
+        q = pa ^ pb ^ parity
+        self.par[rb] = q
         self.level[ra] = meet(la, lb)
         self.events[ra].extend(self.events.pop(rb))
         self.level.pop(rb)
+        sa, sb = self.split.get(ra), self.split.pop(rb, None)
+        if sb is not None:
+            sb = (sb[0], [(c, off ^ q) for c, off in sb[1]])  # into ra's frame
+            if sa is None:
+                self.split[ra] = sb
+            elif sa[0] == sb[0]:
+                for (c1, o1), (c2, o2) in zip(sa[1], sb[1]):
+                    self.union(c1, c2, o1 ^ o2, prim, where)
+            else:
+                self.restrict(ra, "Identity", prim, f"the same space is split as {sa[0]} and as {sb[0]}", where)
+
+    def pieces(self, n: int, sizes: tuple[int, ...], prim: str, where: str) -> list[int] | None:
+        """Nodes for the sub-axes of node `n` split into `sizes` (the same children wherever the
+        space is split the same way); None if it is already split differently."""
+        r, p = self.find(n)
+        if r not in self.split:
+            kids = [self.node() for _ in sizes]
+            self.split[r] = (tuple(sizes), [(k, p) for k in kids])
+            return kids
+        have, kids = self.split[r]
+        if have != tuple(sizes):
+            self.restrict(r, "Identity", prim, f"the same space is split as {have} and as {tuple(sizes)}", where)
+            return None
+        out = []
+        for k, off in kids:
+            f = self.node()
+            self.union(f, k, p ^ off, prim, where)
+            out.append(f)
+        return out
+
+    def merged(self, nodes: list[int], sizes: tuple[int, ...]) -> int:
+        """A node for the product space of `nodes` (a reshape merging axes)."""
+        m = self.node()
+        self.split[m] = (tuple(sizes), [(k, 0) for k in nodes])
+        return m
+
+    def expand(self, n: int) -> list[tuple[int, int]]:
+        """`n` as (root, parity) pairs of its innermost pieces (itself if never split)."""
+        r, p = self.find(n)
+        if r not in self.split:
+            return [(r, p)]
+        out = []
+        for k, off in self.split[r][1]:
+            out += [(rk, pk ^ p ^ off) for rk, pk in self.expand(k)]
+        return out
 
 
 _ODD = {"tanh", "sin", "sinh", "atan", "asinh", "erf", "tan", "asin", "cbrt"}
@@ -1202,12 +1252,10 @@ def _link_add(a: _Analysis, e: _Eqn, ins: list) -> bool:
     return False
 
 
-def _reshape_dims(a: _Analysis, e: _Eqn, dx: tuple) -> tuple:
-    flat, cls = a.flat, a.cls
-    x = e.ins[0]
-    ins = flat.shapes[x] if isinstance(x, int) else x.shape
-    outs = flat.shapes[e.outs[0]]
-    out: list = [None] * len(outs)
+def _reshape_groups(ins: tuple, outs: tuple) -> list[tuple[list[int], list[int]]]:
+    """The input and output axes of a reshape in matching groups (a kept axis is a group of
+    one on each side; a merge or split groups several); size-1 axes in no group."""
+    groups = []
     i = j = 0
     while i < len(ins) or j < len(outs):
         if i < len(ins) and ins[i] == 1 and (j >= len(outs) or outs[j] != 1):
@@ -1216,12 +1264,6 @@ def _reshape_dims(a: _Analysis, e: _Eqn, dx: tuple) -> tuple:
         if j < len(outs) and outs[j] == 1 and (i >= len(ins) or ins[i] != 1):
             j += 1
             continue
-        if i < len(ins) and j < len(outs) and ins[i] == outs[j]:
-            out[j] = dx[i]
-            i += 1
-            j += 1
-            continue
-        # a group of axes merged or split
         gi, gj = [i], [j]
         pi, pj = ins[i], outs[j]
         while pi != pj:
@@ -1233,10 +1275,42 @@ def _reshape_dims(a: _Analysis, e: _Eqn, dx: tuple) -> tuple:
                 j += 1
                 gj.append(j)
                 pj *= outs[j]
+        groups.append((gi, gj))
         i += 1
         j += 1
-        reason = (f"reshape merges/splits axes {tuple(ins[k] for k in gi)} -> {tuple(outs[k] for k in gj)}; "
-                  "a coupling acts on a whole leaf axis, so the pieces cannot carry sites")
+    return groups
+
+
+def _reshape_dims(a: _Analysis, e: _Eqn, dx: tuple) -> tuple:
+    flat, cls = a.flat, a.cls
+    x = e.ins[0]
+    ins = flat.shapes[x] if isinstance(x, int) else x.shape
+    outs = flat.shapes[e.outs[0]]
+    out: list = [None] * len(outs)
+    for gi, gj in _reshape_groups(ins, outs):
+        if len(gi) == 1 and len(gj) == 1:
+            out[gj[0]] = dx[gi[0]]
+            continue
+        real_in = [k for k in gi if ins[k] != 1]
+        real_out = [k for k in gj if outs[k] != 1]
+        if len(real_in) == 1 and len(real_out) > 1:  # one axis split into several (heads)
+            n = dx[real_in[0]]
+            if n is None:
+                continue
+            kids = cls.pieces(n, tuple(outs[k] for k in real_out), "reshape", e.where)
+            if kids is not None:
+                for k, kid in zip(real_out, kids):
+                    out[k] = kid
+                continue
+        if len(real_out) == 1 and len(real_in) > 1:  # several axes merged into one
+            nodes = [dx[k] for k in real_in]
+            if all(n is None for n in nodes):
+                continue
+            if all(n is not None for n in nodes):
+                out[real_out[0]] = cls.merged(nodes, tuple(ins[k] for k in real_in))
+                continue
+        reason = (f"reshape regroups axes {tuple(ins[k] for k in gi)} -> {tuple(outs[k] for k in gj)} "
+                  "(not one axis split into pieces, nor pieces merged): the pieces cannot carry sites")
         for k in gi:
             if dx[k] is not None:
                 cls.restrict(dx[k], "Identity", "reshape", reason, e.where)
@@ -1316,12 +1390,10 @@ def _translation_ok(a: _Analysis, leaf_val: int) -> tuple[bool, str]:
             delta[o] = (tok, sign, frozenset(k for k, i in enumerate(perm) if i in const))
         elif p == "reshape":
             ins_, outs_ = flat.shapes[x], flat.shapes[o]
-            big_in = [k for k, sz in enumerate(ins_) if sz != 1]
-            big_out = [k for k, sz in enumerate(outs_) if sz != 1]
-            if [ins_[k] for k in big_in] != [outs_[k] for k in big_out]:
-                return False, "the shift reaches a reshape that merges or splits axes"
-            new = {ko for ki, ko in zip(big_in, big_out) if ki in const}
-            new |= {k for k, sz in enumerate(outs_) if sz == 1}
+            new = {k for k, sz in enumerate(outs_) if sz == 1}
+            for gi, gj in _reshape_groups(ins_, outs_):
+                if all(k in const or ins_[k] == 1 for k in gi):
+                    new |= set(gj)
             delta[o] = (tok, sign, frozenset(new))
         elif p in ("add", "sub", "add_any"):
             if all(ds):
@@ -1387,41 +1459,75 @@ def _translation_ok(a: _Analysis, leaf_val: int) -> tuple[bool, str]:
 # ----------------------------------------------------------------------------------------
 # building the gauge
 # ----------------------------------------------------------------------------------------
+def _piece_sizes(cls: _Classes, n: int) -> tuple[int, ...]:
+    """The sizes of the innermost pieces of node `n` (as `_Classes.expand` lists them)."""
+    r, _ = cls.find(n)
+    if r not in cls.split:
+        return ()
+    out: list[int] = []
+    for (k, _), s in zip(cls.split[r][1], cls.split[r][0]):
+        inner = _piece_sizes(cls, k)
+        out += list(inner) if inner else [s]
+    return tuple(out)
+
+
 def _build(a: _Analysis, params: Any, paths: list[str], leaves: list[Any], float_leaves: list[int],
            translate: bool) -> tuple[dict, list, list[Restriction], list[str]]:
     cls, flat = a.cls, a.flat
-    # roots of leaf axes
+    # a space split by a reshape (attention heads) is the product of its pieces: each piece
+    # carries what restricts the whole space (a block-structured group inside that meet)
+    for r, (_, kids) in list(cls.split.items()):
+        if cls.find(r)[0] != r:
+            continue
+        for rk, _ in cls.expand(r):
+            if cls.level[r] != "GL":
+                cls.restrict(rk, cls.level[r], "reshape", "a piece of a split axis keeps the whole axis's group", "")
+    # roots of leaf axes (of the leaf viewed with split axes split)
     members: dict[int, list[tuple[int, int, int]]] = {}
     link_leaves = {lk[0] for lk in a.links}
+    view_nodes: dict[int, list[int]] = {}
+    views: dict[int, tuple[int, ...] | None] = {}
     for leaf, nodes in a.leaf_nodes.items():
-        if leaf in link_leaves:
-            continue
+        shape = tuple(int(s) for s in leaves[leaf].shape)
+        vn, vshape = [], []
         for ax, n in enumerate(nodes):
-            r, par = cls.find(n)
-            members.setdefault(r, []).append((leaf, ax, par))
+            parts = cls.expand(n) if leaf not in link_leaves else [cls.find(n)]
+            if len(parts) > 1:
+                sizes = _piece_sizes(cls, n)
+                vshape += list(sizes)
+            else:
+                vshape.append(shape[ax])
+            base = len(vn)
+            vn += [r for r, _ in parts]
+            if leaf in link_leaves:
+                continue
+            for j, (r, par) in enumerate(parts):
+                members.setdefault(r, []).append((leaf, base + j, par))
+        view_nodes[leaf] = vn
+        views[leaf] = tuple(vshape) if len(vshape) != len(shape) else None
+
+    def roots_of(dims) -> list[tuple[int, int]]:
+        return [rp for n in dims if n is not None for rp in cls.expand(n)]
+
     # orientation: parity of the first computed (non-leaf) value carrying the class
     orient: dict[int, int] = {}
     for v in sorted(a.dims):
         if v in a.leaf_vals:
             continue
-        for n in a.dims[v]:
-            if n is None:
-                continue
-            r, par = cls.find(n)
+        for r, par in roots_of(a.dims[v]):
             orient.setdefault(r, par)
     # batching
     present: dict[int, set[int] | None] = {}
     for v, dims in a.dims.items():
-        roots = [cls.find(n)[0] for n in dims if n is not None]
-        rs = set(roots)
+        rs = {r for r, _ in roots_of(dims)}
         for r in rs:
             if r not in members:
                 continue
             others = rs - {r}
             present[r] = others if present.get(r) is None else present[r] & others
     for dims, reduced in a.reductions:
-        red = {cls.find(dims[i])[0] for i in reduced if dims[i] is not None}
-        alive = {cls.find(n)[0] for i, n in enumerate(dims) if n is not None and i not in reduced}
+        red = {r for i in reduced if dims[i] is not None for r, _ in cls.expand(dims[i])}
+        alive = {r for i, n in enumerate(dims) if n is not None and i not in reduced for r, _ in cls.expand(n)}
         for r in alive:
             if present.get(r):
                 present[r] -= red
@@ -1448,21 +1554,24 @@ def _build(a: _Analysis, params: Any, paths: list[str], leaves: list[Any], float
         names[r] = f"{paths[leaf]}:{ax}"
     sites: dict[str, AbstractGroup] = {}
     couplings: list[Coupling] = []
+    def vshape(leaf):
+        return views[leaf] or tuple(int(s) for s in leaves[leaf].shape)
+
     for r in site_roots:
         batch_roots = batch_of[r]
         leaf0, ax0, _ = members[r][0]
-        n = int(leaves[leaf0].shape[ax0])
+        n = int(vshape(leaf0)[ax0])
         # order batch roots by their axis in the first leaf
-        first_nodes = [cls.find(m)[0] for m in a.leaf_nodes[leaf0]]
+        first_nodes = view_nodes[leaf0]
         batch_roots.sort(key=lambda b: first_nodes.index(b) if b in first_nodes else 99)
-        bshape = tuple(int(leaves[leaf0].shape[first_nodes.index(b)]) for b in batch_roots)
+        bshape = tuple(int(vshape(leaf0)[first_nodes.index(b)]) for b in batch_roots)
         sites[names[r]] = _make_group(level(r), n, bshape)
         ref = orient.get(r, 0)
         for leaf, ax, par in members[r]:
-            nodes = [cls.find(m)[0] for m in a.leaf_nodes[leaf]]
+            nodes = view_nodes[leaf]
             baxes = tuple(nodes.index(b) for b in batch_roots)
             kind = Produce if par == ref else Consume
-            couplings.append(kind(paths[leaf], ax, names[r], baxes))
+            couplings.append(kind(paths[leaf], ax, names[r], baxes, views[leaf]))
     # links U = I + hA between the stream before (x) and after (y) a residual step
     for leaf, n_out, n_in, h, nx, ny in a.links:
         r_out, r_in = cls.find(ny)[0], cls.find(nx)[0]
@@ -1765,7 +1874,7 @@ def _signature(gauge: Gauge) -> dict[str, tuple[frozenset, dict]]:
             if isinstance(c, (Produce, Consume)):
                 leaf = _paths.normalise(c.leaf)
                 nd = len(_shape_of(gauge, leaf))
-                axes[(leaf, c.axis % nd)] = (c.kind, tuple(b % nd for b in c.batch_axes))
+                axes[(leaf, c.axis % nd, c.view)] = (c.kind, tuple(b % nd for b in c.batch_axes))
             elif isinstance(c, Translate):
                 axes[(_paths.normalise(c.leaf), "translate")] = ("translate", ())
             elif isinstance(c, Link):
@@ -1778,7 +1887,7 @@ def _signature(gauge: Gauge) -> dict[str, tuple[frozenset, dict]]:
 def _shape_of(gauge: Gauge, leaf: str) -> tuple:
     for p in gauge.plans:
         if p.path == leaf:
-            return p.shape
+            return p.view or p.shape
     return ()
 
 

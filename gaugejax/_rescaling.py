@@ -27,6 +27,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import lineax as lx
 import numpy as np
 from jaxtyping import Array
 
@@ -46,6 +47,8 @@ def is_structured(gauge: Gauge, sites: Sequence[str] | None = None) -> bool:
     sites = gauge.continuous_sites if sites is None else tuple(sites)
     if not all(isinstance(groups[n], (PositiveDiagonal, PositiveMonomial)) for n in sites):
         return False
+    if any(plan.view is not None for plan in gauge.plans):
+        return False  # the matrix-free path goes through `act`, which handles views
     return not any(lp.out_site in sites or lp.in_site in sites
                    for plan in gauge.plans for lp in plan.links)
 
@@ -53,6 +56,7 @@ def is_structured(gauge: Gauge, sites: Sequence[str] | None = None) -> bool:
 def couplings(gauge: Gauge, sites: Sequence[str] | None = None):
     """Per leaf plan that `sites` touch: `(plan, [(site, dims, sign), ...])` where `dims`
     are the leaf axes the site's log-scales index (batch axes, then the site axis)."""
+    gauge.require_whole_axes("the structured rescaling solvers")
     sites = set(gauge.continuous_sites if sites is None else sites)
     out = []
     for plan in gauge.plans:
@@ -116,6 +120,26 @@ def gram_diagonal(gauge: Gauge, leaves: list[Array],
         for site, dims, _ in cs:
             out[site] = out[site] + reduce_to(leaves[plan.index] ** 2, dims)
     return out
+
+
+def solve_gram(gauge: Gauge, leaves: list[Array], rhs: Mapping[str, Array], diag: Mapping[str, Array], *,
+               sites: Sequence[str] | None = None, scale: float = 1.0, rtol: float, atol: float,
+               max_steps: int) -> tuple[dict[str, Array], lx.FunctionLinearOperator]:
+    """Solve `scale * G xi = rhs` (G the Gram matrix of the log-scale generators at `leaves`)
+    by Jacobi-preconditioned CG, with `diag` the diagonal of G (`gram_diagonal`: the
+    squared parameters each neuron scales). A neuron with no mass (zero diagonal) has a zero
+    Gram row; the preconditioner leaves it at zero. Returns the solution and the
+    preconditioner (a descent-direction fallback for Newton steps)."""
+    struct = jax.eval_shape(lambda: dict(rhs))
+    op = lx.FunctionLinearOperator(
+        lambda v: {n: scale * w for n, w in gram_apply(gauge, leaves, v, sites).items()},
+        struct, tags=lx.positive_semidefinite_tag)
+    inv = {n: jnp.where(d > 0, 1 / (scale * jnp.where(d > 0, d, 1)), 0) for n, d in diag.items()}
+    pre = lx.FunctionLinearOperator(lambda v: {n: inv[n] * v[n] for n in v}, struct,
+                                    tags=lx.positive_semidefinite_tag)
+    sol = lx.linear_solve(op, dict(rhs), lx.CG(rtol=rtol, atol=atol, max_steps=max_steps),
+                          options={"preconditioner": pre}, throw=False)
+    return sol.value, pre
 
 
 def layout(gauge: Gauge, sites: Sequence[str] | None = None) -> dict[str, tuple[int, tuple[int, ...]]]:

@@ -17,7 +17,10 @@ groups: one $GL(d_k)$ and one $GL(d_v)$ per key/value head, shared by its query 
 
 and, when every norm is a scale-free RMSNorm and the model has an unembedding, one
 `stream` site $O(d)$ (S17) that the embeddings and every writer produce and every reader
-(and the unembedding) consumes. Because the per-head sites are batched on the heads axis
+(and the unembedding) consumes. With LayerNorms or norm gains the rotations are lost but
+permuting the stream's coordinates still commutes with every norm (means and variances
+are permutation invariant; gains and biases move with their coordinates): the `stream`
+site is then $S_d$, also coupled to the norms' gains and biases. Because the per-head sites are batched on the heads axis
 that `heads{l}` permutes, the engine derives the semidirect product
 $(GL(d_k)^H \\times GL(d_v)^H) \\rtimes S_H$ by itself.
 
@@ -76,6 +79,7 @@ def transformer_gauge(
     key_shift: bool | None = None,
     mlp: bool = True,
     rotation: bool | None = None,
+    stream_permutation: bool | None = None,
     mlp_group: Any = None,
     unsafe: bool = False,
 ) -> Gauge:
@@ -96,6 +100,9 @@ def transformer_gauge(
       monomials).
     - `rotation`: residual-stream $O(d)$ (S17); admitted only with scale-free RMSNorms and an
       unembedding (see [`gaugejax.fold_norm_gains`][], [`gaugejax.process_weights`][]).
+    - `stream_permutation`: when the rotation is not included, residual-stream
+      permutations $S_d$ (norm gains and biases permuted with the stream); admitted
+      whenever the model has an unembedding.
     - `mlp_group`: a group class or `width -> group` for the MLP sites (checked against the
       activation).
     - `unsafe`: build the families that were asked for with `True` even where the model
@@ -132,6 +139,14 @@ def transformer_gauge(
     if rotation and obstruction is not None and not unsafe:
         raise ValueError(f"rotation=True is not a symmetry of this model: {obstruction}")
     rotation = obstruction is None if rotation is None else rotation
+    if stream_permutation and model.unembedding == "none" and not unsafe:
+        raise ValueError(
+            "stream_permutation=True is not a symmetry of this model: it has no unembedding "
+            "(unembedding='none'), so its output is the residual stream itself."
+        )
+    if stream_permutation is None:
+        stream_permutation = model.unembedding != "none"
+    stream = rotation or stream_permutation
 
     H, dk, dv, d, m = model.n_heads, model.d_k, model.d_v, model.d_model, model.d_mlp
     sites: dict[str, AbstractGroup] = {}
@@ -192,15 +207,19 @@ def transformer_gauge(
                 )
             sites[s] = group
             couplings += [Produce(f"{p}.W_in", 0, s), Produce(f"{p}.b_in", 0, s), Consume(f"{p}.W_out", 1, s)]
-        if rotation:
+        if stream:
             couplings += [
                 Consume(f"{a}.W_Q", 3 if model.grouped else 2, "stream"), Consume(f"{a}.W_K", 2, "stream"),
                 Consume(f"{a}.W_V", 2, "stream"), Produce(f"{a}.W_O", 0, "stream"),
                 Produce(f"{a}.b_O", 0, "stream"), Consume(f"{p}.W_in", 1, "stream"),
                 Produce(f"{p}.W_out", 0, "stream"), Produce(f"{p}.b_out", 0, "stream"),
             ]
-    if rotation:
-        sites["stream"] = Orthogonal(d)
+    if stream:
+        sites["stream"] = Orthogonal(d) if rotation else Permutation(d)
+        if not rotation:  # gains and biases move with their coordinates
+            for path, norm in model.norms():
+                couplings += [Produce(f"{path}.{w}", 0, "stream") for w in ("weight", "bias")
+                              if getattr(norm, w) is not None]
         # the token embedding writes the stream; when tied it also reads it, which for an
         # orthogonal Q is the same transformation (Q^{-T} = Q): one coupling does both
         couplings.append(Produce("token_embedding", 1, "stream"))

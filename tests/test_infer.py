@@ -157,13 +157,16 @@ def test_transformer_inferred_gauge_certifies(name, getkey):
 
 def test_transformer_layernorm_tied_finds_stream_permutation(getkey):
     """With LayerNorm gains and an unembedding, permuting the residual stream's coordinates
-    (gains and biases with them) is a symmetry that `transformer_gauge` does not declare:
-    inference finds it, certifies it, and the comparison names exactly that site."""
+    (gains and biases with them) is a symmetry: inference finds it and certifies it, and
+    `transformer_gauge` declares it (`stream_permutation`); without it, the comparison names
+    exactly that site."""
     model = gj.nn.Transformer(11, 8, 1, 2, 12, 6, key=getkey(), norm="layer", unembedding="tied")
     params, fn = _split(model)
     inferred = infer_gauge(fn, params, jnp.array([1, 4, 2, 9]), key=getkey(), num_samples=4)
     assert inferred.certified
     diff = same_gauge(inferred.gauge, gj.derive_gauge(model))
+    assert diff, str(diff)
+    diff = same_gauge(inferred.gauge, gj.transformer_gauge(model, stream_permutation=False))
     assert not diff.mismatches and not diff.only_b
     assert len(diff.only_a) == 1 and "Permutation(8)" in diff.only_a[0]
     assert "norm1.weight" in diff.only_a[0]
@@ -226,6 +229,47 @@ def test_haiku_mlp(getkey):
     declared = gj.feedforward_gauge(params, [jax.nn.relu, jax.nn.relu])
     diff = same_gauge(inferred.gauge, declared)
     assert diff, str(diff)
+
+
+def _mha(getkey, bias: bool = True):
+    return eqx.nn.MultiheadAttention(num_heads=3, query_size=8, qk_size=4, vo_size=5, use_query_bias=bias,
+                                     use_key_bias=bias, use_value_bias=bias, use_output_bias=bias, key=getkey())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_equinox_multihead_attention_split_heads(bias, getkey):
+    """Heads live inside whole axes (Linear to H*d_k, then a reshape): inference splits the
+    axis and finds the per-head groups on views of the leaves."""
+    mha = _mha(getkey, bias)
+    params, fn = _split(mha)
+    x = _normal(_rng(getkey()), (6, 8))
+    inferred = infer_gauge(lambda p, x: fn(p, x, x, x), params, x, key=getkey(), num_samples=8)
+    assert inferred.certified and inferred.report.max_rel_error < 1e-12
+    diff = same_gauge(inferred.gauge, gj.derive_gauge(mha))
+    assert diff, str(diff)
+    assert inferred.gauge.orbit_dim == 3 * 16 + 3 * 25 + (12 if bias else 0)
+    # a view that splits the heads the other way round is a different gauge
+    wrong = gj.Gauge({"h": gj.Permutation(4)}, [gj.Produce("query_proj.weight", 1, "h", view=(3, 4, 8)),
+                                                 gj.Consume("key_proj.weight", 1, "h", view=(3, 4, 8))], mha)
+    assert not same_gauge(inferred.gauge, wrong)
+
+
+def test_haiku_multihead_attention(getkey):
+    hk = pytest.importorskip("haiku")
+
+    def forward(x):
+        return hk.MultiHeadAttention(num_heads=2, key_size=3, value_size=4, model_size=6,
+                                     w_init=hk.initializers.VarianceScaling(1.0))(x, x, x)
+
+    model = hk.without_apply_rng(hk.transform(forward))
+    x = _normal(_rng(getkey()), (5, 6)).astype(jnp.float32)
+    params = model.init(getkey(), x)
+    inferred = infer_gauge(model.apply, params, x, key=getkey(), num_samples=8)
+    assert inferred.certified
+    groups = sorted((type(g).__name__, g.n, g.batch) for _, g in inferred.gauge.sites)
+    assert ("Permutation", 2, ()) in groups
+    assert sum(1 for name, n, b in groups if name.endswith("GL") and b == (2,)) == 2
+    assert inferred.gauge.orbit_dim >= 2 * 9 + 2 * 16
 
 
 def test_flax_linen_attention_block(getkey):
@@ -411,6 +455,18 @@ def test_neural_ode_inferred_equals_declared(getkey):
     assert "pid.py" in reasons  # the step-size controller's error norm
 
 
+def test_node_gauge_time_independent_structure(getkey):
+    node, *_ = _node_case(getkey(), "constant")
+    fixed = gj.node_gauge(node, time_dependent=False)  # fixed boundaries pin G = I
+    assert set(fixed.site_groups) == {"k"}
+    absorbed = gj.node_gauge(node, boundary="absorb", time_dependent=False)
+    assert set(absorbed.site_groups) == {"s", "k"} and absorbed.orbit_dim == 9
+    one = gj.nn.NeuralODE(gj.nn.ParametricField.random(3, 5, num_nodes=1, key=getkey()), 1.0)
+    assert set(gj.node_gauge(one, time_dependent=False).site_groups) == {"k"}
+    with pytest.raises(ValueError, match="one grid node"):
+        gj.node_gauge(one)
+
+
 @pytest.mark.slow
 def test_neural_ode_adaptive_certifies_to_solver_tolerance(getkey):
     tol = 1e-8
@@ -514,20 +570,35 @@ def test_negative_and_loop_cases_certify(case, getkey):
 
 
 def test_layer_mixing_two_hidden_axes(getkey):
+    """Two hidden axes merged by a reshape into their tensor product keep their groups (the
+    next layer reads the product through a view); regrouped so that the pieces mix, they
+    lose them, with the reason."""
     rng = _rng(getkey())
     params = {"A": _normal(rng, (3, 2)), "B": _normal(rng, (4, 2)),
               "C": _normal(rng, (1, 12))}
+    x = _normal(rng, (5, 2))
 
-    def fn(p, x):
+    def outer(p, x):
         ha = jax.nn.relu(x @ p["A"].T)
         hb = jax.nn.relu(x @ p["B"].T)
-        z = (ha[:, :, None] * hb[:, None, :]).reshape(x.shape[0], -1)  # mixes both axes
+        z = (ha[:, :, None] * hb[:, None, :]).reshape(x.shape[0], -1)  # ha (x) hb
         return z @ p["C"].T
 
-    inferred = infer_gauge(fn, params, _normal(rng, (5, 2)), key=getkey(), num_samples=4)
+    inferred = infer_gauge(outer, params, x, key=getkey(), num_samples=4)
+    assert _groups(inferred) == {"['A']:0": "PositiveMonomial", "['B']:0": "PositiveMonomial"}
+    assert inferred.certified
+    assert any(c.view == (1, 3, 4) for c in inferred.gauge.couplings if c.leaf == "['C']")
+
+    def mixing(p, x):
+        ha = jax.nn.relu(x @ p["A"].T)
+        hb = jax.nn.relu(x @ p["B"].T)
+        z = (ha[:, :, None] * hb[:, None, :]).reshape(x.shape[0], 4, 3)  # mixes both axes
+        return jnp.einsum("nij,oij->no", z, p["C"].reshape(1, 4, 3))
+
+    inferred = infer_gauge(mixing, params, x, key=getkey(), num_samples=4)
     assert not inferred.gauge.sites
     mixed = [r for r in inferred.restrictions if ("['A']", 0) in r.axes and r.primitive == "reshape"]
-    assert mixed and "merges" in mixed[0].reason
+    assert mixed and "regroups" in mixed[0].reason
 
 
 # ----------------------------------------------------------------------------------------

@@ -71,6 +71,19 @@ def interpolate(ts: Array, values: Array, t: Array) -> Array:
     return (1 - w) * values[i] + w * values[i + 1]
 
 
+def random_blocks(key: PRNGKeyArray, n: int, dim: int, width: int, scale: float, dtype: Any) -> tuple[Array, ...]:
+    """`n` stacked random blocks `(A, W1, b, W2, c)`, entries
+    $\sim N(0, \mathrm{scale}^2 / \mathrm{fan\_in})$ (biases $N(0, \mathrm{scale}^2)$)."""
+    ks = jax.random.split(key, 5)
+    s = float(scale)
+    A = s * jax.random.normal(ks[0], (n, dim, dim), dtype) / np.sqrt(dim)
+    W1 = s * jax.random.normal(ks[1], (n, width, dim), dtype) / np.sqrt(dim)
+    b = s * jax.random.normal(ks[2], (n, width), dtype)
+    W2 = s * jax.random.normal(ks[3], (n, dim, width), dtype) / np.sqrt(width)
+    c = s * jax.random.normal(ks[4], (n, dim), dtype)
+    return A, W1, b, W2, c
+
+
 class ParametricField(eqx.Module):
     """The vector field $v(x, t) = A(t)\\,x + W_2(t)\\,\\sigma(W_1(t)\\,x + b(t)) + c(t)$.
 
@@ -151,13 +164,7 @@ class ParametricField(eqx.Module):
         $\\sim N(0, \\mathrm{scale}^2 / \\mathrm{fan\\_in})$."""
         dtype = dtype or jnp.zeros(()).dtype
         n = int(num_nodes)
-        ks = jax.random.split(key, 5)
-        s = float(scale)
-        A = s * jax.random.normal(ks[0], (n, dim, dim), dtype) / np.sqrt(dim)
-        W1 = s * jax.random.normal(ks[1], (n, width, dim), dtype) / np.sqrt(dim)
-        b = s * jax.random.normal(ks[2], (n, width), dtype)
-        W2 = s * jax.random.normal(ks[3], (n, dim, width), dtype) / np.sqrt(width)
-        c = s * jax.random.normal(ks[4], (n, dim), dtype)
+        A, W1, b, W2, c = random_blocks(key, n, dim, width, scale, dtype)
         ts = jnp.linspace(0.0, T, n, dtype=dtype) if n > 1 else jnp.zeros((1,), dtype)
         return cls(ts, A, W1, b, W2, c, activation)
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._node import NeuralODE, ParametricField, _apply, is_concrete, vector_field
+from ._node import NeuralODE, ParametricField, _apply, is_concrete, random_blocks, vector_field
 
 
 _KEYS = ("A", "W1", "b", "W2", "c")
@@ -93,13 +93,7 @@ class ResNet(eqx.Module):
                embedding: Callable | None = None, readout: Callable | None = None) -> ResNet:
         """A random ResNet with `depth` blocks (entries $\\sim N(0, \\mathrm{scale}^2/\\mathrm{fan\\_in})$)."""
         dtype = dtype or jnp.zeros(()).dtype
-        ks = jax.random.split(key, 5)
-        s = float(scale)
-        A = s * jax.random.normal(ks[0], (depth, dim, dim), dtype) / np.sqrt(dim)
-        W1 = s * jax.random.normal(ks[1], (depth, width, dim), dtype) / np.sqrt(dim)
-        b = s * jax.random.normal(ks[2], (depth, width), dtype)
-        W2 = s * jax.random.normal(ks[3], (depth, dim, width), dtype) / np.sqrt(width)
-        c = s * jax.random.normal(ks[4], (depth, dim), dtype)
+        A, W1, b, W2, c = random_blocks(key, depth, dim, width, scale, dtype)
         return cls(A, W1, b, W2, c, T=T, activation=activation, embedding=embedding, readout=readout)
 
     @property
