@@ -63,6 +63,7 @@ from ._diffeo import (
     transform_node as transform_node,
     validate_diffeo as validate_diffeo,
 )
+from ._eqx_attention import multihead_attention_gauge as multihead_attention_gauge
 from ._feedforward import derive_gauge as derive_gauge, feedforward_gauge as feedforward_gauge
 from ._functional import (
     FunctionalDimension as FunctionalDimension,
@@ -123,4 +124,3 @@ from ._sweep import (
 )
 from ._teleport import grad_norm_squared as grad_norm_squared, teleport as teleport
 from ._transformer_gauge import transformer_gauge as transformer_gauge
-from ._eqx_attention import multihead_attention_gauge as multihead_attention_gauge
