@@ -29,7 +29,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from . import _paths
 from ._coupling import Consume, Coupling, Link, Produce, Translate
-from ._groups.base import AbstractGroup, invert_permutation
+from ._groups.base import AbstractGroup, invert_permutation, split_draws
 from ._groups.permutation import Permutation
 from ._groups.translation import Translation
 
@@ -587,6 +587,7 @@ class Gauge(eqx.Module):
         gathers (per-block permutations before the permutations of whole axes)."""
         groups = dict(self.sites)
         scale = None
+        factors: list[Array] = []  # the expanded scale factors that make up `scale`
         gathers: dict[int, Array] = {}
         for lin in plan.linear:
             f = groups[lin.site].factors(g[lin.site], lin.kind)
@@ -594,18 +595,29 @@ class Gauge(eqx.Module):
             if f.scale is not None:
                 s = _expand(f.scale, dims, x.ndim)
                 scale = s if scale is None else scale * s
+                factors.append(s)
             if f.matrix is not None:
                 if scale is not None:
-                    x, scale = x * scale, None
+                    x, scale, factors = x * scale, None, []
                 x = _matmul_axis(x, f.matrix, lin.batch_axes, lin.axis)
             if f.perm is not None and lin.batch_axes:
                 if scale is not None:
-                    x, scale = x * scale, None
+                    x, scale, factors = x * scale, None, []
                 idx = _expand(f.perm, dims, x.ndim)
                 idx = jnp.broadcast_to(idx, x.shape)
                 x = jnp.take_along_axis(x, idx, axis=lin.axis)
             elif f.perm is not None:
                 gathers[lin.axis] = f.perm
+        if gathers and scale is not None:
+            # permute the leaf, then scale it by the permuted scale factors (each a small
+            # broadcast array, gathered on its own axes): (P(s x))[i] = s[p[i]] x[p[i]],
+            # the same products in the same order, with one pass over the leaf fewer
+            moved = None
+            for s in factors:
+                axes = {ax: p for ax, p in gathers.items() if s.shape[ax] > 1}
+                s = _gather_axes(s, axes) if axes else s
+                moved = s if moved is None else moved * s
+            return _gather_axes(x, gathers) * moved
         if scale is not None:
             x = x * scale
         if gathers:
@@ -690,11 +702,30 @@ class Gauge(eqx.Module):
             unknown = [s for s in sites if s not in names]
             if unknown:
                 raise ValueError(f"unknown sites {unknown}; the gauge's sites are {names}.")
-        keys = jax.random.split(key, max(len(names), 1))
-        out = {}
-        for k, (name, group) in zip(keys, self.sites):
-            if sites is None or name in sites:
-                out[name] = group.sample(k, scale, dtype)
+        chosen = [(name, group) for name, group in self.sites if sites is None or name in sites]
+        # Sites whose groups sample from shared draws (every group gaugejax ships) get them
+        # from one `jax.random.bits` and one `jax.random.normal` call for the whole element;
+        # others get a key each. Under vmap every `jax.random` call has a fixed cost above
+        # that of a small site's bits, and every Gaussian transform inlines an erfinv
+        # polynomial (compile time).
+        draws = {name: group.shared_draws(scale, dtype) for name, group in chosen}
+        shared = [name for name, _ in chosen if draws[name] is not None]
+        from_key = [name for name, _ in chosen if draws[name] is None]
+        if from_key:
+            keys = jax.random.split(key, len(from_key) + (1 if shared else 0))
+            site_keys, key = dict(zip(from_key, keys)), keys[-1]
+        if shared:
+            words, normals = split_draws(
+                key, sum(draws[n][0] for n in shared), sum(draws[n][1] for n in shared), dtype
+            )
+        out, w0, n0 = {}, 0, 0
+        for name, group in self.sites:
+            if name in shared:
+                nw, nn = draws[name]
+                out[name] = group.sample_from_draws(words[w0 : w0 + nw], normals[n0 : n0 + nn], scale, dtype)
+                w0, n0 = w0 + nw, n0 + nn
+            elif name in from_key:
+                out[name] = group.sample(site_keys[name], scale, dtype)
             else:
                 out[name] = group.identity(dtype)
         return out

@@ -169,7 +169,8 @@ def run_case(case: ModelCase, *, num_samples: int, seed: int, errors: dict) -> d
     if case.balance:
         # S4: the minimum of |theta|^2 over the rescaling orbit is balanced.
         diag = derive_gauge(model64, group=PositiveDiagonal)
-        far = diag.act(diag.sample(k_sweep, scale=1.0, dtype=jnp.float64), model64)
+        # one compiled program (eagerly, every primitive of sample and act compiles alone)
+        far = eqx.filter_jit(lambda k, m: diag.act(diag.sample(k, scale=1.0, dtype=jnp.float64), m))(k_sweep, model64)
         balanced, _ = balance(diag, far)
         sq = lambda m: float(sum(jnp.sum(a**2) for a in jax.tree.leaves(m) if hasattr(a, "dtype")))
         y0, y1 = _forward(far, x64), _forward(balanced, x64)
@@ -211,7 +212,10 @@ def run_report(*, num_samples: int = 2048, seed: int = 0, json_path: str | None 
 
     cases = default_cases()
     # Most of the time is XLA compilation, which releases the GIL: two models at a time.
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} models"),
+    # NumPy's SVDs (orbit rank, functional dimension) run on one BLAS thread each: with two
+    # workers, multithreaded OpenBLAS oversubscribes the cores (an 8192 x 400 SVD takes
+    # 3-5 s instead of 0.6 s on 2 shared cores).
+    with _one_blas_thread(), Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} models"),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
         t_cases = transformer_cases()
         task = bar.add_task("compiling and sweeping", total=len(cases) + len(t_cases) + 2 + (model == "minilm"))
@@ -279,6 +283,16 @@ def run_report(*, num_samples: int = 2048, seed: int = 0, json_path: str | None 
         _plot(errors, pathlib.Path(plot_dir))
         console.print(f"wrote {pathlib.Path(plot_dir) / 'invariance_errors.png'}")
     return result
+
+
+def _one_blas_thread():
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # threadpoolctl comes with scikit-learn; without it, BLAS's default
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _node_table(node: dict[str, Any]):

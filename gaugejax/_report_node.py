@@ -22,6 +22,7 @@ does). The statement-level checks (S5-S8 at 1e-7 on flow maps) are in `tests/tes
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -88,14 +89,11 @@ def _errors(node: NeuralODE, xs: jax.Array, ps: dict[str, jax.Array]) -> tuple[j
     return jax.vmap(one)(ps)
 
 
-def run_node_case(*, num_samples: int = NODE_SAMPLES, seed: int = 0) -> dict[str, Any]:
-    """Compute the neural-ODE row (see the module docstring); returns a JSON-able dict."""
-    start = time.perf_counter()
-    k_model, k_x, k_id, k_free, k_warp = jax.random.split(jax.random.key(seed), 5)
-    node = _model(k_model)
-    gauge = node_gauge(node, boundary="absorb")
-    n = max(2, min(num_samples, NODE_SAMPLES)) // 2 * 2
-    d, modes = node.dim, 2
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _draws(k_id, k_free, k_warp, k_x, n, d, modes):
+    """The sweep's random diffeomorphism parameters and inputs, in one compiled program
+    (drawn eagerly, each `jax.random` call with a new shape compiles on its own: about
+    ten compilations, several seconds of the report)."""
 
     def paths(key, boundary_identity):
         keys = jax.random.split(key, n // 2)
@@ -106,6 +104,19 @@ def run_node_case(*, num_samples: int = NODE_SAMPLES, seed: int = 0) -> dict[str
     ps = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), paths(k_id, True), paths(k_free, False))
     ps["time_scale"] = jnp.exp(jax.random.uniform(k_warp, (n,), jnp.float64, -0.7, 0.7))
     xs = jax.random.normal(k_x, (8, 4), jnp.float64)
+    return ps, xs
+
+
+def run_node_case(*, num_samples: int = NODE_SAMPLES, seed: int = 0) -> dict[str, Any]:
+    """Compute the neural-ODE row (see the module docstring); returns a JSON-able dict."""
+    start = time.perf_counter()
+    k_model, k_x, k_id, k_free, k_warp = jax.random.split(jax.random.key(seed), 5)
+    node = eqx.filter_jit(_model)(k_model)  # one compilation for all of its random draws
+    gauge = node_gauge(node, boundary="absorb")
+    n = max(2, min(num_samples, NODE_SAMPLES)) // 2 * 2
+    d, modes = node.dim, 2
+
+    ps, xs = _draws(k_id, k_free, k_warp, k_x, n, d, modes)
     good, bad = (np.asarray(e) for e in _errors(node, xs, ps))
     half = n // 2
 

@@ -12,6 +12,8 @@ ordinary XLA ops; only matrices larger than `PURE_MAX_N` use LAPACK.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array
@@ -23,6 +25,8 @@ PURE_MAX_N = 128
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _TAYLOR_ORDER = 16
+#: block size of the Paterson-Stockmeyer evaluation of the Taylor polynomial
+_PS_BLOCK = 4
 #: matrices of 1-norm up to 0.5 * 2**_MAX_SQUARINGS (32768) are exponentiated accurately;
 #: the exponential of a larger one overflows float64 unless it is skew (a rotation)
 _MAX_SQUARINGS = 16
@@ -71,16 +75,35 @@ def relative_pivot(a: Array) -> Array:
     return _batched(_gauss_jordan, a)[1]
 
 
+def _taylor(y: Array) -> Array:
+    """$\\sum_{k \\le 16} y^k / k!$ by Paterson-Stockmeyer: powers $y^2, y^3, y^4$, then
+    Horner's rule in $y^4$ over blocks $\\sum_{r<4} c_{4i+r} y^r$: 7 matrix products
+    instead of 16 (half the program, and the time, of the term-by-term sum)."""
+    n = y.shape[-1]
+    eye = jnp.eye(n, dtype=y.dtype)
+    mm = lambda a, b: jnp.matmul(a, b, precision=_HIGHEST)  # noqa: E731
+    pows = [eye, y]
+    for _ in range(2, _PS_BLOCK + 1):
+        pows.append(mm(pows[-1], y))
+    coef = [1.0 / math.factorial(k) for k in range(_TAYLOR_ORDER + 1)]
+
+    def block(i):
+        terms = [jnp.asarray(coef[k], y.dtype) * pows[k - _PS_BLOCK * i]
+                 for k in range(_PS_BLOCK * i, min(_PS_BLOCK * (i + 1), _TAYLOR_ORDER + 1))]
+        return sum(terms[1:], terms[0])
+
+    top = _TAYLOR_ORDER // _PS_BLOCK
+    out = block(top)
+    for i in range(top - 1, -1, -1):
+        out = block(i) + mm(pows[_PS_BLOCK], out)
+    return out
+
+
 def _expm_one(x: Array) -> Array:
-    n = x.shape[-1]
     norm = jnp.max(jnp.sum(jnp.abs(x), axis=-1))
     s = jnp.clip(jnp.ceil(jnp.log2(jnp.maximum(norm, 1e-30) / 0.5)), 0, _MAX_SQUARINGS).astype(jnp.int32)
     y = x / jnp.exp2(s.astype(x.dtype))
-    eye = jnp.eye(n, dtype=x.dtype)
-    out, term = eye, eye
-    for k in range(1, _TAYLOR_ORDER + 1):
-        term = jnp.matmul(term, y, precision=_HIGHEST) / jnp.asarray(k, x.dtype)
-        out = out + term
+    out = _taylor(y)
     # a static number of (masked) squarings, so that reverse-mode differentiation works
     # (a loop with a traced trip count cannot be transposed)
     return jax.lax.fori_loop(

@@ -34,7 +34,16 @@ class PositiveDiagonal(AbstractGroup):
         return jnp.ones((*self.batch, self.n), default_float(dtype))
 
     def sample(self, key: PRNGKeyArray, scale: float | None, dtype: Any = None) -> Array:
-        return self.exp(self.sample_algebra(key, 0.5 if scale is None else scale, dtype))
+        return self._sample_via_draws(key, scale, dtype)
+
+    def sample_draws(self, scale: float | None, dtype: Any = None) -> tuple[int, int]:
+        return 0, self.n * self.batch_size()
+
+    def sample_from_draws(self, words: Array, normals: Array, scale: float | None, dtype: Any = None) -> Array:
+        # exp(s z), z ~ N(0, 1): the exponential of `sample_algebra`'s distribution
+        dtype = default_float(dtype)
+        z = normals.reshape(*self.batch, self.n).astype(dtype)
+        return jnp.exp(jnp.asarray(0.5 if scale is None else scale, dtype) * z)
 
     def compose(self, g: Array, h: Array) -> Array:
         return g * h
@@ -90,9 +99,17 @@ class SignFlip(AbstractGroup):
         return jnp.ones((*self.batch, self.n), default_float(dtype))
 
     def sample(self, key: PRNGKeyArray, scale: float | None, dtype: Any = None) -> Array:
-        del scale
+        return self._sample_via_draws(key, scale, dtype)
+
+    def sample_draws(self, scale: float | None, dtype: Any = None) -> tuple[int, int]:
+        return self.n * self.batch_size(), 0
+
+    def sample_from_draws(self, words: Array, normals: Array, scale: float | None, dtype: Any = None) -> Array:
+        # a fair sign per entry: the top bit of its word
+        del normals, scale
         dtype = default_float(dtype)
-        return jnp.where(jax.random.bernoulli(key, shape=(*self.batch, self.n)), 1, -1).astype(dtype)
+        flip = (words.reshape(*self.batch, self.n) >> jnp.uint32(31)).astype(dtype)
+        return 1 - 2 * flip
 
     def compose(self, g: Array, h: Array) -> Array:
         return g * h

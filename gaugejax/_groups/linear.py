@@ -63,7 +63,16 @@ class GL(_AbstractMatrixGroup):
     batch: tuple[int, ...] = eqx.field(static=True, default=())
 
     def sample(self, key: PRNGKeyArray, scale: float | None, dtype: Any = None) -> Array:
-        return self.exp(self.sample_algebra(key, 0.5 if scale is None else scale, dtype))
+        return self._sample_via_draws(key, scale, dtype)
+
+    def sample_draws(self, scale: float | None, dtype: Any = None) -> tuple[int, int]:
+        return 0, self.batch_size() * self.n * self.n
+
+    def sample_from_draws(self, words: Array, normals: Array, scale: float | None, dtype: Any = None) -> Array:
+        # exp(s X / sqrt(n)), X standard Gaussian: `exp` of `sample_algebra`'s distribution
+        dtype = default_float(dtype)
+        x = normals.reshape(*self.batch, self.n, self.n).astype(dtype)
+        return self.exp((0.5 if scale is None else scale) / self.n**0.5 * x)
 
     def inverse(self, g: Array) -> Array:
         return _linalg.inv(g)
@@ -119,10 +128,16 @@ class Orthogonal(_AbstractMatrixGroup):
     batch: tuple[int, ...] = eqx.field(static=True, default=())
 
     def sample(self, key: PRNGKeyArray, scale: float | None, dtype: Any = None) -> Array:
-        if scale is not None:
-            return self.exp(self.sample_algebra(key, scale, dtype))
+        return self._sample_via_draws(key, scale, dtype)
+
+    def sample_draws(self, scale: float | None, dtype: Any = None) -> tuple[int, int]:
+        return 0, self.batch_size() * self.n * self.n
+
+    def sample_from_draws(self, words: Array, normals: Array, scale: float | None, dtype: Any = None) -> Array:
         dtype = default_float(dtype)
-        x = jax.random.normal(key, (*self.batch, self.n, self.n), dtype)
+        x = normals.reshape(*self.batch, self.n, self.n).astype(dtype)
+        if scale is not None:  # exp(s K / sqrt(n)), K = (X - X^T) / sqrt(2): `sample_algebra`'s law
+            return self.exp(scale / (2 * self.n) ** 0.5 * (x - _mT(x)))
         q, r = jnp.linalg.qr(x)
         d = jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))
         d = jnp.where(d == 0, 1, d).astype(dtype)

@@ -26,7 +26,8 @@ from .base import (
     default_float,
     invert_permutation,
     permutation_matrix,
-    random_permutations,
+    permutation_words,
+    permutations_from_bits,
 )
 from .diagonal import PositiveDiagonal, SignFlip
 from .permutation import Permutation
@@ -53,10 +54,23 @@ class _AbstractMonomial(AbstractGroup):
         )
 
     def sample(self, key: PRNGKeyArray, scale: float | None, dtype: Any = None) -> Monomial:
-        kp, kd = jax.random.split(key)
-        return Monomial(
-            random_permutations(kp, self.n, self.batch), self._diagonal().sample(kd, scale, dtype)
-        )
+        if self.sample_draws(scale, dtype) is None:  # n above the rank sampler's range
+            kp, kd = jax.random.split(key)
+            return Monomial(Permutation(self.n, self.batch).sample(kp, None), self._diagonal().sample(kd, scale, dtype))
+        return self._sample_via_draws(key, scale, dtype)
+
+    def sample_draws(self, scale: float | None, dtype: Any = None) -> tuple[int, int] | None:
+        pw = permutation_words(self.n, self.batch)
+        if pw is None:
+            return None
+        dw, dn = self._diagonal().sample_draws(scale, dtype)
+        return pw + dw, dn
+
+    def sample_from_draws(self, words: Array, normals: Array, scale: float | None, dtype: Any = None) -> Monomial:
+        # the permutation's words first, then the diagonal's draws
+        pw = permutation_words(self.n, self.batch)
+        perm = permutations_from_bits(words[:pw], self.n, self.batch)
+        return Monomial(perm, self._diagonal().sample_from_draws(words[pw:], normals, scale, dtype))
 
     def compose(self, g: Monomial, h: Monomial) -> Monomial:
         inv_h = invert_permutation(h.perm)

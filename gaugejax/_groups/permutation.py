@@ -20,6 +20,8 @@ from .base import (
     compose_permutations,
     invert_permutation,
     permutation_matrix,
+    permutation_words,
+    permutations_from_bits,
     random_permutations,
 )
 
@@ -43,6 +45,15 @@ class Permutation(AbstractGroup):
     def sample(self, key: PRNGKeyArray, scale: float | None, dtype: Any = None) -> Array:
         del scale, dtype
         return random_permutations(key, self.n, self.batch)
+
+    def sample_draws(self, scale: float | None, dtype: Any = None) -> tuple[int, int] | None:
+        del scale, dtype
+        words = permutation_words(self.n, self.batch)
+        return None if words is None else (words, 0)
+
+    def sample_from_draws(self, words: Array, normals: Array, scale: float | None, dtype: Any = None) -> Array:
+        del normals, scale, dtype
+        return permutations_from_bits(words, self.n, self.batch)
 
     def compose(self, g: Array, h: Array) -> Array:
         return compose_permutations(g, h)

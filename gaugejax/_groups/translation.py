@@ -42,7 +42,14 @@ class Translation(AbstractGroup):
         return jnp.zeros(self.shape, default_float(dtype))
 
     def sample(self, key: PRNGKeyArray, scale: float | None, dtype: Any = None) -> Array:
-        return self.sample_algebra(key, 0.5 if scale is None else scale, dtype)
+        return self._sample_via_draws(key, scale, dtype)
+
+    def sample_draws(self, scale: float | None, dtype: Any = None) -> tuple[int, int]:
+        return 0, self.algebra_dim
+
+    def sample_from_draws(self, words: Array, normals: Array, scale: float | None, dtype: Any = None) -> Array:
+        dtype = default_float(dtype)
+        return jnp.asarray(0.5 if scale is None else scale, dtype) * normals.reshape(self.shape).astype(dtype)
 
     def compose(self, g: Array, h: Array) -> Array:
         return g + h  # the engine adds the linear part of g acting on h
