@@ -33,6 +33,7 @@ import numpy as np
 import optimistix as optx
 from jaxtyping import Array, PRNGKeyArray
 
+from ._groups import _linalg
 from .nn._node import NeuralODE, is_concrete
 
 
@@ -141,23 +142,81 @@ class TimeReparam(AbstractTimeReparam):
 # ----------------------------------------------------------------------------------------
 # paths of matrices G(t)
 # ----------------------------------------------------------------------------------------
-def _expm(x: Array, squarings: int = 6, order: int = 12) -> Array:
-    r"""Matrix exponential by scaling and squaring with a fixed Taylor polynomial.
+def _expm(x: Array) -> Array:
+    """$\\exp X$: the code base's one general matrix exponential
+    (`gaugejax._groups._linalg.expm`, plain XLA ops, norm-adaptive scaling and squaring,
+    differentiable in both modes). The hot path of a transformed field uses
+    `_expm_rate_inverse` instead."""
+    return _linalg.expm(x)
 
-    Branch-free (unlike `jax.scipy.linalg.expm`'s Pade with data-dependent degree), so its
-    JVP compiles in a fraction of the time. With 8 squarings and degree 14 the truncation
-    error is below float64 round-off for $\|X\| \lesssim 25$; the paths here are near
-    the identity ($\|X\| \lesssim 3$).
+
+# Static schemes of `_expm_rate_inverse`, by dtype size: (squarings s, chunks q) for the Taylor
+# polynomial of degree m = 4q - 1 of exp(X / 2^s), evaluated by Paterson-Stockmeyer in powers
+# up to 4. Its relative backward error is about r^m / (m + 1)! with r = |X|_1 / 2^s, so for
+# |X|_1 <= 8 (r <= 1):
+#   float64: s = 3, m = 19: 1 / 20!      = 4e-19 (2e-13 at |X|_1 = 16)
+#   float32: s = 3, m = 11: 1 / 12!      = 2e-9  (float32 rounding: 6e-8)
+# Measured against scipy (G, dG/dt and G^{-1}, max relative entry error, 3 x 3 and 8 x 8):
+# float64 <= 5e-14 for |X|_1 <= 8 and <= 2e-12 at 16; float32 <= 2e-6 up to 16 (s = 2, m = 15
+# gives 6e-7 but ran ~1.7x slower on XLA:CPU; s = 4: 3e-6, as each squaring doubles the
+# rounding error). Beyond |X|_1 ~ 20 it degrades (3 x 3 at 30: 1e-10 resp. 2e-3), like the
+# fixed scheme it replaces (6 squarings, degree 12). The paths of this module are near the
+# identity (|X|_1 of order 1); far from it, use `path(t)` (norm-adaptive) with `jax.jvp`.
+_RATE_SCHEME = {8: (3, 5), 4: (3, 3), 2: (2, 3)}
+
+
+def _pair_mul(a: Array, b: Array) -> Array:
+    """Product of pairs $(A_1, B_1)(A_2, B_2) = (A_1 A_2, A_1 B_2 + B_1 A_2)$, each stored as
+    an `(n, 2n)` array $[A \\mid B]$: the top block row of the product of the block
+    matrices $\\begin{pmatrix} A & B \\\\ 0 & A \\end{pmatrix}$ (one matmul). $B$ carries
+    the derivative: $(A, \\dot A)(C, \\dot C) = (AC, (AC)^{\\cdot})$."""
+    n = a.shape[-2]
+    a2 = b[..., :n]
+    right = jnp.concatenate([b, jnp.concatenate([jnp.zeros_like(a2), a2], axis=-1)], axis=-2)
+    return jnp.matmul(a, right, precision=_HI)
+
+
+def _expm_rate_inverse(x: Array, xdot: Array) -> tuple[Array, Array, Array]:
+    """$(e^X,\\ \\frac{d}{dt} e^{X(t)},\\ e^{-X})$ for $X$ with derivative $\\dot X$, in one pass.
+
+    The pair $(e^X, \\dot{(e^X)})$ is the top block row of
+    $\\exp\\begin{pmatrix} X & \\dot X \\\\ 0 & X\\end{pmatrix}$ (the Frechet derivative of
+    the exponential in the direction $\\dot X$); $e^{-X}$ (the inverse of $G$, no linear
+    solve) reuses the same powers of $X$ with alternating signs. Scaling and squaring with
+    a fixed scheme (`_RATE_SCHEME`: accurate to rounding for $\\|X\\|_1 \\le 8$, ~1e-12 at 16), the Taylor
+    polynomial evaluated by Paterson-Stockmeyer: for float32 8 matmuls of shape
+    $(n, 2n) \\times (2n, 2n)$ and 5 of $(n, n)$ (float64: 10 and 7), against 54
+    $(n, n)$ matmuls and a LAPACK solve for `jax.jvp` of a degree-12 Taylor exponential
+    with 6 squarings plus `solve`. Branch-free, so differentiable in both modes and cheap
+    under `vmap`.
     """
-    y = x / (2.0**squarings)
-    eye = jnp.eye(x.shape[-1], dtype=x.dtype)
-    term, out = eye, eye
-    for k in range(1, order + 1):
-        term = jnp.matmul(term, y, precision=_HI) / k
-        out = out + term
-    for _ in range(squarings):
-        out = jnp.matmul(out, out, precision=_HI)
-    return out
+    n = x.shape[-1]
+    s, q = _RATE_SCHEME.get(jnp.dtype(x.dtype).itemsize, (3, 5))
+    scale = jnp.asarray(2.0**-s, x.dtype)
+    y = x * scale
+    p1 = jnp.concatenate([y, xdot.astype(x.dtype) * scale], axis=-1)
+    eye = jnp.eye(n, dtype=x.dtype)
+    p0 = jnp.concatenate([eye, jnp.zeros_like(eye)], axis=-1)
+    p2 = _pair_mul(p1, p1)
+    p3 = _pair_mul(p2, p1)
+    p4 = _pair_mul(p2, p2)
+    pows = (p0, p1, p2, p3)
+    y4 = p4[..., :n]
+    coef = [1.0 / float(np.prod(np.arange(1, j + 1, dtype=np.float64))) for j in range(4 * q)]
+
+    def chunk(i: int, sign: float, which: slice) -> Array:
+        return sum(jnp.asarray(coef[4 * i + r] * sign**r, x.dtype) * pows[r][..., which] for r in range(4))
+
+    full, left = slice(None), slice(0, n)
+    pair = chunk(q - 1, 1.0, full)
+    inv = chunk(q - 1, -1.0, left)
+    for i in reversed(range(q - 1)):
+        pair = _pair_mul(pair, p4) + chunk(i, 1.0, full)
+        inv = jnp.matmul(inv, y4, precision=_HI) + chunk(i, -1.0, left)
+    for _ in range(s):
+        pair = _pair_mul(pair, pair)
+        inv = jnp.matmul(inv, inv, precision=_HI)
+    return pair[..., :n], pair[..., n:], inv
 
 
 class SmoothLiePath(eqx.Module):
@@ -219,12 +278,25 @@ class SmoothLiePath(eqx.Module):
         u = t / self.T
         k = jnp.arange(1, self.coeffs.shape[0] + 1, dtype=self.coeffs.dtype)
         s = jnp.sin(k * np.pi * u)
-        s = s.reshape(-1, *([1] * (self.coeffs.ndim - 1)))
-        return (1 - u) * self.start + u * self.end + jnp.sum(s * self.coeffs, axis=0)
+        out = (1 - u) * self.start + u * self.end
+        # an unrolled sum (elementwise, fused) rather than a reduction over the mode axis,
+        # which XLA:CPU runs ~25x slower under vmap
+        for i in range(self.coeffs.shape[0]):
+            out = out + s[i] * self.coeffs[i]
+        return out
 
     def __call__(self, t: Array) -> Array:
         x = self.algebra(t)
         return jnp.diag(jnp.exp(x)) if self.diagonal else _expm(x)
+
+    def _value_rate_inverse(self, t: Array) -> tuple[Array, Array, Array]:
+        """$(G, \\dot G, G^{-1})$ at `t` in one pass (see `_expm_rate_inverse`)."""
+        t = jnp.asarray(t, self.coeffs.dtype)
+        x, xdot = jax.jvp(self.algebra, (t,), (jnp.ones_like(t),))
+        if self.diagonal:
+            e = jnp.exp(x)
+            return jnp.diag(e), jnp.diag(xdot * e), jnp.diag(jnp.exp(-x))
+        return _expm_rate_inverse(x, xdot)
 
 
 class PiecewiseLinearLiePath(eqx.Module):
@@ -248,10 +320,20 @@ class PiecewiseLinearLiePath(eqx.Module):
     def dim(self) -> int:
         return self.X.shape[-1]
 
-    def __call__(self, t):
+    def algebra(self, t: Array) -> Array:
+        """$X(t)$, the piecewise-linear interpolant of `X` at `t`."""
         from .nn._node import interpolate
 
-        return _expm(interpolate(jax.lax.stop_gradient(self.ts), self.X, jnp.asarray(t, self.X.dtype)))
+        return interpolate(jax.lax.stop_gradient(self.ts), self.X, jnp.asarray(t, self.X.dtype))
+
+    def __call__(self, t):
+        return _expm(self.algebra(t))
+
+    def _value_rate_inverse(self, t: Array) -> tuple[Array, Array, Array]:
+        """$(G, \\dot G, G^{-1})$ at `t` in one pass (see `_expm_rate_inverse`)."""
+        t = jnp.asarray(t, self.X.dtype)
+        x, xdot = jax.jvp(self.algebra, (t,), (jnp.ones_like(t),))
+        return _expm_rate_inverse(x, xdot)
 
 
 # ----------------------------------------------------------------------------------------
@@ -351,15 +433,29 @@ class LinearDiffeo(AbstractDiffeo):
         return _solve(self.path(t).astype(y.dtype), y)
 
     def velocity(self, x, t, v):
-        G, Gdot = jax.jvp(self.path, (t,), (jnp.ones_like(t),))
+        G, Gdot, _ = _value_rate_inverse(self.path, t)
         return _mv(G.astype(x.dtype), v) + _mv(Gdot.astype(x.dtype), x)
 
     def pushforward(self, field, x_new, t):
-        # one evaluation of G and dG/dt (a single jvp) serves the inverse and the velocity
-        G, Gdot = jax.jvp(self.path, (t,), (jnp.ones_like(t),))
+        # one pass gives G, dG/dt and (for the Lie paths) G^{-1} = exp(-X): no linear solve
+        G, Gdot, Ginv = _value_rate_inverse(self.path, t)
         G, Gdot = G.astype(x_new.dtype), Gdot.astype(x_new.dtype)
-        x = _solve(G, x_new)
+        x = _solve(G, x_new) if Ginv is None else _mv(Ginv.astype(x_new.dtype), x_new)
         return _mv(G, field(t, x)) + _mv(Gdot, x)
+
+
+def _value_rate_inverse(path: Callable, t: Array) -> tuple[Array, Array, Array | None]:
+    """$(G(t), \\dot G(t), G(t)^{-1})$: in one pass for the built-in Lie paths
+    ([`gaugejax.SmoothLiePath`][], [`gaugejax.PiecewiseLinearLiePath`][]); for any other
+    callable $G, \\dot G$ by `jax.jvp` and `None` for the inverse (then a linear solve)."""
+    # only where G(t) is the built-in exp(X(t)): a subclass that redefines `__call__` is generic
+    if isinstance(path, (SmoothLiePath, PiecewiseLinearLiePath)) and type(path).__call__ in _LIE_CALLS:
+        return path._value_rate_inverse(t)
+    G, Gdot = jax.jvp(path, (t,), (jnp.ones_like(t),))
+    return G, Gdot, None
+
+
+_LIE_CALLS = (SmoothLiePath.__call__, PiecewiseLinearLiePath.__call__)
 
 
 def _mv(m: Array, x: Array) -> Array:
@@ -575,9 +671,9 @@ def connection_transform(A: Callable, path: Callable) -> Callable:
     """
 
     def A_new(t):
-        G, Gdot = jax.jvp(path, (t,), (jnp.ones_like(t),))
-        Ginv = jnp.linalg.inv(G)
+        G, Gdot, Ginv = _value_rate_inverse(path, t)
+        if Ginv is None:
+            Ginv = jnp.linalg.inv(G)
         return jnp.matmul(jnp.matmul(G, A(t), precision=_HI), Ginv, precision=_HI) + jnp.matmul(Gdot, Ginv, precision=_HI)
 
     return A_new
-
