@@ -167,13 +167,23 @@ def _newton_structured(gauge, params, positive, rtol, atol, max_steps):
         ok = (slope < 0) & jnp.isfinite(slope)
         fallback = pre.mv(rhs)
         step = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), newton, fallback)
-        return step, jnp.where(ok, slope, _dot(grad, fallback, positive))
+        return step, jnp.where(ok, slope, _dot(grad, fallback, positive)), fallback
 
     def body(carry):
         xi, f, it, _ = carry
         cur, grad, diag = moment(xi)
-        step, slope = direction(cur, grad, diag)
+        step, slope, fallback = direction(cur, grad, diag)
+        new, f_new, improved, size = search(xi, f, grad, diag, step, slope)
+        # A Newton step that fails its line search (an inexact float32 solve far from the
+        # minimum) is retried along the preconditioned gradient before giving up.
+        retry = lambda: search(xi, f, grad, diag, fallback, _dot(grad, fallback, positive))  # noqa: E731
+        new, f_new, improved, size = jax.lax.cond(improved, lambda: (new, f_new, improved, size), retry)
+        ref = jnp.max(jnp.stack([jnp.max(jnp.abs(new[n])) for n in positive]))
+        converged = (size <= atol + rtol * ref) | ~improved
+        new = jax.tree_util.tree_map(lambda a, b: jnp.where(improved, a, b), new, xi)
+        return new, jnp.where(improved, f_new, f), it + 1, converged
 
+    def search(xi, f, grad, diag, step, slope):
         def shrink(c):
             t, _ = c
             t = 0.5 * t
@@ -196,10 +206,7 @@ def _newton_structured(gauge, params, positive, rtol, atol, max_steps):
                              residual(grad_new, diag_new) < residual(grad, diag))
         improved = improved & jnp.isfinite(f_new)
         size = jnp.max(jnp.stack([jnp.max(jnp.abs(t * step[n])) for n in positive]))
-        ref = jnp.max(jnp.stack([jnp.max(jnp.abs(new[n])) for n in positive]))
-        converged = (size <= atol + rtol * ref) | ~improved
-        new = jax.tree_util.tree_map(lambda a, b: jnp.where(improved, a, b), new, xi)
-        return new, jnp.where(improved, f_new, f), it + 1, converged
+        return new, f_new, improved, size
 
     def cond(carry):
         _, _, it, converged = carry
