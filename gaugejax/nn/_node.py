@@ -73,7 +73,7 @@ def interpolate(ts: Array, values: Array, t: Array) -> Array:
 
 def random_blocks(key: PRNGKeyArray, n: int, dim: int, width: int, scale: float, dtype: Any) -> tuple[Array, ...]:
     """`n` stacked random blocks `(A, W1, b, W2, c)`, entries
-    $\sim N(0, \mathrm{scale}^2 / \mathrm{fan\_in})$ (biases $N(0, \mathrm{scale}^2)$)."""
+    $\\sim N(0, \\mathrm{scale}^2 / \\mathrm{fan\\_in})$ (biases $N(0, \\mathrm{scale}^2)$)."""
     ks = jax.random.split(key, 5)
     s = float(scale)
     A = s * jax.random.normal(ks[0], (n, dim, dim), dtype) / np.sqrt(dim)
