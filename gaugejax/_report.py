@@ -321,7 +321,7 @@ def _inference_table(rows: list[dict[str, Any]]):
     for r in rows:
         table.add_row(r["model"], "[green]yes[/green]" if r["agrees"] else "[red]no[/red]", str(r["sites"]),
                       "-" if r["agrees"] else r["difference"])
-    table.caption = ("inference only (milliseconds per model); `gaugejax infer` and the tests certify each "
+    table.caption = ("inference only (at most about a second per model); `gaugejax infer` and the tests certify each "
                      "inferred gauge with a sweep")
     return table
 
