@@ -46,6 +46,7 @@ import optimistix as optx
 
 import gaugejax as gj
 
+
 #: the solver tolerance (float32): well above the rounding floor
 TOL = 1e-5
 

@@ -26,7 +26,6 @@ import argparse
 import datetime
 import hashlib
 import importlib.metadata
-import json
 import os
 import pathlib
 import platform
@@ -42,6 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import gaugejax as gj
+
+
+try:
+    from ._results import finish
+except ImportError:  # run as a script
+    from _results import finish
 from gaugejax import _sweep
 
 
@@ -529,17 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         "small": bench_chunks(small, cfg["small_chunks"], cfg["small_chunk_reps"], with_inner=True),
         "large": bench_chunks(large, cfg["large_chunks"], cfg["large_chunk_reps"], with_inner=False),
     }
-    res["meta"]["duration_s"] = time.perf_counter() - start
-    res["meta"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(res, indent=2, default=float) + "\n")
-    tmp.replace(args.out)
-    print()
-    print(_table(res))
-    print(f"\nwrote {args.out} in {res['meta']['duration_s']:.0f} s")
-    return 0
+    return finish(res, args.out, _table(res), start)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ ended by `block_until_ready`; compilation is excluded and reported separately.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys
@@ -49,6 +48,12 @@ from sweep import _compile, _meta, _stats, interleaved  # noqa: E402  (same timi
 
 import gaugejax as gj  # noqa: E402
 from gaugejax import _sweep  # noqa: E402
+
+
+try:
+    from ._results import finish
+except ImportError:  # run as a script
+    from _results import finish
 
 
 DEFAULT_OUT = ROOT / "results" / "transformer.json"
@@ -255,16 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             res["per_element"]["MiniLM"] = bench_case(case, cfg["minilm_rounds"], cfg["minilm_sweep_reps"])
             print("3. MiniLM processing", flush=True)
             res["processing"] = bench_processing(model, ids, mask, cfg["processing_rounds"])
-    res["meta"]["duration_s"] = time.perf_counter() - start
-    res["meta"]["load_average_at_end"] = list(os.getloadavg())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(res, indent=2, default=float) + "\n")
-    tmp.replace(args.out)
-    print()
-    print(_table(res))
-    print(f"\nwrote {args.out} in {res['meta']['duration_s']:.0f} s")
-    return 0
+    return finish(res, args.out, _table(res), start)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,19 @@ MAX_SAMPLES = 256
 PARTS = ("heads", "qheads", "qk", "ov", "key_shift", "mlp", "stream")
 
 
+class _Laps:
+    """`lap(name)` records the seconds since the previous lap (or since creation)."""
+
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+        self._tick = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self._tick, 3)
+        self._tick = now
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerCase:
     """A small random [`gaugejax.nn.Transformer`][] of the report.
@@ -160,14 +173,7 @@ def run_transformer_case(case: TransformerCase, *, num_samples: int = 64, seed: 
     `processing` (or `None`), `controls` and `seconds`.
     """
     k_model, k_tok, k_sweep = jax.random.split(jax.random.key(seed), 3)
-    timings: dict[str, float] = {}
-    tick = time.perf_counter()
-
-    def lap(name):
-        nonlocal tick
-        now = time.perf_counter()
-        timings[name] = round(now - tick, 3)
-        tick = now
+    lap = _Laps()
 
     n = min(num_samples, MAX_SAMPLES)
     model64 = case.build(k_model, jnp.float64)
@@ -215,7 +221,7 @@ def run_transformer_case(case: TransformerCase, *, num_samples: int = 64, seed: 
                          "broke_as_predicted": r.median_rel_error >= CONTROL_MIN_ERROR})
     out["controls"] = controls
     lap("controls")
-    out["seconds"] = timings
+    out["seconds"] = lap.timings
     return out
 
 
@@ -235,14 +241,7 @@ def run_minilm_case(*, num_samples: int = 8, seed: int = 0) -> dict[str, Any]:
     """
     from ._minilm import MiniLM, load_minilm, tokenize
 
-    timings: dict[str, float] = {}
-    tick = time.perf_counter()
-
-    def lap(name):
-        nonlocal tick
-        now = time.perf_counter()
-        timings[name] = round(now - tick, 3)
-        tick = now
+    lap = _Laps()
 
     model, tokenizer = load_minilm()
     tr = model.transformer
@@ -286,7 +285,7 @@ def run_minilm_case(*, num_samples: int = 8, seed: int = 0) -> dict[str, Any]:
                         "median_rel_error": r.median_rel_error,
                         "broke_as_predicted": r.median_rel_error >= CONTROL_MIN_ERROR}]
     lap("controls")
-    out["seconds"] = timings
+    out["seconds"] = lap.timings
     return out
 
 

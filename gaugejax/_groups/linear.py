@@ -45,6 +45,12 @@ class _AbstractMatrixGroup(AbstractGroup):
     def algebra_zeros(self, dtype: Any = None) -> Array:
         return jnp.zeros((*self.batch, self.n, self.n), default_float(dtype))
 
+    def sample(self, key: PRNGKeyArray, scale: float | None, dtype: Any = None) -> Array:
+        return self._sample_via_draws(key, scale, dtype)
+
+    def sample_draws(self, scale: float | None, dtype: Any = None) -> tuple[int, int]:
+        return 0, self.batch_size() * self.n * self.n  # one Gaussian matrix per element
+
 
 class GL(_AbstractMatrixGroup):
     """The general linear group $GL(n)$; elements are invertible `(*batch, n, n)` matrices.
@@ -61,12 +67,6 @@ class GL(_AbstractMatrixGroup):
 
     n: int = eqx.field(static=True)
     batch: tuple[int, ...] = eqx.field(static=True, default=())
-
-    def sample(self, key: PRNGKeyArray, scale: float | None, dtype: Any = None) -> Array:
-        return self._sample_via_draws(key, scale, dtype)
-
-    def sample_draws(self, scale: float | None, dtype: Any = None) -> tuple[int, int]:
-        return 0, self.batch_size() * self.n * self.n
 
     def sample_from_draws(self, words: Array, normals: Array, scale: float | None, dtype: Any = None) -> Array:
         # exp(s X / sqrt(n)), X standard Gaussian: `exp` of `sample_algebra`'s distribution
@@ -126,12 +126,6 @@ class Orthogonal(_AbstractMatrixGroup):
 
     n: int = eqx.field(static=True)
     batch: tuple[int, ...] = eqx.field(static=True, default=())
-
-    def sample(self, key: PRNGKeyArray, scale: float | None, dtype: Any = None) -> Array:
-        return self._sample_via_draws(key, scale, dtype)
-
-    def sample_draws(self, scale: float | None, dtype: Any = None) -> tuple[int, int]:
-        return 0, self.batch_size() * self.n * self.n
 
     def sample_from_draws(self, words: Array, normals: Array, scale: float | None, dtype: Any = None) -> Array:
         dtype = default_float(dtype)
