@@ -3,7 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+
+#: The XLA flag the `report` and `continuum` jobs compile with unless `--xla-optimize` is
+#: given: LLVM's cheapest backend optimisation. Their few hundred programs each run once or
+#: a few times, so compilation is most of their time; on 2 CPU cores this cut the report
+#: from 83 s to 54 s, with the same verdicts (the errors agree to rounding).
+FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+
+
+def _fast_compile() -> None:
+    """Add `FAST_COMPILE_FLAG` to `XLA_FLAGS` (before JAX creates its backend), unless the
+    user set an optimisation level there."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_backend_optimization_level" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {FAST_COMPILE_FLAG}".strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     con.add_argument("--plot", metavar="DIR", help="draw the log-log plots")
     con.add_argument("--seed", type=int, default=0)
     con.add_argument("--max-depth", type=int, default=1024, help="largest L (powers of 2 from 8; default 1024)")
+    for p in (rep, con):
+        p.add_argument("--xla-optimize", action="store_true",
+                       help="compile with XLA's full CPU backend optimisation (by default the job "
+                            "compiles with --xla_backend_optimization_level=0: its programs run once "
+                            "or a few times, so compiling them is most of its time)")
     args = parser.parse_args(argv)
+    if not args.xla_optimize:
+        _fast_compile()
     if args.command == "continuum":
         if args.max_depth < 16:
             parser.error(f"--max-depth must be at least 16 (two depths to fit a slope), got {args.max_depth}")

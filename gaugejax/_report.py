@@ -30,6 +30,7 @@ from ._groups import PositiveDiagonal, SignFlip
 from ._infer import inference_report_rows
 from ._report_node import run_node_case
 from ._report_transformer import (
+    cast_floats,
     run_minilm_case,
     run_transformer_case,
     transformer_cases,
@@ -144,7 +145,8 @@ def run_case(case: ModelCase, *, num_samples: int, seed: int, errors: dict) -> d
     # inputs visit; see probe_inputs)
     out_dim = jax.eval_shape(model64, jax.ShapeDtypeStruct((case.in_dim,), jnp.float64)).size
     n_inputs = math.ceil(min(32 * n_params, FD_MAX_ROWS) / out_dim)
-    x_fd = probe_inputs(k_fd, n_inputs, case.in_dim, dtype=jnp.float64)
+    x_fd = jax.jit(probe_inputs, static_argnums=(1, 2), static_argnames=("dtype", "max_scale"))(
+        k_fd, n_inputs, case.in_dim, dtype=jnp.float64)
     fd = functional_dimension(_forward, model64, x_fd)
     out["functional_dim"] = fd.rank
     out["functional_dim_gap"] = fd.gap
@@ -152,10 +154,10 @@ def run_case(case: ModelCase, *, num_samples: int, seed: int, errors: dict) -> d
     out["functional_equals_params_minus_orbit"] = fd.rank == n_params - gauge.orbit_dim
     lap("functional_dim")
 
-    x64 = jax.random.normal(k_x, (32, case.in_dim), jnp.float64)
+    x64 = jax.jit(jax.random.normal, static_argnums=(1, 2))(k_x, (32, case.in_dim), jnp.float64)
     sweeps = []
     for dtype in (jnp.float32, jnp.float64):
-        model = jax.tree.map(lambda a: a.astype(dtype) if hasattr(a, "astype") else a, model64)
+        model = cast_floats(model64, dtype)
         gauge_d = derive_gauge(model, **gkw)
         rep = check_invariance(_forward, gauge_d, model, x64.astype(dtype), key=k_sweep,
                                num_samples=num_samples, chunk_size=SWEEP_CHUNK)

@@ -157,7 +157,10 @@ def _forward(model, tokens):
     return jax.vmap(model)(tokens)
 
 
-def _cast(tree, dtype):
+@eqx.filter_jit
+def cast_floats(tree, dtype):
+    """`tree` with its floating-point arrays cast to `dtype`, in one compiled program
+    (eagerly, each cast of a new shape compiles on its own)."""
     return jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, tree)
 
 
@@ -189,7 +192,7 @@ def run_transformer_case(case: TransformerCase, *, num_samples: int = 64, seed: 
     lap("orbit")
     sweeps = []
     for dtype in (jnp.float32, jnp.float64):
-        m = _cast(model64, dtype)
+        m = cast_floats(model64, dtype)
         sweeps += sweep_parts(_forward, derive_gauge(m), m, tokens, key=k_sweep, num_samples=n)
     out["sweeps"] = sweeps
     lap("sweeps")
@@ -197,7 +200,7 @@ def run_transformer_case(case: TransformerCase, *, num_samples: int = 64, seed: 
     if case.process:
         # the whole pipeline's error (per-step errors: tests/test_transformer.py; each step
         # changes the model's structure, so measuring every step costs a compilation each)
-        new = process_weights(model64)
+        new = process_weights(model64)  # eager: it checks values (e.g. centred writing weights)
         fwd = eqx.filter_jit(_forward)
         err = float(_rel_error(fwd(new, tokens), fwd(model64, tokens)))
         eps = float(jnp.finfo(jnp.float64).eps)

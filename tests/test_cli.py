@@ -1,6 +1,7 @@
 """`gaugejax report` and `gaugejax continuum` run end to end and write the documented JSON."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -65,3 +66,28 @@ def test_continuum_tables(tmp_path):
 def test_continuum_bad_depth():
     res = subprocess.run([sys.executable, "-m", "gaugejax", "continuum", "--max-depth", "8"], capture_output=True, text=True)
     assert res.returncode != 0 and "--max-depth must be at least 16" in res.stderr
+
+
+def test_fast_compile_flag_respects_the_users_xla_flags(monkeypatch):
+    from gaugejax import _cli
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    _cli._fast_compile()
+    assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {_cli.FAST_COMPILE_FLAG}"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=2")
+    _cli._fast_compile()
+    assert os.environ["XLA_FLAGS"] == "--xla_backend_optimization_level=2"
+    monkeypatch.delenv("XLA_FLAGS")
+    _cli._fast_compile()
+    assert os.environ["XLA_FLAGS"] == _cli.FAST_COMPILE_FLAG
+
+
+def test_continuum_with_full_xla_optimisation(tmp_path):
+    """`--xla-optimize` runs the job with XLA's default flags (the same tables)."""
+    out = tmp_path / "continuum.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "gaugejax", "continuum", "--max-depth", "16", "--xla-optimize", "--json", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert res.returncode in (0, 1), res.stderr  # 1: a two-point slope outside the band
+    assert json.loads(out.read_text())["S12"]["L"] == [8, 16]
