@@ -208,27 +208,33 @@ def run_report(*, num_samples: int = 2048, seed: int = 0, json_path: str | None 
     start = time.perf_counter()
     errors: dict = {}
     models = []
-    from concurrent.futures import ThreadPoolExecutor
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     cases = default_cases()
-    # Most of the time is XLA compilation, which releases the GIL: two models at a time.
-    # NumPy's SVDs (orbit rank, functional dimension) run on one BLAS thread each: with two
-    # workers, multithreaded OpenBLAS oversubscribes the cores (an 8192 x 400 SVD takes
-    # 3-5 s instead of 0.6 s on 2 shared cores).
-    with _one_blas_thread(), Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} models"),
+    # Two models at a time, in two worker processes: most of the time is XLA compilation,
+    # but tracing and lowering (a third of it) hold the GIL, so two threads wait on each
+    # other. NumPy's SVDs (orbit rank, functional dimension) run on one BLAS thread in each
+    # worker: multithreaded OpenBLAS in both would oversubscribe the cores (an 8192 x 400
+    # SVD takes 3-5 s instead of 0.6 s on 2 shared cores).
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} models"),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
         t_cases = transformer_cases()
         task = bar.add_task("compiling and sweeping", total=len(cases) + len(t_cases) + 2 + (model == "minilm"))
-        with ThreadPoolExecutor(max_workers=2) as pool:
+        # "spawn": the parent's JAX runtime has threads, which a fork would not carry over
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=2, mp_context=ctx, initializer=_worker_init) as pool:
             # the longest single jobs first: the neural ODE's diffrax compilation, the transformers
             node_future = pool.submit(run_node_case, num_samples=num_samples, seed=seed)
             infer_future = pool.submit(inference_report_rows, seed=seed, certify=False)
-            t_futures = [pool.submit(run_transformer_case, c, num_samples=num_samples, seed=seed) for c in t_cases]
-            futures = [pool.submit(run_case, c, num_samples=num_samples, seed=seed, errors=errors) for c in cases]
+            t_futures = [pool.submit(_transformer_job, i, num_samples, seed) for i in range(len(t_cases))]
+            futures = [pool.submit(_case_job, i, num_samples, seed) for i in range(len(cases))]
             for f in futures:
-                models.append(f.result())
+                out, errs = f.result()
+                models.append(out)
+                errors.update(errs)
                 bar.advance(task)
             node = node_future.result()
             bar.advance(task)
@@ -285,6 +291,22 @@ def run_report(*, num_samples: int = 2048, seed: int = 0, json_path: str | None 
         _plot(errors, pathlib.Path(plot_dir))
         console.print(f"wrote {pathlib.Path(plot_dir) / 'invariance_errors.png'}")
     return result
+
+
+def _worker_init() -> None:
+    """A report worker process: float64 on, as the command line sets it, and one BLAS
+    thread (see `run_report`)."""
+    jax.config.update("jax_enable_x64", True)
+    _one_blas_thread().__enter__()  # held for the worker's lifetime
+
+
+def _case_job(index: int, num_samples: int, seed: int) -> tuple[dict[str, Any], dict]:
+    errors: dict = {}
+    return run_case(default_cases()[index], num_samples=num_samples, seed=seed, errors=errors), errors
+
+
+def _transformer_job(index: int, num_samples: int, seed: int) -> dict[str, Any]:
+    return run_transformer_case(transformer_cases()[index], num_samples=num_samples, seed=seed)
 
 
 def _one_blas_thread():
