@@ -3,4 +3,5 @@ import sys
 from ._cli import main
 
 
-sys.exit(main())
+if __name__ == "__main__":  # a spawned report worker may import this module
+    sys.exit(main())
