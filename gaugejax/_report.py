@@ -115,6 +115,12 @@ def _forward(model, x):
     return model(x)
 
 
+# The report's draws as compiled programs: eagerly, every `jax.random` call with a new shape
+# compiles on its own (the report's eager draws and casts were about 14 s of compilation).
+_probe_inputs = jax.jit(probe_inputs, static_argnums=(1, 2), static_argnames=("dtype", "max_scale"))
+_normal = jax.jit(jax.random.normal, static_argnums=(1, 2))
+
+
 def run_case(case: ModelCase, *, num_samples: int, seed: int, errors: dict) -> dict[str, Any]:
     key = jax.random.key(seed)
     k_model, k_x, k_sweep, k_fd = jax.random.split(key, 4)
@@ -145,8 +151,7 @@ def run_case(case: ModelCase, *, num_samples: int, seed: int, errors: dict) -> d
     # inputs visit; see probe_inputs)
     out_dim = jax.eval_shape(model64, jax.ShapeDtypeStruct((case.in_dim,), jnp.float64)).size
     n_inputs = math.ceil(min(32 * n_params, FD_MAX_ROWS) / out_dim)
-    x_fd = jax.jit(probe_inputs, static_argnums=(1, 2), static_argnames=("dtype", "max_scale"))(
-        k_fd, n_inputs, case.in_dim, dtype=jnp.float64)
+    x_fd = _probe_inputs(k_fd, n_inputs, case.in_dim, dtype=jnp.float64)
     fd = functional_dimension(_forward, model64, x_fd)
     out["functional_dim"] = fd.rank
     out["functional_dim_gap"] = fd.gap
@@ -154,12 +159,12 @@ def run_case(case: ModelCase, *, num_samples: int, seed: int, errors: dict) -> d
     out["functional_equals_params_minus_orbit"] = fd.rank == n_params - gauge.orbit_dim
     lap("functional_dim")
 
-    x64 = jax.jit(jax.random.normal, static_argnums=(1, 2))(k_x, (32, case.in_dim), jnp.float64)
+    x64 = _normal(k_x, (32, case.in_dim), jnp.float64)
     sweeps = []
     for dtype in (jnp.float32, jnp.float64):
         model = cast_floats(model64, dtype)
         gauge_d = derive_gauge(model, **gkw)
-        rep = check_invariance(_forward, gauge_d, model, x64.astype(dtype), key=k_sweep,
+        rep = check_invariance(_forward, gauge_d, model, cast_floats(x64, dtype), key=k_sweep,
                                num_samples=num_samples, chunk_size=SWEEP_CHUNK)
         errors[(case.name, rep.dtype)] = rep.errors
         sweeps.append({"dtype": rep.dtype, "num_samples": rep.num_samples,
