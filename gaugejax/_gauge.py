@@ -558,6 +558,7 @@ class Gauge(eqx.Module):
                 f"unexpected {extra}; expected sites {names}."
             )
         out = dict(g)
+        checks: list[tuple[Array, str]] = []
         for name, group in self.sites:
             expected = jax.eval_shape(lambda: group.identity())
             got_shapes = jtu.tree_map(lambda x: tuple(jnp.shape(x)), out[name])
@@ -568,10 +569,13 @@ class Gauge(eqx.Module):
                     f"{want_shapes}, got {got_shapes}."
                 )
             if check:
-                for bad, reason in group.check(out[name]):
-                    out[name] = eqx.error_if(
-                        out[name], bad, f"the {what} for site {name!r} ({group!r}) {reason}."
-                    )
+                checks += [(jnp.any(bad), f"the {what} for site {name!r} ({group!r}) {reason}.")
+                           for bad, reason in group.check(out[name])]
+        if checks:
+            # one run-time check for all sites: each `error_if` is a conditional, and on a
+            # GPU every conditional waits for its predicate
+            bad = jnp.stack([b for b, _ in checks])
+            out = eqx.branched_error_if(out, jnp.any(bad), jnp.argmax(bad), [m for _, m in checks])
         return out
 
     def _check_dtypes(self, g: Mapping[str, Any], leaves: list[Any]) -> None:

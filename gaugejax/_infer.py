@@ -349,6 +349,29 @@ def _sub_jaxpr(eqn) -> Any:
     return None
 
 
+def _scan_split(eqn, in_shapes: list[tuple[int, ...]]) -> tuple[int, int]:
+    """(number of constants, number of carries) of a `lax.scan` equation: from its
+    `num_consts` / `num_carry` parameters where the installed jax has them, else from the
+    shapes (a scanned-over operand or stacked output has one more axis than the body's
+    value; a carry or constant has the body's shape; constants come first, then carries)."""
+    p = eqn.params
+    if "num_consts" in p and "num_carry" in p:
+        return int(p["num_consts"]), int(p["num_carry"])
+    inner = p["jaxpr"].jaxpr
+    outs = [(tuple(o.aval.shape), tuple(i.aval.shape)) for o, i in zip(eqn.outvars, inner.outvars)]
+    ncarry = next((k for k, (o, i) in enumerate(outs) if o != i), len(outs))
+    if len(in_shapes) != len(inner.invars):
+        raise NotImplementedError(
+            f"lax.scan: {len(in_shapes)} operands for a body of {len(inner.invars)} inputs and no "
+            f"`num_consts` parameter (parameters: {sorted(p)}); this jax version's scan is not supported.")
+    nx = 0
+    for shape, iv in zip(reversed(in_shapes), reversed(inner.invars)):
+        if tuple(shape) != (int(p["length"]), *iv.aval.shape):
+            break
+        nx += 1
+    return len(in_shapes) - ncarry - nx, ncarry
+
+
 def _raises(jaxpr) -> bool:
     """A branch that reports an `equinox.error_if` error: it raises and never returns a value
     (only its sibling branches compute the result)."""
@@ -455,8 +478,9 @@ class _Flat:
         p = eqn.params
         closed = p["jaxpr"]
         inner = closed.jaxpr
-        nc, ncarry, length = int(p["num_consts"]), int(p["num_carry"]), int(p["length"])
+        length = int(p["length"])
         ins = [a if isinstance(a, int) else self.literal(a) for a in ins]
+        nc, ncarry = _scan_split(eqn, [self.shapes[a] for a in ins])
         consts, carry, xs = ins[:nc], ins[nc:nc + ncarry], ins[nc + ncarry:]
         ys: list[list[int]] = []
         order = range(length - 1, -1, -1) if p.get("reverse") else range(length)

@@ -369,6 +369,32 @@ def test_python_loop_resnet_links(getkey):
     assert len(links) == L and all(c.h == 0.5 for c in links)
 
 
+def test_scan_operand_split_without_count_parameters():
+    """The operands of a scan split into constants, carries and scanned-over values from the
+    shapes alone (jax versions differ in the scan's parameters), agreeing with the counts
+    where jax gives them; a carry shaped like a stacked value is not mistaken for one."""
+    from types import SimpleNamespace
+
+    from gaugejax._infer import _scan_split
+
+    w = jnp.ones((5, 4, 4))
+
+    def fn(c0, c1, xs, ys):
+        def body(carry, x):
+            a, b = carry
+            return (a @ w[0] + x[0], b + x[1].sum()), (a, x[1])
+
+        return jax.lax.scan(body, (c0, c1), (xs, ys))
+
+    args = (jnp.ones((4, 4)), jnp.ones((5, 4, 4)), jnp.ones((5, 4, 4)), jnp.ones((5, 3)))
+    (eqn,) = [e for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns if e.primitive.name == "scan"]
+    shapes = [tuple(v.aval.shape) for v in eqn.invars]
+    expected = (int(eqn.params["num_consts"]), int(eqn.params["num_carry"]))
+    assert expected[1] == 2
+    stripped = {k: v for k, v in eqn.params.items() if k not in ("num_consts", "num_carry")}
+    assert _scan_split(SimpleNamespace(params=stripped, outvars=eqn.outvars), shapes) == expected
+
+
 def _while_case(key):
     rng = _rng(key)
     params = {"W": _normal(rng, (4, 3)), "V": _normal(rng, (2, 4))}

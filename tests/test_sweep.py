@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +56,33 @@ def test_chunk_size_adapts_to_model_size():
     big = gj.nn.MLP((1024, 1024, 1024, 1024), key=jax.random.key(0), dtype=jnp.float32)
     assert gj.choose_chunk_size(small, 256) == 256
     assert gj.choose_chunk_size(big, 256) == 1
+    # on an accelerator the budget is 1 GiB, or 1/16 of the device's memory if less
+    big_bytes = sum(x.nbytes for x in jax.tree.leaves(big))
+    gpu = SimpleNamespace(platform="gpu", memory_stats=lambda: {"bytes_limit": 2**36})
+    assert gj.choose_chunk_size(big, 256, device=gpu) == 2**30 // big_bytes
+    small_gpu = SimpleNamespace(platform="gpu", memory_stats=lambda: {"bytes_limit": 2**30})
+    assert gj.choose_chunk_size(big, 256, device=small_gpu) == 2**26 // big_bytes
+    silent = SimpleNamespace(platform="tpu", memory_stats=lambda: None)
+    assert gj.choose_chunk_size(big, 256, device=silent) == 2**30 // big_bytes
+    assert gj.choose_chunk_size(big, 256, budget=3 * big_bytes, device=gpu) == 3
+
+
+def test_sweep_traced_at_highest_matmul_precision():
+    """Accelerators round float32 matmuls (TF32, bfloat16 passes) unless told otherwise: the
+    sweep is traced under `jax.default_matmul_precision("highest")` unless `precision=None`."""
+    model, gauge, x = _setup()
+    seen = []
+
+    def fn(m, x):
+        seen.append(jax.config.jax_default_matmul_precision)
+        return m(x)
+
+    gj.check_invariance(fn, gauge, model, x, key=jax.random.key(0), num_samples=4)
+    assert seen and set(seen) == {"highest"}
+    seen.clear()
+    with jax.default_matmul_precision("bfloat16"):
+        gj.check_invariance(fn, gauge, model, x, key=jax.random.key(0), num_samples=4, precision=None)
+    assert seen and set(seen) == {"bfloat16"}
 
 
 def test_raise_and_per_site():
@@ -98,7 +126,8 @@ SHARDED = textwrap.dedent(
 
 
 def test_sharded_sweep_equals_single_device():
-    env = dict(os.environ)
+    # four forced host devices: on a machine with an accelerator, the CPU backend by name
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     res = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])

@@ -28,6 +28,10 @@ def _mT(x: Array) -> Array:
     return jnp.swapaxes(x, -1, -2)
 
 
+#: exact float32 products on accelerators too (their default rounds to TF32 / bf16 passes)
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
 class _AbstractMatrixGroup(AbstractGroup):
     n: eqx.AbstractVar[int]
     batch: eqx.AbstractVar[tuple[int, ...]]
@@ -37,7 +41,7 @@ class _AbstractMatrixGroup(AbstractGroup):
         return jnp.broadcast_to(eye, (*self.batch, self.n, self.n))
 
     def compose(self, g: Array, h: Array) -> Array:
-        return g @ h
+        return jnp.matmul(g, h, precision=_HIGHEST)
 
     def as_matrix(self, g: Array) -> Array:
         return g
@@ -146,7 +150,7 @@ class Orthogonal(_AbstractMatrixGroup):
 
     def check(self, g: Array) -> list[tuple[Array, str]]:
         eye = jnp.eye(self.n, dtype=g.dtype)
-        err = jnp.max(jnp.abs(_mT(g) @ g - eye))
+        err = jnp.max(jnp.abs(jnp.matmul(_mT(g), g, precision=_HIGHEST) - eye))
         tol = 1e3 * self.n * jnp.finfo(g.dtype).eps
         return [
             (jnp.any(~jnp.isfinite(g)), "contains NaN or inf"),
