@@ -54,8 +54,9 @@ def test_many_samples_memory_bounded():
 def test_chunk_size_adapts_to_model_size():
     small = gj.nn.MLP((32, 64, 64, 10), key=jax.random.key(0), dtype=jnp.float32)
     big = gj.nn.MLP((1024, 1024, 1024, 1024), key=jax.random.key(0), dtype=jnp.float32)
-    assert gj.choose_chunk_size(small, 256) == 256
-    assert gj.choose_chunk_size(big, 256) == 1
+    cpu = jax.devices("cpu")[0]
+    assert gj.choose_chunk_size(small, 256, device=cpu) == 256
+    assert gj.choose_chunk_size(big, 256, device=cpu) == 1
     # on an accelerator the budget is 1 GiB, or 1/16 of the device's memory if less
     big_bytes = sum(x.nbytes for x in jax.tree.leaves(big))
     gpu = SimpleNamespace(platform="gpu", memory_stats=lambda: {"bytes_limit": 2**36})
