@@ -37,19 +37,26 @@ class FunctionalDimension:
 
 
 def functional_dimension(
-    fn: Callable[[PyTree, Any], Any], params: PyTree, inputs: Any, *, rtol: float | None = None
+    fn: Callable[[PyTree, Any], Any], params: PyTree, inputs: Any, *, rtol: float | None = None,
+    per_example: bool = False,
 ) -> FunctionalDimension:
     """Numerical rank of $\\partial f(\\theta, X) / \\partial \\theta$ over a batch of inputs.
 
     **Arguments:**
 
-    - `fn`: `fn(params, inputs) -> outputs` for the whole batch.
+    - `fn`: `fn(params, inputs) -> outputs` for the whole batch (or for one input, with
+      `per_example=True`).
     - `params`: the parameters (differentiated over every inexact array leaf).
-    - `inputs`: a batch of inputs; use enough of them that
+    - `inputs`: a batch of inputs (leading axis); use enough of them that
       `outputs.size >= number of parameters`. Use float64 for a clean rank.
     - `rtol`: relative threshold on singular values (default: NumPy's, `max(M, N) * eps`).
+    - `per_example`: `fn` takes one input and the Jacobian is assembled from the inputs'
+      own Jacobians, vmapped over the batch (rows in the same order). Far cheaper when
+      each input has few outputs: one reverse pass per output of one input, instead of
+      one forward pass of the whole batch per parameter. Only for models that treat their
+      inputs independently (no batch statistics).
     """
-    jac = np.asarray(_jacobian(fn, params, inputs))
+    jac = np.asarray((_jacobian_per_example if per_example else _jacobian)(fn, params, inputs))
     n_out = jac.shape[0]
     flat_size = jac.shape[1]
     s = np.linalg.svd(jac, compute_uv=False)
@@ -72,6 +79,21 @@ def _jacobian(fn, params, inputs):
 
     n_out = jax.eval_shape(f, flat).size
     return (jax.jacrev if n_out < flat.size else jax.jacfwd)(f)(flat)
+
+
+@eqx.filter_jit
+def _jacobian_per_example(fn, params, inputs):
+    arrays, static = eqx.partition(params, eqx.is_inexact_array)
+    flat, unravel = jax.flatten_util.ravel_pytree(arrays)
+
+    def f(v, x):
+        return jax.flatten_util.ravel_pytree(fn(eqx.combine(unravel(v), static), x))[0]
+
+    one = jax.tree.map(lambda a: a[0], inputs)
+    n_out = jax.eval_shape(f, flat, one).size
+    jac = jax.jacrev if n_out < flat.size else jax.jacfwd
+    rows = jax.vmap(lambda x: jac(f)(flat, x))(inputs)  # (batch, outputs of one input, params)
+    return rows.reshape(-1, flat.size)
 
 
 def probe_inputs(key: Any, num: int, dim: int, *, dtype: Any = None, max_scale: float = 50.0) -> Any:

@@ -1980,8 +1980,14 @@ def inference_report_rows(*, seed: int = 0, num_samples: int = 8, certify: bool 
 
     from ._feedforward import derive_gauge
     from .nn import MLP, Transformer
+    from .nn._init import linears
 
     key = jax.random.key(seed)
+    rng = np.random.default_rng(seed)
+
+    def normal(shape):  # example inputs from NumPy: no compilation per shape
+        return jnp.asarray(rng.normal(size=shape), jnp.zeros(()).dtype)
+
     rows = []
     cases: list[tuple[str, Callable[[], tuple]]] = []
     for act in (jax.nn.relu, jnp.tanh, jax.nn.gelu, _identity_act()):
@@ -1989,7 +1995,7 @@ def inference_report_rows(*, seed: int = 0, num_samples: int = 8, certify: bool 
             m = MLP([4, 8, 8, 3], act, key=key)
             p, static = eqx.partition(m, eqx.is_array)
             fn = lambda p, x: eqx.combine(p, static)(x)  # noqa: E731
-            return fn, p, (jax.random.normal(key, (5, 4)),), derive_gauge(m), {}
+            return fn, p, (normal((5, 4)),), derive_gauge(m), {}
         cases.append((f"MLP({getattr(act, '__name__', 'act')})", mlp_case))
     for cfg in (dict(norm="rms", norm_gain=False, unembedding="untied"), dict(norm="layer", unembedding="none")):
         def tr_case(cfg=cfg):
@@ -2003,10 +2009,10 @@ def inference_report_rows(*, seed: int = 0, num_samples: int = 8, certify: bool 
             from ._lattice import resnet_gauge
             from .nn import ResNet
 
-            kw, x = {}, jax.random.normal(key, (6, 3))
+            kw, x = {}, normal((6, 3))
             if boundary == "absorb":
-                kw = dict(embedding=eqx.nn.Linear(2, 3, key=key), readout=eqx.nn.Linear(3, 1, key=key))
-                x = jax.random.normal(key, (6, 2))
+                e, r = linears([(2, 3), (3, 1)], key=key)
+                kw, x = dict(embedding=e, readout=r), normal((6, 2))
             m = ResNet.random(3, 5, 4, key=key, **kw)
             p, static = eqx.partition(m, eqx.is_array)
             fn = lambda p, x: eqx.combine(p, static)(x)  # noqa: E731
@@ -2023,8 +2029,8 @@ def inference_report_rows(*, seed: int = 0, num_samples: int = 8, certify: bool 
             tol = 1e-8
             ctrl = (diffrax.ConstantStepSize() if steps == "constant"
                     else diffrax.PIDController(rtol=tol, atol=tol))
-            m = NeuralODE(ParametricField.random(3, 5, num_nodes=3, key=key), 1.0,
-                          embedding=eqx.nn.Linear(2, 3, key=key), readout=eqx.nn.Linear(3, 2, key=key),
+            e, r = linears([(2, 3), (3, 2)], key=key)
+            m = NeuralODE(ParametricField.random(3, 5, num_nodes=3, key=key), 1.0, embedding=e, readout=r,
                           stepsize_controller=ctrl, dt0=0.125 if steps == "constant" else None)
             p, static = eqx.partition(m, eqx.is_inexact_array)
             fn = lambda p, x: eqx.combine(p, static)(x)  # noqa: E731
@@ -2032,7 +2038,7 @@ def inference_report_rows(*, seed: int = 0, num_samples: int = 8, certify: bool 
             # and to the solver's tolerance (not to rounding) under any of them
             declared = node_gauge(m, boundary="absorb", time_dependent=False,
                                   stream_group=None if steps == "constant" else Permutation)
-            return fn, p, (jax.random.normal(key, (4, 2)),), declared, (
+            return fn, p, (normal((4, 2)),), declared, (
                 {} if steps == "constant" else {"rtol": 1e2 * tol})
         cases.append((f"NeuralODE({steps} steps)", node_case))
     for name, build in cases:

@@ -77,15 +77,12 @@ def _mlp_case(name, sizes, activation, controls=(), balance=False) -> ModelCase:
 
 
 def _resnet(key, dtype):
-    import equinox as eqx
-
     from .nn import ResNet
+    from .nn._init import linears
 
-    k, ke, kr = jax.random.split(key, 3)
-    return ResNet.random(
-        3, 4, 2, activation=jax.nn.relu, key=k, dtype=dtype,
-        embedding=eqx.nn.Linear(4, 3, key=ke, dtype=dtype), readout=eqx.nn.Linear(3, 2, key=kr, dtype=dtype),
-    )
+    k, k_er = jax.random.split(key)
+    embedding, readout = linears([(4, 3), (3, 2)], key=k_er, dtype=dtype)
+    return ResNet.random(3, 4, 2, activation=jax.nn.relu, key=k, dtype=dtype, embedding=embedding, readout=readout)
 
 
 #: The report's ResNet sweeps the stream with the lifted feedforward rescaling (positive
@@ -152,7 +149,7 @@ def run_case(case: ModelCase, *, num_samples: int, seed: int, errors: dict) -> d
     out_dim = jax.eval_shape(model64, jax.ShapeDtypeStruct((case.in_dim,), jnp.float64)).size
     n_inputs = math.ceil(min(32 * n_params, FD_MAX_ROWS) / out_dim)
     x_fd = _probe_inputs(k_fd, n_inputs, case.in_dim, dtype=jnp.float64)
-    fd = functional_dimension(_forward, model64, x_fd)
+    fd = functional_dimension(_forward, model64, x_fd, per_example=True)
     out["functional_dim"] = fd.rank
     out["functional_dim_gap"] = fd.gap
     out["params_minus_orbit"] = n_params - gauge.orbit_dim

@@ -36,6 +36,7 @@ from ._diffeo import LinearDiffeo, SmoothLiePath, TimeScale, transform_node
 from ._lattice import node_gauge
 from ._sweep import CONTROL_MIN_ERROR
 from .nn import NeuralODE, ParametricField
+from .nn._init import linears
 
 
 #: solver tolerance (rtol = atol) of the report's neural ODE
@@ -48,14 +49,11 @@ NODE_SAMPLES = 64
 
 
 def _model(key: Any) -> NeuralODE:
-    k_field, k_e, k_r = jax.random.split(key, 3)
+    k_field, k_er = jax.random.split(key)
     field = ParametricField.random(3, 5, T=1.0, num_nodes=4, key=k_field, dtype=jnp.float64)
-    return NeuralODE(
-        field, 1.0,
-        embedding=eqx.nn.Linear(4, 3, key=k_e, dtype=jnp.float64),
-        readout=eqx.nn.Linear(3, 2, key=k_r, dtype=jnp.float64),
-        stepsize_controller=diffrax.PIDController(rtol=NODE_TOL, atol=NODE_TOL),
-    )
+    embedding, readout = linears([(4, 3), (3, 2)], key=k_er, dtype=jnp.float64)
+    return NeuralODE(field, 1.0, embedding=embedding, readout=readout,
+                     stepsize_controller=diffrax.PIDController(rtol=NODE_TOL, atol=NODE_TOL))
 
 
 def _rel(y: jax.Array, ref: jax.Array) -> jax.Array:
@@ -110,7 +108,7 @@ def run_node_case(*, num_samples: int = NODE_SAMPLES, seed: int = 0) -> dict[str
     """Compute the neural-ODE row (see the module docstring); returns a JSON-able dict."""
     start = time.perf_counter()
     k_model, k_x, k_id, k_free, k_warp = jax.random.split(jax.random.key(seed), 5)
-    node = eqx.filter_jit(_model)(k_model)  # one compilation for all of its random draws
+    node = _model(k_model)  # two random draws (gaugejax.nn._init), two compilations
     gauge = node_gauge(node, boundary="absorb")
     n = max(2, min(num_samples, NODE_SAMPLES)) // 2 * 2
     d, modes = node.dim, 2

@@ -5,6 +5,7 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import gaugejax as gj
@@ -135,6 +136,20 @@ def test_functional_dimension_reaches_params_minus_orbit(sizes):
     assert fd.num_params == n_params
     assert fd.rank == n_params - gauge.orbit_dim
     assert fd.gap > 1e3
+
+
+def test_functional_dimension_per_example_is_the_same_jacobian():
+    """Assembled from the inputs' own Jacobians, the matrix is the batched one: the same
+    singular values and rank."""
+    sizes = (6, 10, 8, 3)
+    model = _model(sizes, jax.nn.relu, jax.random.key(0))
+    n_params = sum(a.size for a in jax.tree.leaves(model))
+    x = _spread_inputs(jax.random.key(3), sizes, n_params)
+    batched = gj.functional_dimension(_fn, model, x)
+    single = gj.functional_dimension(lambda m, xi: m(xi), model, x, per_example=True)
+    assert (single.rank, single.num_outputs) == (batched.rank, batched.num_outputs)
+    np.testing.assert_allclose(single.singular_values, batched.singular_values,
+                               rtol=1e-10, atol=1e-12 * batched.singular_values[0])
 
 
 @pytest.mark.parametrize("sizes", [(4, 8, 6, 2), (5, 5, 5, 5, 1), (2, 12, 2), (6, 6, 4, 2)])

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._init import linears
+
 
 class MLP(eqx.Module):
     """$x_l = \\sigma(W_l x_{l-1} + b_l)$ for $l = 1..L-1$, and a linear last layer.
@@ -43,11 +45,9 @@ class MLP(eqx.Module):
         sizes = [int(s) for s in sizes]
         if len(sizes) < 2 or any(s <= 0 for s in sizes):
             raise ValueError(f"`sizes` needs at least two positive widths, got {sizes}.")
-        keys = jax.random.split(key, len(sizes) - 1)
-        self.layers = tuple(
-            eqx.nn.Linear(a, b, use_bias=use_bias, key=k, dtype=dtype)
-            for a, b, k in zip(sizes[:-1], sizes[1:], keys)
-        )
+        # equinox's initialisation, all layers from one draw (one compilation, not one per
+        # layer shape)
+        self.layers = tuple(linears(list(zip(sizes[:-1], sizes[1:])), use_bias=use_bias, key=key, dtype=dtype))
         self.activation = activation
 
     @property

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._init import build
+
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -74,14 +76,10 @@ def interpolate(ts: Array, values: Array, t: Array) -> Array:
 def random_blocks(key: PRNGKeyArray, n: int, dim: int, width: int, scale: float, dtype: Any) -> tuple[Array, ...]:
     """`n` stacked random blocks `(A, W1, b, W2, c)`, entries
     $\\sim N(0, \\mathrm{scale}^2 / \\mathrm{fan\\_in})$ (biases $N(0, \\mathrm{scale}^2)$)."""
-    ks = jax.random.split(key, 5)
     s = float(scale)
-    A = s * jax.random.normal(ks[0], (n, dim, dim), dtype) / np.sqrt(dim)
-    W1 = s * jax.random.normal(ks[1], (n, width, dim), dtype) / np.sqrt(dim)
-    b = s * jax.random.normal(ks[2], (n, width), dtype)
-    W2 = s * jax.random.normal(ks[3], (n, dim, width), dtype) / np.sqrt(width)
-    c = s * jax.random.normal(ks[4], (n, dim), dtype)
-    return A, W1, b, W2, c
+    return build(key, dtype, lambda draw: (
+        draw((n, dim, dim), s / np.sqrt(dim)), draw((n, width, dim), s / np.sqrt(dim)), draw((n, width), s),
+        draw((n, dim, width), s / np.sqrt(width)), draw((n, dim), s)))
 
 
 class ParametricField(eqx.Module):

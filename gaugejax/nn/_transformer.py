@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from ._init import build
+
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -139,10 +141,6 @@ class Block(eqx.Module):
     norm2: Norm
 
 
-def _normal(key, shape, std, dtype):
-    return std * jax.random.normal(key, shape, dtype)
-
-
 class Transformer(eqx.Module):
     """A transformer (encoder or decoder) with per-head weights on a heads axis.
 
@@ -247,40 +245,44 @@ class Transformer(eqx.Module):
             raise ValueError(f"rotary embeddings rotate pairs of query/key features; d_k={d_k} is odd.")
         dtype = jnp.zeros(()).dtype if dtype is None else dtype
         d, H = d_model, n_heads
-        keys = iter(jax.random.split(key, 16 * n_layers + 16))
         s = 1.0 / math.sqrt(d)
-
-        def make_norm():
-            if not norm_gain:
-                return Norm(None, None, norm, float(eps))
-            w = 1.0 + _normal(next(keys), (d,), 0.2, dtype)
-            b = _normal(next(keys), (d,), 0.1, dtype) if norm == "layer" else None
-            return Norm(w, b, norm, float(eps))
-
-        blocks = []
         G = H if n_kv_heads is None else n_kv_heads
         qh = (H,) if n_kv_heads is None else (G, H // G)  # the query heads' leading axes
-        for _ in range(n_layers):
-            attn = Attention(
-                W_Q=_normal(next(keys), (*qh, d_k, d), s, dtype), b_Q=_normal(next(keys), (*qh, d_k), 0.1, dtype),
-                W_K=_normal(next(keys), (G, d_k, d), s, dtype), b_K=_normal(next(keys), (G, d_k), 0.1, dtype),
-                W_V=_normal(next(keys), (G, d_v, d), s, dtype), b_V=_normal(next(keys), (G, d_v), 0.1, dtype),
-                W_O=_normal(next(keys), (d, *qh, d_v), 1.0 / math.sqrt(H * d_v), dtype),
-                b_O=_normal(next(keys), (d,), 0.1, dtype),
-            )
-            mlp = MLPBlock(
-                W_in=_normal(next(keys), (d_mlp, d), s, dtype), b_in=_normal(next(keys), (d_mlp,), 0.1, dtype),
-                W_out=_normal(next(keys), (d, d_mlp), 1.0 / math.sqrt(d_mlp), dtype),
-                b_out=_normal(next(keys), (d,), 0.1, dtype), activation=activation,
-            )
-            blocks.append(Block(attn, mlp, make_norm(), make_norm()))
-        self.token_embedding = _normal(next(keys), (vocab_size, d), 1.0, dtype)
-        self.position_embedding = _normal(next(keys), (max_len, d), 0.5, dtype) if positional else None
-        self.embed_norm = make_norm() if embed_norm else None
-        self.blocks = tuple(blocks)
-        self.final_norm = make_norm() if norm_position == "pre" else None
-        self.unembed = _normal(next(keys), (vocab_size, d), s, dtype) if unembedding == "untied" else None
-        self.unembed_bias = _normal(next(keys), (vocab_size,), 0.1, dtype) if unembedding != "none" else None
+
+        def weights(draw):
+            def make_norm():
+                if not norm_gain:
+                    return Norm(None, None, norm, float(eps))
+                w = 1.0 + draw((d,), 0.2)
+                b = draw((d,), 0.1) if norm == "layer" else None
+                return Norm(w, b, norm, float(eps))
+
+            blocks = []
+            for _ in range(n_layers):
+                attn = Attention(
+                    W_Q=draw((*qh, d_k, d), s), b_Q=draw((*qh, d_k), 0.1),
+                    W_K=draw((G, d_k, d), s), b_K=draw((G, d_k), 0.1),
+                    W_V=draw((G, d_v, d), s), b_V=draw((G, d_v), 0.1),
+                    W_O=draw((d, *qh, d_v), 1.0 / math.sqrt(H * d_v)),
+                    b_O=draw((d,), 0.1),
+                )
+                mlp = MLPBlock(
+                    W_in=draw((d_mlp, d), s), b_in=draw((d_mlp,), 0.1),
+                    W_out=draw((d, d_mlp), 1.0 / math.sqrt(d_mlp)),
+                    b_out=draw((d,), 0.1), activation=activation,
+                )
+                blocks.append(Block(attn, mlp, make_norm(), make_norm()))
+            token = draw((vocab_size, d), 1.0)
+            position = draw((max_len, d), 0.5) if positional else None
+            embed_norm_ = make_norm() if embed_norm else None
+            final = make_norm() if norm_position == "pre" else None
+            unembed = draw((vocab_size, d), s) if unembedding == "untied" else None
+            unembed_bias = draw((vocab_size,), 0.1) if unembedding != "none" else None
+            return tuple(blocks), token, position, embed_norm_, final, unembed, unembed_bias
+
+        # every weight from one draw (one compilation rather than one per weight shape)
+        (self.blocks, self.token_embedding, self.position_embedding, self.embed_norm,
+         self.final_norm, self.unembed, self.unembed_bias) = build(key, dtype, weights)
         self.n_heads = H
         self.norm_position = norm_position
         self.causal = bool(causal)
