@@ -396,7 +396,7 @@ def bench_chunks(p: Problem, chunks: list[int], reps: int, with_inner: bool) -> 
     return {
         "num_samples": S,
         "param_bytes": nbytes,
-        "chunk_bytes_budget": _sweep._chunk_budget() if hasattr(_sweep, "_chunk_budget") else getattr(_sweep, "CHUNK_BYTES", None),
+        "chunk_bytes_budget": _sweep._chunk_budget(),
         "adaptive_chunk": adaptive,
         "table": rows,
         "best_chunk": best["chunk_size"] if best else None,

@@ -56,7 +56,7 @@ def functional_dimension(
       one forward pass of the whole batch per parameter. Only for models that treat their
       inputs independently (no batch statistics).
     """
-    jac = np.asarray((_jacobian_per_example if per_example else _jacobian)(fn, params, inputs))
+    jac = np.asarray(_jacobian(fn, params, inputs, per_example))
     n_out = jac.shape[0]
     flat_size = jac.shape[1]
     s = np.linalg.svd(jac, compute_uv=False)
@@ -69,31 +69,22 @@ def functional_dimension(
 
 
 @eqx.filter_jit
-def _jacobian(fn, params, inputs):
-    arrays, static = eqx.partition(params, eqx.is_inexact_array)
-    flat, unravel = jax.flatten_util.ravel_pytree(arrays)
-
-    def f(v):
-        out = fn(eqx.combine(unravel(v), static), inputs)
-        return jax.flatten_util.ravel_pytree(out)[0]
-
-    n_out = jax.eval_shape(f, flat).size
-    return (jax.jacrev if n_out < flat.size else jax.jacfwd)(f)(flat)
-
-
-@eqx.filter_jit
-def _jacobian_per_example(fn, params, inputs):
+def _jacobian(fn, params, inputs, per_example: bool = False):
+    """The Jacobian of the flattened outputs w.r.t. the flattened parameters, `(rows,
+    params)`: of `fn(params, inputs)`, or stacked over the inputs' own (`per_example`)."""
     arrays, static = eqx.partition(params, eqx.is_inexact_array)
     flat, unravel = jax.flatten_util.ravel_pytree(arrays)
 
     def f(v, x):
         return jax.flatten_util.ravel_pytree(fn(eqx.combine(unravel(v), static), x))[0]
 
-    one = jax.tree.map(lambda a: a[0], inputs)
-    n_out = jax.eval_shape(f, flat, one).size
-    jac = jax.jacrev if n_out < flat.size else jax.jacfwd
-    rows = jax.vmap(lambda x: jac(f)(flat, x))(inputs)  # (batch, outputs of one input, params)
-    return rows.reshape(-1, flat.size)
+    def jac(x):  # reverse mode for fewer outputs than parameters, forward otherwise
+        n_out = jax.eval_shape(f, flat, x).size
+        return (jax.jacrev if n_out < flat.size else jax.jacfwd)(f)(flat, x)
+
+    if not per_example:
+        return jac(inputs)
+    return jax.vmap(jac)(inputs).reshape(-1, flat.size)  # (batch x outputs of one input, params)
 
 
 def probe_inputs(key: Any, num: int, dim: int, *, dtype: Any = None, max_scale: float = 50.0) -> Any:
