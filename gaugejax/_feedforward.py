@@ -25,6 +25,14 @@ GroupSpec = type[AbstractGroup] | Callable[[int], AbstractGroup] | None
 
 
 def _make_group(spec: Any, n: int) -> AbstractGroup:
+    if isinstance(spec, AbstractGroup):
+        raise TypeError(
+            f"`group` is a group class or a function width -> group (one group per hidden "
+            f"layer, of that layer's width), e.g. gaugejax.{type(spec).__name__}; got the group "
+            f"instance {spec!r}."
+        )
+    if not callable(spec):
+        raise TypeError(f"`group` must be a group class or a function width -> group, got {spec!r}.")
     group = spec(n)
     if not isinstance(group, AbstractGroup):
         raise TypeError(f"`group` must build a gaugejax group from a width, got {group!r}.")

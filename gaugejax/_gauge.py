@@ -17,6 +17,7 @@ accordingly: $(P, M)(P', M') = (PP', M[\\pi'^{-1}]\\,M')$.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -273,6 +274,9 @@ class Gauge(eqx.Module):
             return i
 
         def norm_axis(c: Coupling, axis: int, ndim: int, what: str = "axis") -> int:
+            if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+                raise TypeError(f"{_describe_coupling(c)}: {what} must be an integer, got {axis!r}.")
+            axis = int(axis)
             if not -ndim <= axis < ndim:
                 raise ValueError(
                     f"{_describe_coupling(c)}: {what} {axis} is out of range for the leaf "
@@ -365,8 +369,9 @@ class Gauge(eqx.Module):
                         f"U = I + hA; leaf {paths[i]!r} has shape {tuple(leaves[i].shape)}."
                     )
                 set_view(c, i, None)
-                if not (isinstance(c.h, (int, float)) and c.h > 0):
-                    raise ValueError(f"{_describe_coupling(c)}: the step h must be a positive float, got {c.h!r}.")
+                if not (isinstance(c.h, (int, float, np.integer, np.floating)) and not isinstance(c.h, bool)
+                        and 0 < c.h < math.inf):
+                    raise ValueError(f"{_describe_coupling(c)}: the step h must be a positive finite float, got {c.h!r}.")
                 for s in (c.out_site, c.in_site):
                     g = need_site(c, s)
                     if g is not None and g.batch:
@@ -390,6 +395,15 @@ class Gauge(eqx.Module):
                     )
                 if i in translate:
                     raise ValueError(f"{_describe_coupling(c)}: leaf {paths[i]!r} is translated twice.")
+                other = next((j for j, s in translate.items() if s == c.site), None)
+                if other is not None:
+                    # g t + t' must be one translation of the product; with two leaves
+                    # (two linear actions g) it would be two, so this is not a group action
+                    raise ValueError(
+                        f"{_describe_coupling(c)}: Translation site {c.site!r} already "
+                        f"translates leaf {paths[other]!r}; a Translation site translates one "
+                        "leaf (declare one site per leaf)."
+                    )
                 translate[i] = c.site
 
         for i in links:
@@ -568,6 +582,16 @@ class Gauge(eqx.Module):
                     f"site {name!r} ({group!r}): expected an element with shapes "
                     f"{want_shapes}, got {got_shapes}."
                 )
+            kinds = jtu.tree_map(lambda x, e: (jnp.issubdtype(jnp.result_type(x), jnp.integer)
+                                               == jnp.issubdtype(e.dtype, jnp.integer)), out[name], expected)
+            if not all(jtu.tree_leaves(kinds)):
+                got = jtu.tree_map(lambda x: str(jnp.result_type(x)), out[name])
+                want = jtu.tree_map(lambda e: "integer" if jnp.issubdtype(e.dtype, jnp.integer) else "float",
+                                    expected)
+                raise TypeError(
+                    f"site {name!r} ({group!r}): expected an element of dtypes {want} "
+                    f"(permutations are integer index arrays), got {got}."
+                )
             if check:
                 checks += [(jnp.any(bad), f"the {what} for site {name!r} ({group!r}) {reason}.")
                            for bad, reason in group.check(out[name])]
@@ -648,12 +672,15 @@ class Gauge(eqx.Module):
             x = _gather_axes(x, gathers)
         return x
 
+    def _act_viewed(self, g: Mapping[str, Any], x: Array, plan: _LeafPlan) -> Array:
+        """`_act_linear` on an array of the leaf's shape (through the plan's view)."""
+        if plan.view is None:
+            return self._act_linear(g, x, plan)
+        return self._act_linear(g, x.reshape(plan.view), plan).reshape(plan.shape)
+
     def _act_leaf(self, g: Mapping[str, Any], x: Array, plan: _LeafPlan) -> Array:
         groups = dict(self.sites)
-        if plan.view is not None:
-            x = self._act_linear(g, x.reshape(plan.view), plan).reshape(plan.shape)
-        else:
-            x = self._act_linear(g, x, plan)
+        x = self._act_viewed(g, x, plan)
         for lp in plan.links:
             eye = jnp.eye(x.shape[0], dtype=x.dtype)
             m_out = eye if lp.out_site is None else _dense(groups[lp.out_site], g[lp.out_site], x.dtype)
@@ -786,7 +813,7 @@ class Gauge(eqx.Module):
         for name, group in self.sites:
             if isinstance(group, Translation):
                 plan = self._translation_plan(name)
-                out[name] = g[name] + self._act_linear(g, h[name], plan)
+                out[name] = g[name] + self._act_viewed(g, h[name], plan)
         return out
 
     @_one_program
@@ -801,7 +828,7 @@ class Gauge(eqx.Module):
         for name, group in self.sites:
             if isinstance(group, Translation):
                 plan = self._translation_plan(name)
-                out[name] = -self._act_linear(out, g[name], plan)
+                out[name] = -self._act_viewed(out, g[name], plan)
         return out
 
     # ------------------------------------------------------------------------------------
@@ -831,6 +858,14 @@ class Gauge(eqx.Module):
                 f"Lie-algebra element has entries {unknown} that are not continuous sites "
                 f"(continuous sites: {list(cont)})."
             )
+        groups = self.site_groups
+        for name, x in xi.items():
+            want = tuple(jax.eval_shape(lambda g=groups[name]: g.algebra_zeros()).shape)
+            if tuple(jnp.shape(x)) != want:
+                raise ValueError(
+                    f"site {name!r} ({groups[name]!r}): expected a Lie-algebra element of shape "
+                    f"{want}, got {tuple(jnp.shape(x))}."
+                )
 
     @_one_program
     def exp(self, xi: Mapping[str, Array], dtype: Any = None) -> dict[str, Any]:

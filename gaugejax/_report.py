@@ -118,7 +118,10 @@ _probe_inputs = jax.jit(probe_inputs, static_argnums=(1, 2), static_argnames=("d
 _normal = jax.jit(jax.random.normal, static_argnums=(1, 2))
 
 
-def run_case(case: ModelCase, *, num_samples: int, seed: int, errors: dict) -> dict[str, Any]:
+def run_case(case: ModelCase, *, num_samples: int, seed: int) -> tuple[dict[str, Any], dict]:
+    """One model's report row, and its sweeps' per-element errors keyed by (name, dtype)
+    (for the histograms of `--plot`)."""
+    errors: dict = {}
     key = jax.random.key(seed)
     k_model, k_x, k_sweep, k_fd = jax.random.split(key, 4)
     out: dict[str, Any] = {"name": case.name, "description": case.description,
@@ -197,7 +200,7 @@ def run_case(case: ModelCase, *, num_samples: int, seed: int, errors: dict) -> d
     out["controls"] = controls
     lap("controls")
     out["seconds"] = timings
-    return out
+    return out, errors
 
 
 def run_report(*, num_samples: int = 2048, seed: int = 0, json_path: str | None = None,
@@ -303,8 +306,7 @@ def _worker_init() -> None:
 
 
 def _case_job(index: int, num_samples: int, seed: int) -> tuple[dict[str, Any], dict]:
-    errors: dict = {}
-    return run_case(default_cases()[index], num_samples=num_samples, seed=seed, errors=errors), errors
+    return run_case(default_cases()[index], num_samples=num_samples, seed=seed)
 
 
 def _transformer_job(index: int, num_samples: int, seed: int) -> dict[str, Any]:

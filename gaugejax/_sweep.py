@@ -56,7 +56,8 @@ class InvarianceReport:
     - `dtype`: the parameters' dtype.
     - `num_samples`: how many group elements were sampled.
     - `max_rel_error`, `median_rel_error`: of the per-element relative output error
-      $\\max|f(g\\theta) - f(\\theta)| / \\max|f(\\theta)|$.
+      $\\max|f(g\\theta) - f(\\theta)| / \\max|f(\\theta)|$, taken per output leaf
+      (each relative to its own scale) and maximised over the leaves.
     - `eps`: the dtype's machine epsilon; `max_eps` / `median_eps` are the errors in units
       of it.
     - `rtol`: the tolerance `passed` was judged against.
@@ -108,11 +109,14 @@ def _max_abs(x: jax.Array) -> jax.Array:
 
 
 def _rel_error(y: PyTree, y0: PyTree) -> jax.Array:
-    diffs = [_max_abs(a - b) for a, b in zip(jtu.tree_leaves(y), jtu.tree_leaves(y0))]
-    refs = [_max_abs(b) for b in jtu.tree_leaves(y0)]
-    num = diffs[0] if len(diffs) == 1 else jnp.max(jnp.stack(diffs))
-    den = refs[0] if len(refs) == 1 else jnp.max(jnp.stack(refs))
-    return num / jnp.maximum(den, jnp.finfo(den.dtype).tiny)
+    """The largest over output leaves of max|y - y0| / max|y0|, each leaf relative to its
+    own scale: with one normaliser for all leaves, a large leaf (a loss of 1e6 next to
+    logits of 1) would hide a broken symmetry in the others."""
+    errs = []
+    for a, b in zip(jtu.tree_leaves(y), jtu.tree_leaves(y0)):
+        den = _max_abs(b)
+        errs.append(_max_abs(a - b) / jnp.maximum(den, jnp.finfo(den.dtype).tiny))
+    return errs[0] if len(errs) == 1 else jnp.max(jnp.stack(errs))
 
 
 def _chunk_budget(device: jax.Device | None = None) -> int:
@@ -152,6 +156,12 @@ def _sweep_block(fn, gauge, params, args, key, block, per_block, total, scale, s
     inputs, and the errors of block `block` (a traced index, so every block shares the
     program) of the `total` keys split from `key`."""
     y0 = fn(params, *args)
+    for path, y in jtu.tree_flatten_with_path(y0)[0]:
+        if not eqx.is_inexact_array(y):
+            raise TypeError(
+                f"fn's output{jtu.keystr(path)} is {getattr(y, 'dtype', type(y).__name__)}; an "
+                "invariance check compares floating-point outputs (return floats)."
+            )
     flags = (
         [jnp.all(jnp.isfinite(x)) if eqx.is_inexact_array(x) else None for x in jtu.tree_leaves(params)],
         [_finite(a) for a in args],
@@ -230,8 +240,10 @@ def check_invariance(
     - `num_samples`: how many group elements to sample (10^5 is fine: memory is bounded by
       the chunk).
     - `scale`: passed to [`gaugejax.Gauge.sample`][].
-    - `sites`: sample only these sites (others at the identity).
-    - `per_site`: also sweep every site alone and report each.
+    - `sites`: sample only these sites (others at the identity); a name or a sequence of
+      names.
+    - `per_site`: also sweep every site (every site of `sites`, when given) alone and
+      report each.
     - `rtol`: the tolerance on the max relative error; default per dtype
       (`1e-5` float32, `1e-10` float64).
     - `raise_on_failure`: raise [`gaugejax.InvarianceError`][] instead of returning a
@@ -254,16 +266,25 @@ def check_invariance(
 
     **Returns:** an [`gaugejax.InvarianceReport`][].
     """
-    if not isinstance(num_samples, (int, np.integer)) or isinstance(num_samples, bool) or num_samples <= 0:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+    for name, value in (("num_samples", num_samples), ("chunk_size", chunk_size), ("blocks", blocks)):
+        if value is None and name != "num_samples":
+            continue
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    # Python ints: NumPy integers would reach the compiled sweep as (traced) arrays
+    num_samples = int(num_samples)
+    chunk_size = None if chunk_size is None else int(chunk_size)
+    blocks = None if blocks is None else int(blocks)
+    if rtol is not None and not (np.ndim(rtol) == 0 and float(rtol) >= 0):
+        raise ValueError(f"rtol must be a non-negative number, got {rtol!r}.")
     if not isinstance(gauge, Gauge):
         raise TypeError(f"`gauge` must be a gaugejax.Gauge, got {type(gauge).__name__}.")
-    dtype = _params_dtype(params)
     gauge._check_params(params)
+    dtype = _params_dtype(params)
     dtype_name = jnp.dtype(dtype).name
     tol = DEFAULT_RTOL.get(dtype_name, 1e-5) if rtol is None else float(rtol)
+    if isinstance(sites, str):  # one site's name, not its letters
+        sites = (sites,)
     sites = tuple(sites) if sites is not None else None
 
     devices = list(jax.devices() if devices is None else devices)
@@ -307,6 +328,8 @@ def check_invariance(
     if per_site:
         subs = {}
         for i, name in enumerate(gauge.site_groups):
+            if sites is not None and name not in sites:
+                continue
             subs[name] = check_invariance(
                 fn, gauge, params, *args, key=jax.random.fold_in(key, i + 1),
                 num_samples=num_samples, scale=scale, sites=(name,), rtol=tol,

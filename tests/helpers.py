@@ -105,6 +105,25 @@ def _attention(key, dtype):
     return params, gauge, fn, 0.5 * jax.random.normal(k[6], (7, d), dtype)
 
 
+def _eqx_attention(key, dtype):
+    """`equinox.nn.MultiheadAttention` with every bias: the gauge acts on views of the
+    projections (heads x width), and the translated key bias is a view too."""
+    k = jax.random.split(key, 2)
+    mha = eqx.nn.MultiheadAttention(2, 6, use_query_bias=True, use_key_bias=True, use_value_bias=True,
+                                    use_output_bias=True, key=k[0], dtype=dtype)
+    # equinox initialises biases at zero; draw them so that the key shift moves something
+    leaves, treedef = jax.tree.flatten(mha)
+    bkeys = jax.random.split(k[1], len(leaves))
+    mha = jax.tree.unflatten(treedef, [0.3 * jax.random.normal(bk, x.shape, x.dtype) if eqx.is_array(x) and x.ndim == 1 else x
+                                       for x, bk in zip(leaves, bkeys)])
+    gauge = gj.multihead_attention_gauge(mha)
+
+    def fn(p, x):
+        return p(x, x, x)
+
+    return mha, gauge, fn, 0.5 * jax.random.normal(jax.random.fold_in(key, 7), (5, 6), dtype)
+
+
 def _rotation(key, dtype):
     """A linear residual map read through a scale-free RMSNorm: O(d) rotations."""
     d = 4
@@ -153,6 +172,7 @@ CASES = [
     Case("pairs-leaky", _pairs),
     Case("flax-relu", _flax_dict),
     Case("attention", _attention),
+    Case("eqx-attention-biases", _eqx_attention),
     Case("rmsnorm-rotation", _rotation),
     Case("linear-resnet-links", _lattice),
 ]

@@ -122,3 +122,62 @@ def test_mixed_param_dtypes_in_sweep():
     gauge = gj.feedforward_gauge(params, jax.nn.relu, group=gj.Permutation)
     with pytest.raises(ValueError, match="mix float dtypes"):
         gj.check_invariance(lambda p, x: x, gauge, params, np.ones(2), key=jax.random.key(0))
+
+
+def test_translation_site_shared_by_two_leaves():
+    # one shift t on two leaves with different linear actions would compose as two shifts
+    k = jax.random.split(jax.random.key(0), 3)
+    params = {"b1": jax.random.normal(k[0], (3,)), "b2": jax.random.normal(k[1], (3,)),
+              "w": jax.random.normal(k[2], (3, 2))}
+    with pytest.raises(ValueError, match=r"Translation site 't' already translates leaf .*b1.*one site per leaf"):
+        gj.Gauge({"qk": gj.GL(3), "t": gj.Translation((3,))},
+                 [gj.Consume("b1", 0, "qk"), gj.Consume("w", 0, "qk"),
+                  gj.Translate("b1", "t"), gj.Translate("b2", "t")], params)
+
+
+def test_group_instance_instead_of_class():
+    with pytest.raises(TypeError, match=r"group class or a function width -> group.*instance Permutation\(5\)"):
+        gj.feedforward_gauge(_pairs(), jax.nn.relu, group=gj.Permutation(5))
+    with pytest.raises(TypeError, match="got 3"):
+        gj.feedforward_gauge(_pairs(), jax.nn.relu, group=3)
+
+
+def test_sweep_arguments():
+    params, gauge = _gauge(gj.PositiveDiagonal(5))
+    x = np.ones((4, 3))
+    mlp = lambda p, x: jax.nn.relu(x @ p[0][0].T + p[0][1][None]) @ p[1][0].T + p[1][1][None]
+    run = lambda fn=mlp, **kw: gj.check_invariance(
+        fn, gauge, params, x, key=jax.random.key(0), num_samples=4, **kw)
+    with pytest.raises(ValueError, match="blocks must be a positive integer, got 0"):
+        run(blocks=0)
+    with pytest.raises(ValueError, match="rtol must be a non-negative number, got -1"):
+        run(rtol=-1.0)
+    with pytest.raises(TypeError, match=r"fn's output\['y'\] is int32"):
+        run(lambda p, x: {"y": jnp.int32(1), "z": mlp(p, x)})
+    with pytest.raises(ValueError, match="structure this gauge was built for"):
+        gj.check_invariance(lambda p, x: x, gauge, params[:1], x, key=jax.random.key(0))
+    assert run(chunk_size=np.int64(3)).passed  # NumPy integers are integers
+    rep = run(sites="h", per_site=True)  # one site's name
+    assert rep.passed and list(rep.per_site) == ["h"]
+
+
+def test_element_and_algebra_dtypes_and_shapes():
+    params, gauge = _gauge(gj.Permutation(5))
+    with pytest.raises(TypeError, match=r"site 'h'.*integer index arrays.*float32"):
+        gauge.act({"h": jnp.arange(5, dtype=jnp.float32)}, params)
+    params, gauge = _gauge(gj.PositiveDiagonal(5))
+    for f in (gauge.exp, lambda xi: gauge.vertical(params, xi)):
+        with pytest.raises(ValueError, match=r"site 'h'.*Lie-algebra element of shape \(5,\), got \(4,\)"):
+            f({"h": jnp.ones(4)})
+
+
+def test_coupling_axis_and_link_step():
+    params = _pairs()
+    for axis in (0.0, True):
+        with pytest.raises(TypeError, match=f"axis must be an integer, got {axis}"):
+            gj.Gauge({"h": gj.PositiveDiagonal(5)}, [gj.Produce("[0][0]", 0, "h"), gj.Consume("[1][0]", axis, "h")], params)
+    A = {"A": [jnp.eye(3), jnp.eye(3)]}
+    for h in (float("inf"), True, -0.1):
+        with pytest.raises(ValueError, match="step h must be a positive finite float"):
+            gj.Gauge({"s": gj.GL(3)}, [gj.Link("['A'][0]", "s", None, h), gj.Link("['A'][1]", None, "s", h)], A)
+    gj.Gauge({"s": gj.GL(3)}, [gj.Link("['A'][0]", "s", None, np.float32(0.5)), gj.Link("['A'][1]", None, "s", 0.5)], A)

@@ -171,3 +171,13 @@ def test_eqx_mlp_and_gaugejax_mlp_agree(getkey):
     x = jax.random.normal(getkey(), (8, 4), jnp.float64)
     rep = gj.check_invariance(lambda m, x: jax.vmap(m)(x), g1, e, x, key=getkey(), num_samples=32)
     assert rep.max_rel_error <= 1e-12
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_mlp_keeps_the_dtype_asked_for(dtype):
+    # NumPy promotes a Python float times a bfloat16 array to float32
+    m = gj.nn.MLP([3, 4, 2], jax.nn.relu, key=jax.random.key(0), dtype=dtype)
+    traced = jax.jit(lambda k: gj.nn.MLP([3, 4, 2], jax.nn.relu, key=k, dtype=dtype))(jax.random.key(0))
+    for a, b in zip(jax.tree.leaves(m), jax.tree.leaves(traced)):
+        assert a.dtype == b.dtype == jnp.dtype(dtype)
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))

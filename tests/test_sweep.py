@@ -36,6 +36,16 @@ def test_report_fields():
     assert rep.passed and "ok" in str(rep)
 
 
+def test_pytree_outputs_each_relative_to_their_own_scale():
+    # a broken gauge (GL on ReLU) must fail even next to a large output leaf
+    model, gauge, x = _setup(group=gj.GL, unsafe=True)
+    big = lambda m, x: {"logits": m(x), "loss": jnp.asarray(1e6, x.dtype)}
+    rep = gj.check_invariance(big, gauge, model, x, key=jax.random.key(0), num_samples=8)
+    alone = gj.check_invariance(fn, gauge, model, x, key=jax.random.key(0), num_samples=8)
+    assert not rep.passed
+    np.testing.assert_array_equal(rep.errors, alone.errors)
+
+
 def test_chunking_does_not_change_results():
     model, gauge, x = _setup()
     a = gj.check_invariance(fn, gauge, model, x, key=jax.random.key(0), num_samples=50, chunk_size=7)

@@ -50,7 +50,9 @@ def build(key: PRNGKeyArray, dtype: Any, fn: Callable[[Draw], Any],
         flat = np.asarray(flat)
     values, offset = [], 0
     for (shape, scale), n in zip(specs, sizes):
-        values.append(scale * flat[offset:offset + n].reshape(shape))
+        # the scale in the draw's dtype: a Python float times a NumPy bfloat16 array
+        # promotes to float32 (a traced one stays bfloat16)
+        values.append(flat[offset:offset + n].reshape(shape) * np.asarray(scale, flat.dtype))
         offset += n
     it = iter(values)
     out = fn(lambda shape, scale=1.0: next(it))
