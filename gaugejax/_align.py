@@ -37,6 +37,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, PyTree
 
+from . import _paths
 from ._canonical import (
     _balance_stage,
     _check_gl_closed,
@@ -67,32 +68,33 @@ Solver = Literal["auto", "jax", "scipy"]
 
 
 def _check_same_architecture(gauge: Gauge, a: PyTree, b: PyTree) -> None:
-    la, ta = jtu.tree_flatten(a)
+    _check_same_leaves(a, b)
+    gauge._check_params(a)
+
+
+def _check_same_leaves(a: PyTree, b: PyTree) -> None:
+    """Same structure, and the same shape and dtype on every array leaf (no gauge
+    needed)."""
+    la, ta = _paths.flatten(a)
     lb, tb = jtu.tree_flatten(b)
-    if ta != tb and len(la) == len(lb):
-        for path, x, y in zip(gauge.paths, la, lb):
-            sx, sy = tuple(getattr(x, "shape", ())), tuple(getattr(y, "shape", ()))
-            if sx != sy:
+    # leaf by leaf first: two widths of one model differ in their treedefs too (equinox
+    # keeps sizes as static fields), and the leaf is the more useful thing to name
+    if len(la) == len(lb):
+        for (path, x), y in zip(la, lb):
+            if not (eqx.is_array(x) or eqx.is_array(y)):
+                continue
+            sx, sy = tuple(jnp.shape(x)), tuple(jnp.shape(y))
+            dx, dy = jnp.result_type(x), jnp.result_type(y)
+            if sx != sy or dx != dy:
                 raise ValueError(
-                    f"the two models do not have the same architecture: leaf {path!r} has "
-                    f"shape {sx} in the first and {sy} in the second."
+                    f"the two models do not have the same architecture: leaf {path!r} is "
+                    f"{dx}{list(sx)} in the first and {dy}{list(sy)} in the second."
                 )
     if ta != tb:
         raise ValueError(
             "the two models do not have the same architecture (pytree structure).\n"
             f"first:  {ta}\nsecond: {tb}"
         )
-    for path, x, y in zip(gauge.paths, la, lb):
-        sx, sy = tuple(getattr(x, "shape", ())), tuple(getattr(y, "shape", ()))
-        if sx != sy:
-            raise ValueError(
-                f"the two models do not have the same architecture: leaf {path!r} has shape "
-                f"{sx} in the first and {sy} in the second."
-            )
-        dx, dy = getattr(x, "dtype", None), getattr(y, "dtype", None)
-        if dx != dy:
-            raise ValueError(f"leaf {path!r} has dtype {dx} in the first model and {dy} in the second.")
-    gauge._check_params(a)
 
 
 # ---------------------------------------------------------------------------------------
@@ -341,7 +343,9 @@ def _align(gauge, a, b, solver, max_sweeps, balance_first, init, rtol):
 # ---------------------------------------------------------------------------------------
 def interpolate(a: PyTree, b: PyTree, t: float | Array) -> PyTree:
     """The straight line $(1 - t)\\,a + t\\,b$ in parameter space (leaves that are not
-    float arrays are taken from `a`)."""
+    float arrays are taken from `a`). Both must have the same structure, shapes and dtypes
+    (else a `ValueError` naming the leaf)."""
+    _check_same_leaves(a, b)
     t = jnp.asarray(t)
     return jtu.tree_map(
         lambda x, y: ((1 - t).astype(x.dtype) * x + t.astype(x.dtype) * y) if eqx.is_inexact_array(x) else x,
@@ -416,11 +420,19 @@ def repair(
     _check_same_architecture(gauge, merged, a)
     _check_same_architecture(gauge, merged, b)
     groups = gauge.site_groups
-    stats_a = {k: (jnp.mean(v, 0), jnp.std(v, 0)) for k, v in preactivations(a).items()}
-    stats_b = {k: (jnp.mean(v, 0), jnp.std(v, 0)) for k, v in preactivations(b).items()}
+    pre_a, pre_b = preactivations(a), preactivations(b)
+    stats_a = {k: (jnp.mean(v, 0), jnp.std(v, 0)) for k, v in pre_a.items()}
+    stats_b = {k: (jnp.mean(v, 0), jnp.std(v, 0)) for k, v in pre_b.items()}
     for site in stats_a:
         if site not in groups:
             raise ValueError(f"`preactivations` returned site {site!r}, not a site of the gauge ({list(groups)}).")
+        n = groups[site].n
+        for which, arr in (("a", pre_a[site]), ("b", pre_b[site])):
+            if jnp.ndim(arr) != 2 or jnp.shape(arr)[1] != n:
+                raise ValueError(
+                    f"`preactivations` returned shape {tuple(jnp.shape(arr))} for site {site!r} of "
+                    f"model `{which}`; expected (batch, {n}) (the site's width)."
+                )
         z = preactivations(merged)[site]
         mu, sd = jnp.mean(z, 0), jnp.std(z, 0)
         mu_t = (1 - t) * stats_a[site][0] + t * stats_b[site][0]

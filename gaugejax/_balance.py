@@ -147,7 +147,7 @@ def _newton_structured(gauge, params, positive, rtol, atol, max_steps):
         return 0.5 * sum(jnp.sum(x**2) for x in (scaled(xi)[p.index] for p, _ in pairs)) / scale
 
     def moment(xi):
-        cur = [x / jnp.sqrt(scale) for x in scaled(xi)]
+        cur = [x / jnp.sqrt(scale) if eqx.is_inexact_array(x) else x for x in scaled(xi)]
         grad = _rs.adjoint(gauge, cur, cur, positive)  # moment map / scale
         diag = _rs.gram_diagonal(gauge, cur, positive)  # |in|^2 + |out|^2 per neuron
         return cur, grad, diag

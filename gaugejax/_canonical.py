@@ -480,7 +480,7 @@ def gauge_distance(gauge: Gauge, a: PyTree, b: PyTree, *, relative: bool = False
     ca, _ = canonicalize(gauge, a)
     cb, _ = canonicalize(gauge, b)
     aligned, _ = align(gauge, ca, cb, balance_first=False)
-    d = jnp.sqrt(_sq(jtu.tree_map(lambda x, y: x - y, ca, aligned)))
+    d = jnp.sqrt(_sq(jtu.tree_map(lambda x, y: x - y if eqx.is_inexact_array(x) else None, ca, aligned)))
     if relative:
         d = d / jnp.sqrt(0.5 * (_sq(ca) + _sq(cb)))
     return d

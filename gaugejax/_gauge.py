@@ -62,6 +62,21 @@ class _LeafPlan(NamedTuple):
     view: tuple[int, ...] | None = None  # the shape the linear couplings act on
 
 
+class _Filtered:
+    """Stands in for a leaf that `equinox.filter` replaced by `None` (see
+    `Gauge._complete`)."""
+
+    def __repr__(self) -> str:
+        return "<filtered out>"
+
+
+_FILTERED = _Filtered()
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
 def _refines(shape: tuple[int, ...], view: tuple[int, ...]) -> bool:
     """Whether `view` splits each axis of `shape` into consecutive axes."""
     j = 0
@@ -542,6 +557,22 @@ class Gauge(eqx.Module):
     # ------------------------------------------------------------------------------------
     # validation
     # ------------------------------------------------------------------------------------
+    def _complete(self, params: PyTree, what: str = "the parameters") -> PyTree:
+        """`params` with exactly the structure this gauge was built for: the tree itself,
+        or, for an `equinox.filter`-ed one (`None` where a non-array leaf was, as optax
+        sees an equinox model), the same tree with a placeholder in those places, so that
+        leaf indices line up with the gauge's plans. Anything else is refused."""
+        treedef = jtu.tree_structure(params)
+        if treedef == self.treedef:
+            return params
+        leaves, with_none = jtu.tree_flatten(params, is_leaf=_is_none)
+        if with_none == self.treedef and all(leaves[p.index] is not None for p in self.plans):
+            return jtu.tree_unflatten(self.treedef, [_FILTERED if x is None else x for x in leaves])
+        raise ValueError(
+            f"{what} do not have the structure this gauge was built for (nor are they an "
+            f"`equinox.filter` of it).\nexpected: {self.treedef}\nreceived: {treedef}"
+        )
+
     def _check_params(self, params: PyTree) -> list[Any]:
         leaves, treedef = jtu.tree_flatten(params)
         if treedef != self.treedef:

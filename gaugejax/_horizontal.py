@@ -59,17 +59,18 @@ def _require_continuous(gauge: Gauge, what: str) -> None:
 
 
 def _check_tangent(gauge: Gauge, params: PyTree, v: PyTree, name: str = "v") -> None:
+    """`params` completed (`Gauge._complete`); `v` has its structure, with `None` allowed
+    where `params` has a leaf that is not a float array (a gradient of an equinox model)."""
     pl, pt = jtu.tree_flatten(params)
-    vl, vt = jtu.tree_flatten(v)
+    vl, vt = jtu.tree_flatten(v, is_leaf=lambda x: x is None)
     if pt != vt:
         raise ValueError(
             f"`{name}` must have the structure of the parameters.\nexpected: {pt}\nreceived: {vt}"
         )
     for path, a, b in zip(gauge.paths, pl, vl):
-        if eqx.is_inexact_array(a) and tuple(jnp.shape(b)) != tuple(a.shape):
-            raise ValueError(
-                f"`{name}` leaf {path!r} has shape {tuple(jnp.shape(b))}; expected {tuple(a.shape)}."
-            )
+        if eqx.is_inexact_array(a) and (b is None or tuple(jnp.shape(b)) != tuple(a.shape)):
+            got = "None" if b is None else f"shape {tuple(jnp.shape(b))}"
+            raise ValueError(f"`{name}` leaf {path!r} is {got}; expected shape {tuple(a.shape)}.")
 
 
 def vertical_adjoint(gauge: Gauge, params: PyTree, v: PyTree) -> dict[str, Array]:
@@ -88,6 +89,7 @@ def vertical_adjoint(gauge: Gauge, params: PyTree, v: PyTree) -> dict[str, Array
     **Returns:** `{site: array}` over the continuous sites.
     """
     _require_continuous(gauge, "vertical_adjoint")
+    params = gauge._complete(params)
     _check_tangent(gauge, params, v)
     zeros = gauge.algebra_zeros(_dtype(params))
     _, vjp = jax.vjp(lambda xi: _vert(gauge, params, xi), zeros)
@@ -141,6 +143,7 @@ def vertical_coordinates(
     **Returns:** `{site: array}` over the continuous sites.
     """
     _require_continuous(gauge, "vertical_coordinates")
+    params = gauge._complete(params)
     _check_tangent(gauge, params, v)
     if method not in ("auto", "structured", "dense", "cg"):
         raise ValueError(f"`method` must be 'auto', 'structured', 'dense' or 'cg', got {method!r}.")
@@ -233,6 +236,7 @@ def horizontal(
     References: Armenta et al., "Neural teleportation" (2023) for the orbit geometry of
     network parameters; MATH.md, "Orbit geometry".
     """
+    params = gauge._complete(params)
     xi = vertical_coordinates(gauge, params, v, method=method, rtol=rtol, atol=atol, max_steps=max_steps)
     return _subtract_vertical(gauge, params, _clean(params, v), xi)
 

@@ -12,9 +12,12 @@ flow: $\\mu$ is conserved. Per site:
 - $O(n)$: identically zero (a rotation preserves the norm: no charge);
 - translations: the translated leaf itself (an invariant loss has zero gradient there).
 
-Because $\\mu$ is quadratic, one discrete step $\\theta \\to \\theta + \\Delta$ changes it by
-exactly $2V_\\theta^\\top\\Delta + \\mu(\\Delta)$ ([`gaugejax.charge_change`][]): for gradient
-descent the first term vanishes and the drift is $O(\\mathrm{lr}^2)$ per step; weight
+Because $\\mu(\\theta) = B(\\theta, \\theta)$ with $B(a, b) = V_a^\\top b$ bilinear, one discrete
+step $\\theta \\to \\theta + \\Delta$ changes it by exactly
+$V_\\theta^\\top\\Delta + V_\\Delta^\\top\\theta + \\mu(\\Delta)$ ([`gaugejax.charge_change`][];
+$B$ is symmetric for rescalings, where this is $2V_\\theta^\\top\\Delta + \\mu(\\Delta)$, and for
+$GL$ / $O(n)$ the second term is the transpose of the first): for gradient descent the
+first two terms vanish and the drift is $O(\\mathrm{lr}^2)$ per step; weight
 decay ($\\Delta = -\\mathrm{lr}\\,\\lambda\\theta$) contracts it, $\\mu \\to (1 - \\mathrm{lr}\\,
 \\lambda)^2\\mu$ (in the flow, $\\mu(t) = e^{-2\\lambda t}\\mu(0)$: S19's balancing); Adam's
 update is not horizontal and moves it at first order.
@@ -53,9 +56,12 @@ def noether_charges(gauge: Gauge, params: PyTree) -> dict[str, Array]:
 
 def charge_change(gauge: Gauge, params: PyTree, delta: PyTree) -> dict[str, Array]:
     """The exact change of the charges under the step $\\theta \\to \\theta + \\Delta$:
-    $\\mu(\\theta + \\Delta) - \\mu(\\theta) = 2V_\\theta^\\top\\Delta + \\mu(\\Delta)$ (the
-    action is linear, so $\\mu$ is a quadratic form; gauges with links or translations are
-    affine and this holds for their linear sites only).
+    $\\mu(\\theta + \\Delta) - \\mu(\\theta) = V_\\theta^\\top\\Delta + V_\\Delta^\\top\\theta +
+    \\mu(\\Delta)$. The action is linear, so $\\mu(\\theta) = V_\\theta^\\top\\theta$ is a quadratic
+    form; its polarisation $V_a^\\top b$ is symmetric in $(a, b)$ for rescalings (the change
+    is then $2V_\\theta^\\top\\Delta + \\mu(\\Delta)$) but not for $GL$ / $O(n)$, where
+    $V_\\Delta^\\top\\theta = (V_\\theta^\\top\\Delta)^\\top$. Gauges with links or translations are
+    affine and this holds for their linear sites only.
 
     **Arguments:**
 
@@ -66,9 +72,10 @@ def charge_change(gauge: Gauge, params: PyTree, delta: PyTree) -> dict[str, Arra
     """
     _require_continuous(gauge, "charge_change")
     _check_tangent(gauge, params, delta, "delta")
-    first = vertical_adjoint(gauge, params, delta)
+    cross = vertical_adjoint(gauge, params, delta)
+    cross_t = vertical_adjoint(gauge, delta, params)
     second = moment_map(gauge, delta)
-    return jtu.tree_map(lambda a, b: 2 * a + b, first, second)
+    return jtu.tree_map(lambda a, b, c: a + b + c, cross, cross_t, second)
 
 
 class NoetherMonitor(eqx.Module):

@@ -137,8 +137,13 @@ def solve_gram(gauge: Gauge, leaves: list[Array], rhs: Mapping[str, Array], diag
     inv = {n: jnp.where(d > 0, 1 / (scale * jnp.where(d > 0, d, 1)), 0) for n, d in diag.items()}
     pre = lx.FunctionLinearOperator(lambda v: {n: inv[n] * v[n] for n in v}, struct,
                                     tags=lx.positive_semidefinite_tag)
+    # lineax cannot differentiate through `options`; the preconditioner changes only how
+    # fast CG converges, not the solution, so the solve's derivative does not need it
+    fixed = jax.lax.stop_gradient(inv)
+    cg_pre = lx.FunctionLinearOperator(lambda v: {n: fixed[n] * v[n] for n in v}, struct,
+                                       tags=lx.positive_semidefinite_tag)
     sol = lx.linear_solve(op, dict(rhs), lx.CG(rtol=rtol, atol=atol, max_steps=max_steps),
-                          options={"preconditioner": pre}, throw=False)
+                          options={"preconditioner": cg_pre}, throw=False)
     return sol.value, pre
 
 

@@ -96,14 +96,19 @@ def _teleport(gauge, params, objective, steps, lr, normalize):
     dtype = _dtype(params)
     zeros = gauge.algebra_zeros(dtype)
 
+    # the scan carries the arrays; other leaves (an equinox model's activation) are static
+    dynamic, static = eqx.partition(params, eqx.is_array)
+
     def step(carry, _):
-        p, g = carry
+        d, g = carry
+        p = eqx.combine(d, static)
         xi = jax.grad(lambda x: objective(gauge.act(gauge.exp(x, dtype), p, check=False)))(zeros)
         if normalize:
             norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jtu.tree_leaves(xi)))
             xi = jtu.tree_map(lambda x: x / jnp.maximum(norm, jnp.finfo(dtype).tiny), xi)
         h = gauge.exp(jtu.tree_map(lambda x: jnp.asarray(lr, dtype) * x, xi), dtype)
-        return (gauge.act(h, p, check=False), gauge.compose(h, g)), None
+        moved = eqx.filter(gauge.act(h, p, check=False), eqx.is_array)
+        return (moved, gauge.compose(h, g)), None
 
-    (params, g), _ = jax.lax.scan(step, (params, gauge.identity(dtype)), None, length=steps)
-    return params, g
+    (dynamic, g), _ = jax.lax.scan(step, (dynamic, gauge.identity(dtype)), None, length=steps)
+    return eqx.combine(dynamic, static), g

@@ -111,3 +111,31 @@ def test_errors(getkey):
         gj.align(gauge, a, nan)
     with pytest.raises(ValueError, match="solver"):
         gj.align(gauge, a, a, solver="cplex")
+
+
+def test_interpolate_and_repair_refuse_mismatched_inputs(getkey):
+    a = {"W1": jnp.ones((6, 4)), "b1": jnp.ones(6), "W2": jnp.ones((3, 6))}
+    b = {"W1": jnp.ones((1, 4)), "b1": jnp.ones(1), "W2": jnp.ones((3, 1))}
+    with pytest.raises(ValueError, match=r"same architecture: leaf .*W1.* float64\[6, 4\] .* float64\[1, 4\]"):
+        gj.interpolate(a, b, 0.5)
+    with pytest.raises(ValueError, match="same architecture"):
+        gj.loss_barrier(lambda p: p["W1"].sum(), a, b, num=3)
+    m = gj.nn.MLP([4, 7, 2], jax.nn.relu, key=getkey(), dtype=jnp.float64)
+    gauge = gj.derive_gauge(m)
+    x = jnp.ones((5, 4), jnp.float64)
+    pre = lambda p: {"h1": (x @ p.layers[0].weight.T)[:, :3]}  # noqa: E731
+    with pytest.raises(ValueError, match=r"shape \(5, 3\) for site 'h1' .*expected \(batch, 7\)"):
+        gj.repair(gauge, m, m, m, pre)
+
+
+def test_orbit_tools_on_an_equinox_mlp(getkey):
+    # eqx.nn.MLP keeps its activation as a (non-array) leaf
+    m = eqx.nn.MLP(4, 3, 6, 2, activation=jax.nn.relu, key=getkey())
+    m = jax.tree.map(lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, m)
+    gauge = gj.derive_gauge(m)
+    x = jax.random.normal(getkey(), (16, 4), jnp.float64)
+    balanced, _ = gj.balance(gauge, m)
+    assert float(gj.balance_residual(gauge, balanced)) <= 1e-8
+    canon, _ = gj.canonicalize(gauge, m)
+    assert rel(jax.vmap(canon)(x), jax.vmap(m)(x)) <= 1e-12
+    assert float(gj.gauge_distance(gauge, m, canon)) <= 1e-8

@@ -127,3 +127,17 @@ def test_errors(getkey):
     bad = dict(params, WQ=jnp.zeros((1, 2), jnp.float64))
     with pytest.raises(ValueError, match="'WQ'"):
         gj.horizontal(gauge, params, bad)
+
+
+def test_grad_through_the_structured_projection(getkey):
+    # lineax cannot differentiate its preconditioner option: the solve must not need it
+    m = gj.nn.MLP((5, 7, 6, 3), jax.nn.relu, key=getkey(), dtype=jnp.float64)
+    gauge = gj.derive_gauge(m)
+    leaves, treedef = jax.tree.flatten(m)
+    keys = jax.random.split(getkey(), len(leaves))
+    v = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+    sq = lambda t: sum(jnp.sum(x**2) for x in jax.tree.leaves(t))  # noqa: E731
+    g_struct = eqx.filter_grad(lambda p: sq(gj.horizontal(gauge, p, v)))(m)
+    g_dense = eqx.filter_grad(lambda p: sq(gj.horizontal(gauge, p, v, method="dense")))(m)
+    for a, b in zip(jax.tree.leaves(g_struct), jax.tree.leaves(g_dense)):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)

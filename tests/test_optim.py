@@ -132,3 +132,37 @@ def test_errors(getkey):
     tx = gjo.project_horizontal(gauge)
     with pytest.raises(ValueError, match="needs `params`"):
         tx.update(model, tx.init(model))
+
+
+@pytest.mark.parametrize("params_as", ["model", "filtered"])
+def test_transforms_on_an_equinox_mlp(params_as, getkey):
+    # eqx.nn.MLP keeps its activation as a leaf: optax sees the filtered model (None there),
+    # and the updates have None there too
+    k = jax.random.split(getkey(), 3)
+    model = eqx.nn.MLP(3, 2, 5, 2, activation=jax.nn.relu, key=k[0])
+    model = jax.tree.map(lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, model)
+    x = jax.random.normal(k[1], (32, 3), jnp.float64)
+    y = jax.random.normal(k[2], (32, 2), jnp.float64)
+    loss = lambda m, batch=None: jnp.mean((jax.vmap(m)(x) - y) ** 2)  # noqa: E731
+    gauge = gj.derive_gauge(model)
+    transforms = [gjo.canonicalize_every(2, gauge, optax.adam(1e-2)),
+                  optax.chain(optax.adam(1e-2), gjo.project_horizontal(gauge))]
+    if params_as == "model":  # the loss calls the model: teleport needs it whole
+        transforms.append(gjo.teleport_every(2, gauge, loss, optax.adam(1e-2), steps=2, lr=0.05))
+    grad = eqx.filter_jit(eqx.filter_grad(loss))
+    for tx in transforms:
+        m = model
+        state = tx.init(eqx.filter(m, eqx.is_array))
+        update = eqx.filter_jit(tx.update)
+        for _ in range(4):
+            p = m if params_as == "model" else eqx.filter(m, eqx.is_array)
+            u, state = update(grad(m), state, p)
+            m = eqx.apply_updates(m, u)
+        assert float(loss(m)) < float(loss(model))
+    # the canonicalising transform ends at a balanced point with the same function
+    tx = gjo.canonicalize_every(1, gauge)
+    p = model if params_as == "model" else eqx.filter(model, eqx.is_array)
+    u, _ = tx.update(jax.tree.map(jnp.zeros_like, eqx.filter(model, eqx.is_array)), tx.init(p), p)
+    moved = eqx.apply_updates(model, u)
+    assert rel(jax.vmap(moved)(x), jax.vmap(model)(x)) <= 1e-10
+    assert float(gj.balance_residual(gauge, moved)) <= 1e-8

@@ -116,3 +116,19 @@ def test_gl_charge_and_orthogonal_zero(getkey):
     p = {"W1": jax.random.normal(k1, (3, 5), jnp.float64), "W2": jax.random.normal(k2, (4, 3), jnp.float64)}
     gauge = gj.Gauge({"h": gj.GL(3)}, [gj.Produce("W1", 0, "h"), gj.Consume("W2", 1, "h")], p)
     np.testing.assert_allclose(gj.noether_charges(gauge, p)["h"], p["W1"] @ p["W1"].T - p["W2"].T @ p["W2"], rtol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["mlp-linear", "attention", "rmsnorm-rotation"])
+def test_charge_change_is_exact_for_matrix_sites(case, getkey):
+    # V_theta^T delta is not symmetric for GL / O(n): the change needs both cross terms
+    params, gauge, _, _ = CASES[CASE_IDS.index(case)].build(getkey(), jnp.float64)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(getkey(), len(leaves))
+    delta = jax.tree.unflatten(treedef, [0.1 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+    new = jax.tree.map(lambda a, b: a + b, params, delta)
+    pred = gj.charge_change(gauge, params, delta)
+    before, after = gj.noether_charges(gauge, params), gj.noether_charges(gauge, new)
+    for site, change in pred.items():
+        if isinstance(gauge.site_groups[site], gj.Translation):
+            continue  # affine: the formula covers the linear sites only
+        np.testing.assert_allclose(change, after[site] - before[site], rtol=1e-10, atol=1e-12)

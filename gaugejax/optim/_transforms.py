@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -36,11 +37,40 @@ from .._teleport import grad_norm_squared, teleport
 SECOND_MOMENT_FIELDS = ("nu", "v", "sum_of_squares", "grad_sq", "nu_hat")
 
 
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _float_indices(leaves: list[Any]) -> list[int]:
+    return [i for i, x in enumerate(leaves) if eqx.is_inexact_array(x)]
+
+
 def _covector(gauge: Gauge, g: dict, params: PyTree):
-    """m -> J_{g^{-1}}^T m, the pull-back of a gradient through the move."""
+    """m -> J_{g^{-1}}^T m, the pull-back of a gradient through the move, for `m` with the
+    structure of `params` (`None` allowed on leaves that are not float arrays). `params`
+    is completed (`Gauge._complete`)."""
     inv = gauge.inverse(g)
-    _, vjp = jax.vjp(lambda p: gauge.act(inv, p, check=False), params)
-    return lambda m: vjp(m)[0]
+    leaves, treedef = jtu.tree_flatten(params)
+    idx = _float_indices(leaves)
+
+    def act(floats):
+        full = list(leaves)
+        for i, x in zip(idx, floats):
+            full[i] = x
+        out = jtu.tree_leaves(gauge.act(inv, jtu.tree_unflatten(treedef, full), check=False))
+        return [out[i] for i in idx]
+
+    _, vjp = jax.vjp(act, [leaves[i] for i in idx])
+
+    def pull(m):
+        ml, mt = jtu.tree_flatten(m, is_leaf=_is_none)
+        (ct,) = vjp([jnp.zeros_like(leaves[i]) if ml[i] is None else ml[i] for i in idx])
+        out = list(ml)
+        for i, c in zip(idx, ct):
+            out[i] = None if ml[i] is None else c
+        return jtu.tree_unflatten(mt, out)
+
+    return pull
 
 
 def transport_state(gauge: Gauge, g: dict[str, Any], state: Any, params: PyTree) -> Any:
@@ -59,11 +89,12 @@ def transport_state(gauge: Gauge, g: dict[str, Any], state: Any, params: PyTree)
     - `g`: the group element of the move.
     - `state`: an optax state (any nesting of NamedTuples, tuples, lists and dicts).
     - `params`: the parameters (for their structure; the VJP of a linear action does not
-      depend on the point).
+      depend on the point): the model, or its `equinox.filter`-ed float/array part (the
+      statistics have that part's structure, `None` elsewhere).
 
     **Returns:** the transported state.
     """
-    treedef = jtu.tree_structure(params)
+    params = gauge._complete(params, "`params`")
     pull = _covector(gauge, g, params)
 
     def second(v):
@@ -73,7 +104,7 @@ def transport_state(gauge: Gauge, g: dict[str, Any], state: Any, params: PyTree)
     def walk(node, name=None):
         if node is None:
             return None
-        if jtu.tree_structure(node) == treedef and _same_shapes(node, params):
+        if jtu.tree_structure(node, is_leaf=_is_none) == gauge.treedef and _same_shapes(node, params):
             return second(node) if name in SECOND_MOMENT_FIELDS else pull(node)
         if isinstance(node, tuple) and hasattr(node, "_fields"):
             return type(node)(*(walk(getattr(node, f), f) for f in node._fields))
@@ -86,10 +117,11 @@ def transport_state(gauge: Gauge, g: dict[str, Any], state: Any, params: PyTree)
     return walk(state)
 
 
-def _same_shapes(a, b) -> bool:
+def _same_shapes(node, params) -> bool:
+    """`node`'s arrays have the shapes of `params`' float leaves (`None` elsewhere)."""
     return all(
-        getattr(x, "shape", None) == getattr(y, "shape", None)
-        for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))
+        (x is None) if not eqx.is_inexact_array(y) else getattr(x, "shape", None) == y.shape
+        for x, y in zip(jtu.tree_leaves(node, is_leaf=_is_none), jtu.tree_leaves(params))
     )
 
 
@@ -147,15 +179,35 @@ def _moving(k: int, gauge: Gauge, inner, move: Callable, name: str) -> optax.Gra
 
     def update(updates, state, params=None, **extra):
         _need_params(params, name)
+        # an equinox model comes whole or `equinox.filter`-ed, its updates with `None` on
+        # the leaves that are not float arrays (an activation function, a filtered-out leaf)
+        full = gauge._complete(params, f"{name}: `params`")
         u, inner_state = inner.update(updates, state.inner, params, **extra)
+        ul, ut = jtu.tree_flatten(u, is_leaf=_is_none)
+        if ut != gauge.treedef:
+            raise ValueError(
+                f"{name}: the updates do not have the structure of the parameters.\n"
+                f"expected: {gauge.treedef}\nreceived: {ut}"
+            )
         count = state.count + 1
-        new = jtu.tree_map(lambda p, d: p + d, params, u)
+        leaves = jtu.tree_leaves(full)
+        idx = _float_indices(leaves)
+        new = [leaves[i] if ul[i] is None else leaves[i] + ul[i] for i in idx]
 
         def do(args):
             new, inner_state = args
-            moved, g = move(new, extra)
-            inner_state = transport_state(gauge, g, inner_state, new)
-            return jtu.tree_map(lambda m, p: m - p, moved, params), inner_state
+            moved_in = list(leaves)
+            for i, x in zip(idx, new):
+                moved_in[i] = x
+            moved_in = jtu.tree_unflatten(gauge.treedef, moved_in)
+            moved, g = move(moved_in, extra)
+            inner_state = transport_state(gauge, g, inner_state, moved_in)
+            ml = jtu.tree_leaves(moved)
+            out = list(ul)
+            for i in idx:
+                if ul[i] is not None:
+                    out[i] = ml[i] - leaves[i]
+            return jtu.tree_unflatten(ut, out), inner_state
 
         def skip(args):
             return u, args[1]
