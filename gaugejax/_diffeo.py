@@ -16,12 +16,14 @@ built-ins [`gaugejax.LinearDiffeo`][] (a linear solve) and
 [`gaugejax.TimeScale`][]); otherwise they are found with **optimistix** (a Newton root
 find of $\\phi(y, t) = x'$ started at $y = x'$, resp. of $\\tau(s) = t'$ started at
 $s = t' \\,T / \\tau(T)$), differentiable by the implicit function theorem. A Newton solve
-that fails, or lands where $\\det \\partial_x\\phi \\le 0$ ($\\phi$ not invertible there),
-raises an error at run time.
+that fails, or lands where $\\det \\partial_x\\phi_t$ is zero or has the opposite sign
+to $\\det \\partial_x\\phi_0$ ($\\phi$ folds: not invertible there), raises an error at
+run time. Its tolerance is a few of the dtype's epsilons.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +45,12 @@ _HI = jax.lax.Precision.HIGHEST
 # ----------------------------------------------------------------------------------------
 # time reparametrisations
 # ----------------------------------------------------------------------------------------
+def _newton_tol(like: Array, floor: float) -> float:
+    """A Newton tolerance for `like`'s dtype: `floor` (float64), or 16 epsilons where that
+    is coarser (float32: `floor` would be below the rounding of the residual itself)."""
+    return max(floor, 16 * float(jnp.finfo(jnp.result_type(like)).eps))
+
+
 class AbstractTimeReparam(eqx.Module):
     """A monotone map $\\tau: [0, T] \\to [0, \\tau(T)]$ with $\\tau(0) = 0$."""
 
@@ -57,8 +65,13 @@ class AbstractTimeReparam(eqx.Module):
         def fn(t, _):
             return self.tau(t) - s
 
-        sol = optx.root_find(fn, optx.Newton(rtol=1e-13, atol=1e-13), y0, max_steps=64, throw=True)
-        return sol.value
+        tol = _newton_tol(y0, 1e-13)
+        sol = optx.root_find(fn, optx.Newton(rtol=tol, atol=tol), y0, max_steps=64, throw=False)
+        return eqx.error_if(
+            sol.value, sol.result != optx.RESULTS.successful,
+            "tau_inverse: Newton's solve of tau(t) = s did not converge in 64 steps (is tau "
+            "monotone on [0, T], and s in [0, tau(T)]?).",
+        )
 
     def rate(self, t: Array) -> Array:
         """$\\tau'(t)$, by `jax.jvp`."""
@@ -176,7 +189,19 @@ def _pair_mul(a: Array, b: Array) -> Array:
     return jnp.matmul(a, right, precision=_HI)
 
 
-def _expm_rate_inverse(x: Array, xdot: Array) -> tuple[Array, Array, Array]:
+def _norm1(m: Array) -> float:
+    """The largest matrix 1-norm (column sum) of `m`, a matrix or a stack of matrices."""
+    return float(np.max(np.sum(np.abs(np.asarray(m, np.float64)), axis=-2), initial=0.0))
+
+
+def _extra_squarings(bound: float | None) -> int:
+    """Squarings beyond `_RATE_SCHEME`'s for a path with $\\|X(t)\\|_1 \\le$ `bound`: enough
+    to bring it back to 8. `None` (a traced path, bound unknown): 0, and the scheme's
+    accuracy then holds for $\\|X\\|_1 \\le 16$ (documented on the paths)."""
+    return int(math.ceil(math.log2(bound / 8))) if bound is not None and bound > 8 else 0
+
+
+def _expm_rate_inverse(x: Array, xdot: Array, extra_squarings: int = 0) -> tuple[Array, Array, Array]:
     """$(e^X,\\ \\frac{d}{dt} e^{X(t)},\\ e^{-X})$ for $X$ with derivative $\\dot X$, in one pass.
 
     The pair $(e^X, \\dot{(e^X)})$ is the top block row of
@@ -192,6 +217,7 @@ def _expm_rate_inverse(x: Array, xdot: Array) -> tuple[Array, Array, Array]:
     """
     n = x.shape[-1]
     s, q = _RATE_SCHEME.get(jnp.dtype(x.dtype).itemsize, (3, 5))
+    s += extra_squarings
     scale = jnp.asarray(2.0**-s, x.dtype)
     y = x * scale
     p1 = jnp.concatenate([y, xdot.astype(x.dtype) * scale], axis=-1)
@@ -231,6 +257,13 @@ class SmoothLiePath(eqx.Module):
     - `coeffs`: `(K, d, d)` (general) or `(K, d)` (diagonal) coefficients $C_k$.
     - `T`: the interval's end.
     - `start`, `end`: $X_0$, $X_T$ (default zero), same shape as one coefficient.
+
+    A transformed field evaluates $(G, \\dot G, G^{-1})$ in one pass of a fixed-cost
+    exponential, accurate to rounding for $\\|X(t)\\|_1 \\le 8$. When the coefficients are
+    concrete the path adds squarings for larger norms (`extra_squarings`, from the bound
+    $\\max(\\|X_0\\|_1, \\|X_T\\|_1) + \\sum_k \\|C_k\\|_1$); a path built under tracing
+    (e.g. inside a `vmap` over coefficients) keeps the base scheme, accurate for
+    $\\|X(t)\\|_1 \\le 16$.
     """
 
     coeffs: Array
@@ -238,6 +271,7 @@ class SmoothLiePath(eqx.Module):
     end: Array
     T: float = eqx.field(static=True)
     diagonal: bool = eqx.field(static=True)
+    extra_squarings: int = eqx.field(static=True)
 
     def __init__(self, coeffs, T: float = 1.0, start=None, end=None):
         coeffs = jnp.asarray(coeffs)
@@ -252,6 +286,11 @@ class SmoothLiePath(eqx.Module):
             if v.shape != z.shape:
                 raise ValueError(f"`{name}`: expected shape {z.shape} (one coefficient), received {v.shape}.")
         self.T = float(T)
+        # |X(t)|_1 <= max(|X_0|_1, |X_T|_1) + sum_k |C_k|_1
+        known = all(is_concrete(a) for a in (self.coeffs, self.start, self.end)) and not self.diagonal
+        self.extra_squarings = _extra_squarings(
+            max(_norm1(self.start), _norm1(self.end)) + sum(_norm1(c) for c in np.asarray(self.coeffs))
+            if known else None)
 
     @classmethod
     def random(cls, dim: int, *, num_modes: int = 2, scale: float = 0.3, T: float = 1.0,
@@ -296,7 +335,7 @@ class SmoothLiePath(eqx.Module):
         if self.diagonal:
             e = jnp.exp(x)
             return jnp.diag(e), jnp.diag(xdot * e), jnp.diag(jnp.exp(-x))
-        return _expm_rate_inverse(x, xdot)
+        return _expm_rate_inverse(x, xdot, self.extra_squarings)
 
 
 class PiecewiseLinearLiePath(eqx.Module):
@@ -305,16 +344,23 @@ class PiecewiseLinearLiePath(eqx.Module):
     $\\dot G$ jumps at the nodes, so prefer [`gaugejax.SmoothLiePath`][] where a rate is
     measured.
 
-    **Arguments:** `ts`: `(N + 1,)` increasing times from 0; `X`: `(N + 1, d, d)`.
+    **Arguments:** `ts`: `(N + 1,)` strictly increasing times from 0 (checked); `X`:
+    `(N + 1, d, d)`. Large norms: as [`gaugejax.SmoothLiePath`][], with the bound
+    $\\max_i \\|X_i\\|_1$.
     """
 
     ts: Array
     X: Array
+    extra_squarings: int = eqx.field(static=True)
 
     def __init__(self, ts, X):
-        self.ts, self.X = jnp.asarray(ts), jnp.asarray(X)
+        from .nn._node import check_grid
+
+        self.ts, self.X = check_grid(ts), jnp.asarray(X)
         if self.X.ndim != 3 or self.X.shape[0] != self.ts.shape[0] or self.X.shape[1] != self.X.shape[2]:
             raise ValueError(f"`X`: expected shape (len(ts), d, d) = ({self.ts.shape[0]}, d, d), received {self.X.shape}.")
+        # X(t) is a convex combination of two nodes: |X(t)|_1 <= max_i |X_i|_1
+        self.extra_squarings = _extra_squarings(_norm1(self.X) if is_concrete(self.X) else None)
 
     @property
     def dim(self) -> int:
@@ -333,7 +379,7 @@ class PiecewiseLinearLiePath(eqx.Module):
         """$(G, \\dot G, G^{-1})$ at `t` in one pass (see `_expm_rate_inverse`)."""
         t = jnp.asarray(t, self.X.dtype)
         x, xdot = jax.jvp(self.algebra, (t,), (jnp.ones_like(t),))
-        return _expm_rate_inverse(x, xdot)
+        return _expm_rate_inverse(x, xdot, self.extra_squarings)
 
 
 # ----------------------------------------------------------------------------------------
@@ -350,19 +396,31 @@ class AbstractDiffeo(eqx.Module):
         raise NotImplementedError
 
     def phi_inverse(self, y: Array, t: Array) -> Array:
-        """$\\phi_t^{-1}(y)$: a Newton solve of $\\phi(x, t) = y$ from $x = y$ (optimistix),
-        checked to land where $\\det\\partial_x\\phi > 0$."""
+        """$\\phi_t^{-1}(y)$: a Newton solve of $\\phi(x, t) = y$ from $x = y$ (optimistix,
+        to a tolerance of a few of the dtype's epsilons), checked to converge and to land
+        where $\\det\\partial_x\\phi_t$ has the sign of $\\det\\partial_x\\phi_0$ (a
+        continuous family of diffeomorphisms keeps its orientation; a fold flips it, an
+        orientation-reversing $\\phi$ does not)."""
 
         def fn(x, _):
             return self.phi(x, t) - y
 
-        sol = optx.root_find(fn, optx.Newton(rtol=1e-12, atol=1e-12), y, max_steps=64, throw=True)
+        tol = _newton_tol(y, 1e-12)
+        sol = optx.root_find(fn, optx.Newton(rtol=tol, atol=tol), y, max_steps=64, throw=False)
         x = sol.value
-        jac = jax.jacfwd(lambda z: self.phi(z, t))(x)
-        det = jnp.linalg.det(jac)
+        det = jnp.linalg.det(jax.jacfwd(lambda z: self.phi(z, t))(x))
+        # the orientation phi has everywhere if it is a diffeomorphism: a continuous family
+        # keeps the sign of det from t = 0 on (a fold flips it where phi_t is not one-to-one)
+        det0 = jnp.linalg.det(jax.jacfwd(lambda z: self.phi(z, jnp.zeros_like(t)))(y))
+        x = eqx.error_if(
+            x, sol.result != optx.RESULTS.successful,
+            "phi is not invertible where it is used: Newton's solve of phi(x, t) = y did not "
+            "converge in 64 steps (no preimage near y, or phi folds there).",
+        )
         return eqx.error_if(
-            x, det <= 0,
-            "phi is not invertible where it is used: det(d phi / dx) <= 0 at the solution of phi(x, t) = y.",
+            x, ~(det * jnp.sign(det0) > 0),
+            "phi is not invertible where it is used: det(d phi / dx) at the solution of "
+            "phi(x, t) = y is zero or has the opposite sign to det(d phi_0 / dx) (phi folds).",
         )
 
     def velocity(self, x: Array, t: Array, v: Array) -> Array:
@@ -547,6 +605,39 @@ def _probe_states(dim: int, dtype: Any, n: int = 8) -> Array:
     return jax.random.normal(jax.random.key(0), (n, dim), dtype)
 
 
+def _boundary_errors(diffeo: AbstractDiffeo, dim: int, T: Any, dtype: Any) -> tuple[Array, Array, float]:
+    """max |phi_t(x) - x| / (1 + |x|) over probe states at t = 0 and t = T, and the
+    tolerance (the round-off of sin(pi) etc.)."""
+    xs = _probe_states(dim, dtype)
+    scale = 1.0 + jnp.max(jnp.abs(xs))
+    errs = [jnp.max(jnp.abs(jax.vmap(lambda x: diffeo.phi(x, t) - x)(xs))) / scale
+            for t in (jnp.zeros((), dtype), jnp.asarray(T, dtype))]
+    return errs[0], errs[1], max(1e-8, 100 * float(jnp.finfo(dtype).eps))
+
+
+def _boundary_message(boundary: str, name: str, err: Any) -> str:
+    which = "E (embedding)" if name == "phi_0" else "R (readout)"
+    return (
+        f"boundary={boundary!r}: {name} is not the identity (max |{name}(x) - x| / (1 + |x|) {err} on "
+        f"probe states), so keeping {which} untransformed changes the model. Use boundary='transform' "
+        f"(E' = phi_0 o E, R' = R o phi_T^-1) or a diffeomorphism with {name} = id."
+    )
+
+
+class _BoundaryCheck(eqx.Module):
+    """The identity on the embedding's output, raising at run time when phi_0 or phi_T is
+    not the identity: `boundary="fixed"` for a diffeomorphism known only under tracing."""
+
+    diffeo: AbstractDiffeo
+    T: Any
+    dim: int = eqx.field(static=True)
+
+    def __call__(self, x):
+        e0, eT, tol = _boundary_errors(self.diffeo, self.dim, self.T, x.dtype)
+        x = eqx.error_if(x, e0 > tol, _boundary_message("fixed", "phi_0", f"> {tol:.0e}"))
+        return eqx.error_if(x, eT > tol, _boundary_message("fixed", "phi_T", f"> {tol:.0e}"))
+
+
 def validate_diffeo(diffeo: AbstractDiffeo, dim: int, T: Any, dtype: Any = jnp.float64, *, num_times: int = 257) -> None:
     """Eager checks of a diffeomorphism on $[0, T]$ (skipped under tracing): $\\tau(0) = 0$
     and $\\tau' > 0$ (monotone), $\\phi$ maps `(dim,)` to `(dim,)`, and for
@@ -607,8 +698,10 @@ def transform_node(node: NeuralODE, diffeo: AbstractDiffeo, *, boundary: str = "
     - `boundary="transform"` (default): $E' = \\phi_0 \\circ E$, $R' = R \\circ \\phi_T^{-1}$;
     - `boundary="fixed"`: $E$, $R$ are kept, which is a symmetry only if
       $\\phi_0 = \\phi_T = \\mathrm{id}$; this is checked on probe states and a
-      `ValueError` is raised otherwise;
-    - `boundary="warn"`: as `"fixed"`, but a violated boundary condition only warns;
+      `ValueError` is raised otherwise (for a diffeomorphism known only under tracing, e.g.
+      inside `jit`, an `equinox` run-time error when the model is called);
+    - `boundary="warn"`: as `"fixed"`, but a violated boundary condition only warns (eager
+      only: under tracing nothing is checked);
     - `boundary="unchecked"`: $E$, $R$ kept with no check (for negative controls, S7).
 
     The diffeomorphism is validated first (see [`gaugejax.validate_diffeo`][]): monotone $\\tau$,
@@ -638,21 +731,15 @@ def transform_node(node: NeuralODE, diffeo: AbstractDiffeo, *, boundary: str = "
         embedding = Chain(node.embedding, _PhiAt(diffeo, 0.0, False))
         readout = Chain(_PhiAt(diffeo, T, True), node.readout)
     elif boundary in ("fixed", "warn") and is_concrete(diffeo, T):
-        xs = _probe_states(node.dim, dtype)
-        Tarr = jnp.asarray(T, dtype)
-        for name, t in (("phi_0", jnp.zeros((), dtype)), ("phi_T", Tarr)):
-            moved = jax.vmap(lambda x: diffeo.phi(x, t) - x)(xs)
-            err = float(jnp.max(jnp.abs(moved)) / (1.0 + float(jnp.max(jnp.abs(xs)))))
-            if err > max(1e-8, 100 * float(jnp.finfo(dtype).eps)):  # round-off of sin(pi) etc.
-                which = "E (embedding)" if name == "phi_0" else "R (readout)"
-                msg = (
-                    f"boundary={boundary!r}: {name} is not the identity (max |{name}(x) - x| / (1 + |x|) = {err:.3g} on "
-                    f"probe states), so keeping {which} untransformed changes the model. Use boundary='transform' "
-                    f"(E' = phi_0 o E, R' = R o phi_T^-1) or a diffeomorphism with {name} = id."
-                )
+        e0, eT, tol = _boundary_errors(diffeo, node.dim, T, dtype)
+        for name, err in (("phi_0", float(e0)), ("phi_T", float(eT))):
+            if err > tol:
+                msg = _boundary_message(boundary, name, f"= {err:.3g}")
                 if boundary == "fixed":
                     raise ValueError(msg)
                 warnings.warn(msg, stacklevel=2)
+    elif boundary == "fixed":  # traced (jit, vmap, grad): checked when the model runs
+        embedding = Chain(node.embedding, _BoundaryCheck(diffeo, T, node.dim))
     field = TransformedField(node.field, diffeo, T)
     return NeuralODE(
         field, T_new, embedding=embedding, readout=readout, solver=node.solver,

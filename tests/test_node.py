@@ -501,3 +501,81 @@ def test_adaptive_gradient_matches_fd_with_jump_ts(base):
     g, fd = _grad_vs_fd(eqx.tree_at(lambda n: n.stepsize_controller, node, ctrl), x)
     assert abs(g) > 1e-3
     assert abs(g - fd) < 1e-7 * (1 + abs(fd))
+
+
+# --------------------------------------------------------------------------------------
+# review fixes: integer states, large rotations, float32 Newton inverses, orientation,
+# the boundary check under tracing, grids of Lie paths, the readout
+# --------------------------------------------------------------------------------------
+def test_integer_state_is_a_float_state(base):
+    node, _, _ = base
+    # the solve's times take the state's dtype: an integer state used to truncate T
+    np.testing.assert_array_equal(_model(node, jnp.asarray([1, 0, 2])), _model(node, jnp.asarray([1.0, 0.0, 2.0], F64)))
+    resnet = gj.nn.discretize(node, 4)
+    np.testing.assert_array_equal(resnet(jnp.asarray([1, 0, 2])), resnet(jnp.asarray([1.0, 0.0, 2.0], F64)))
+
+
+def test_large_rotation_path_stays_exact():
+    """A rotation by 56 rad (|X|_1 = 56): the fixed exponential scheme is accurate for
+    |X|_1 <= 8-16; a concrete path adds squarings, so G, dG/dt and G^-1 stay exact."""
+    from gaugejax import _diffeo
+
+    J = jnp.asarray([[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 0.0]], F64)
+    for angle, extra in ((4.0, 0), (56.0, 3)):
+        path = gj.SmoothLiePath(jnp.stack([angle * J]), T=T)
+        assert path.extra_squarings == extra
+        for t in (0.3, 0.5):
+            G, Gdot, Ginv = _diffeo._value_rate_inverse(path, jnp.asarray(t, F64))
+            X = np.asarray(path.algebra(t))
+            np.testing.assert_allclose(G, scipy.linalg.expm(X), atol=1e-11)
+            np.testing.assert_allclose(Ginv, scipy.linalg.expm(-X), atol=1e-11)
+            Xdot = np.asarray(jax.jvp(path.algebra, (jnp.asarray(t, F64),), (jnp.ones((), F64),))[1])
+            np.testing.assert_allclose(Gdot, scipy.linalg.expm_frechet(X, Xdot, compute_expm=False), atol=1e-9)
+
+
+def test_newton_inverses_in_float32():
+    # tolerances below float32's epsilon made a third of these solves fail
+    d = gj.NearIdentityDiffeo.random(3, eps=0.3, key=jax.random.key(5), dtype=jnp.float32)
+    ys = jax.random.normal(jax.random.key(1), (40, 3), jnp.float32)
+    t = jnp.asarray(0.5, jnp.float32)
+    xs = jax.jit(jax.vmap(lambda y: d.phi_inverse(y, t)))(ys)
+    assert xs.dtype == jnp.float32
+    assert _err(jax.vmap(lambda x: d.phi(x, t))(xs), ys) <= 1e-5
+    w = gj.SineWarp(0.5)
+    s = jnp.linspace(0.0, 1.0, 40, dtype=jnp.float32)
+    ts = jax.jit(jax.vmap(lambda v: w.tau_inverse(v, jnp.asarray(1.0, jnp.float32))))(s)
+    assert _err(jax.vmap(w.tau)(ts), s) <= 1e-5
+
+
+def test_orientation_reversing_phi_is_a_diffeomorphism(base):
+    node, x, y = base
+    flip = gj.Diffeo(lambda z, t: -z)  # det = -1 everywhere: invertible, no fold
+    assert _err(_model(gj.transform_node(node, flip), x), y) <= CMP
+
+
+def test_boundary_fixed_checked_under_jit(base, getkey):
+    node, x, _ = base
+    bad = gj.SmoothLiePath.random(3, scale=0.5, key=getkey(), dtype=F64, boundary_identity=False)
+
+    @eqx.filter_jit
+    def run(start, end):
+        path = gj.SmoothLiePath(bad.coeffs, T=T, start=start, end=end)
+        return gj.transform_node(node, gj.LinearDiffeo(path), boundary="fixed")(x)
+
+    with pytest.raises(Exception, match="phi_0 is not the identity"):
+        jax.block_until_ready(run(bad.start, bad.end))
+    zero = jnp.zeros_like(bad.start)
+    assert bool(jnp.all(jnp.isfinite(run(zero, zero))))
+
+
+def test_bad_lie_path_grid_and_readout(base):
+    X = jnp.zeros((4, 3, 3), F64)
+    for ts, msg in (([0.0, 0.7, 0.3, 1.0], "strictly increasing"), ([0.0, 0.5, 0.5, 1.0], "strictly increasing"),
+                    ([0.1, 0.2, 0.3, 1.0], "start at t = 0")):
+        with pytest.raises(ValueError, match=msg):
+            gj.PiecewiseLinearLiePath(jnp.asarray(ts, F64), X)
+    node = base[0]
+    bad = NeuralODE(node.field, T, readout=eqx.nn.Linear(4, 2, key=jax.random.key(0), dtype=F64))
+    with pytest.raises(ValueError, match="`readout`: cannot be applied to a state of dimension 3"):
+        bad(jnp.ones(3, F64))
+    assert node.flow(jnp.ones(3, F64), ts=0.5).shape == (1, 3)

@@ -82,6 +82,21 @@ def random_blocks(key: PRNGKeyArray, n: int, dim: int, width: int, scale: float,
         draw((n, dim, width), s / np.sqrt(width)), draw((n, dim), s)))
 
 
+def check_grid(ts: Any, what: str = "ts") -> Array:
+    """`ts` as an array, checked to be a time grid on $[0, T]$: 1-D, starting at 0, strictly
+    increasing (when its values are known; under tracing only the shape is checked)."""
+    ts = jnp.asarray(ts)
+    if ts.ndim != 1 or ts.shape[0] < 1:
+        raise ValueError(f"`{what}` must be a 1-D grid of at least one time, got shape {ts.shape}.")
+    if is_concrete(ts):
+        tn = np.asarray(ts)
+        if abs(tn[0]) > 1e-12:
+            raise ValueError(f"`{what}` must start at t = 0 (the interval is [0, T]); received {what}[0] = {tn[0]:g}.")
+        if tn.size > 1 and not np.all(np.diff(tn) > 0):
+            raise ValueError(f"`{what}` must be strictly increasing; received {tn.tolist()}.")
+    return ts
+
+
 class ParametricField(eqx.Module):
     """The vector field $v(x, t) = A(t)\\,x + W_2(t)\\,\\sigma(W_1(t)\\,x + b(t)) + c(t)$.
 
@@ -113,15 +128,7 @@ class ParametricField(eqx.Module):
     activation: Callable = eqx.field(static=True)
 
     def __init__(self, ts, A, W1, b, W2, c, activation: Callable = jnp.tanh):
-        ts = jnp.asarray(ts)
-        if ts.ndim != 1 or ts.shape[0] < 1:
-            raise ValueError(f"`ts` must be a 1-D grid of at least one time, got shape {ts.shape}.")
-        if is_concrete(ts):
-            tn = np.asarray(ts)
-            if abs(tn[0]) > 1e-12:
-                raise ValueError(f"`ts` must start at t = 0 (the interval is [0, T]); received ts[0] = {tn[0]:g}.")
-            if tn.size > 1 and not np.all(np.diff(tn) > 0):
-                raise ValueError(f"`ts` must be strictly increasing; received {tn.tolist()}.")
+        ts = check_grid(ts)
         n = ts.shape[0]
 
         def tup(name, x, ndim):
@@ -306,11 +313,21 @@ class NeuralODE(eqx.Module):
                 f"must return the state's shape ({self.dim},)."
             )
 
+    def _float_state(self, x: Any) -> Array:
+        """`x` as an array; an integer or boolean state becomes a float one, in the dtype of
+        the field's parameters (the solve's times take the state's dtype: an integer state
+        would truncate `T`)."""
+        x = jnp.asarray(x)
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            return x
+        dts = {a.dtype for a in jax.tree_util.tree_leaves(self.field) if eqx.is_inexact_array(a)}
+        return x.astype(dts.pop() if len(dts) == 1 else jnp.result_type(float))
+
     def solve(self, x0: Float[Array, " dim"], *, ts: Any = None) -> diffrax.Solution:
         """The diffrax solution from `x0` at time 0 to time `T` (saved at `ts` if given,
         else at `T`). `sol.stats["num_steps"]` and the solver's evaluations per step give
         the number of vector-field evaluations."""
-        x0 = jnp.asarray(x0)
+        x0 = self._float_state(x0)
         self._check_state(x0, "x0")
         if x0.ndim != 1:
             raise ValueError(f"`x0`: solve takes one state of shape ({self.dim},); vmap for batches, received {x0.shape}.")
@@ -333,10 +350,12 @@ class NeuralODE(eqx.Module):
 
     def flow(self, x0: Float[Array, "*batch dim"], *, ts: Any = None) -> Array:
         """$\\Phi_{T \\leftarrow 0}(x_0)$ (or the states at the times `ts`, shape
-        `(*batch, len(ts), dim)`); any leading batch axes are vmapped."""
-        x0 = jnp.asarray(x0)
+        `(*batch, len(ts), dim)`; a single time counts as one); any leading batch axes are
+        vmapped."""
+        x0 = self._float_state(x0)
         self._check_state(x0, "x0")
         if ts is not None:
+            ts = jnp.atleast_1d(jnp.asarray(ts))
             check_times(ts, self.T, "ts")
 
         def one(x):
@@ -358,7 +377,13 @@ class NeuralODE(eqx.Module):
 
     def __call__(self, x: Float[Array, "*batch in"]) -> Array:
         """$R(\\Phi_{T \\leftarrow 0}(E(x)))$; leading batch axes are vmapped."""
-        return _apply(self.readout, self.flow(self.embed(x)))
+        z = self.flow(self.embed(x))
+        if self.readout is not None:
+            try:
+                jax.eval_shape(self.readout, jax.ShapeDtypeStruct((self.dim,), z.dtype))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"`readout`: cannot be applied to a state of dimension {self.dim}: {e}") from e
+        return _apply(self.readout, z)
 
     def num_evaluations(self, x0: Float[Array, " dim"]) -> Array:
         """Vector-field evaluations of one solve from `x0`: diffrax's `num_steps` (accepted

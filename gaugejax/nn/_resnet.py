@@ -118,8 +118,11 @@ class ResNet(eqx.Module):
         return {k: jnp.stack(getattr(self, k)) for k in _KEYS}
 
     def flow(self, x: Float[Array, "*batch dim"]) -> Array:
-        """The residual stream after the $L$ blocks (no $E$, $R$)."""
+        """The residual stream after the $L$ blocks (no $E$, $R$); an integer state becomes
+        a float one in the blocks' dtype."""
         x = jnp.asarray(x)
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            x = x.astype(self.A[0].dtype)
         if x.shape[-1:] != (self.dim,):
             raise ValueError(f"`x`: expected a state of dimension {self.dim} on the last axis, received shape {x.shape}.")
         return euler_flow(self.stacked(), x, jnp.asarray(self.h, x.dtype), self.activation)
