@@ -141,3 +141,28 @@ def test_grad_through_the_structured_projection(getkey):
     g_dense = eqx.filter_grad(lambda p: sq(gj.horizontal(gauge, p, v, method="dense")))(m)
     for a, b in zip(jax.tree.leaves(g_struct), jax.tree.leaves(g_dense)):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_filtered_params_keep_leaf_indices():
+    """A model whose first leaf is a function: `equinox.filter` drops it, and the gauge must
+    still index the arrays by their place in the whole model (a filtered tree used to
+    shift every index by one)."""
+
+    class Net(eqx.Module):
+        act: object
+        W1: jax.Array
+        b1: jax.Array
+        W2: jax.Array
+
+    k = jax.random.split(jax.random.key(0), 3)
+    net = Net(jax.nn.relu, jax.random.normal(k[0], (5, 3), jnp.float64), jax.random.normal(k[1], (5,), jnp.float64),
+              jax.random.normal(k[2], (2, 5), jnp.float64))
+    gauge = gj.Gauge({"h": gj.PositiveDiagonal(5)},
+                     [gj.Produce("W1", 0, "h"), gj.Produce("b1", 0, "h"), gj.Consume("W2", 1, "h")], net)
+    v = jax.tree.map(lambda x: jnp.ones_like(x) if eqx.is_inexact_array(x) else None, net)
+    whole = gj.horizontal(gauge, net, v)
+    filtered = gj.horizontal(gauge, eqx.filter(net, eqx.is_array), v)
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(filtered)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="nor are they an `equinox.filter` of it"):
+        gj.horizontal(gauge, {"W1": net.W1}, v)

@@ -225,6 +225,9 @@ def canonicalize_every(
     point ([`gaugejax.canonicalize`][]: balanced, sorted, sign-fixed) and transport the inner
     optimizer's state with them ([`gaugejax.optim.transport_state`][]).
 
+    `params` may be the model whole or its `equinox.filter`-ed arrays (as optax usually
+    sees an equinox model); the update has `None` where the gradients do.
+
     The emitted update is `canonical(params + u) - params`, so the transform must see the
     final update: use it outermost (wrap the optimizer rather than chaining after it), e.g.
     `canonicalize_every(100, gauge, optax.adam(1e-3))`. ENorm (Stock et al., 2019) balances
@@ -261,7 +264,9 @@ def teleport_every(
     - `gauge`: a [`gaugejax.Gauge`][] with a continuous site.
     - `loss_fn`: `loss_fn(params, batch)`, the batch passed to `update` as the keyword
       argument `batch=` (through `optax.chain` as an extra argument); the default objective
-      is $\\|\\nabla L\\|^2$ on that batch.
+      is $\\|\\nabla L\\|^2$ on that batch. It is called on the parameters given to
+      `update`: for an equinox model that the loss calls, pass the model whole, not its
+      `equinox.filter`-ed arrays (whose filtered-out leaves arrive as placeholders).
     - `inner`: the optimizer (`None`: the identity).
     - `objective`: `objective(params, batch) -> scalar` to maximise instead.
     - `steps`, `lr`: ascent steps per teleport and their length.
