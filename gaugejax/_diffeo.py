@@ -509,6 +509,9 @@ def _value_rate_inverse(path: Callable, t: Array) -> tuple[Array, Array, Array |
     # only where G(t) is the built-in exp(X(t)): a subclass that redefines `__call__` is generic
     if isinstance(path, (SmoothLiePath, PiecewiseLinearLiePath)) and type(path).__call__ in _LIE_CALLS:
         return path._value_rate_inverse(t)
+    t = jnp.asarray(t)
+    if not jnp.issubdtype(t.dtype, jnp.inexact):  # a derivative in t needs a float time
+        t = t.astype(jnp.result_type(float))
     G, Gdot = jax.jvp(path, (t,), (jnp.ones_like(t),))
     return G, Gdot, None
 

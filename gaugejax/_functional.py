@@ -57,10 +57,12 @@ def functional_dimension(
       inputs independently (no batch statistics).
     """
     jac = np.asarray(_jacobian(fn, params, inputs, per_example))
+    eps = np.finfo(jac.dtype).eps  # the rank threshold follows the model's dtype
+    if jac.dtype not in (np.float32, np.float64):  # NumPy's SVD has no float16 / bfloat16
+        jac = jac.astype(np.float32)
     n_out = jac.shape[0]
     flat_size = jac.shape[1]
     s = np.linalg.svd(jac, compute_uv=False)
-    eps = np.finfo(jac.dtype).eps
     rtol = max(jac.shape) * eps if rtol is None else rtol
     tol = float(rtol * s[0]) if s.size else 0.0
     rank = int(np.sum(s > tol))

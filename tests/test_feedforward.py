@@ -181,3 +181,13 @@ def test_mlp_keeps_the_dtype_asked_for(dtype):
     for a, b in zip(jax.tree.leaves(m), jax.tree.leaves(traced)):
         assert a.dtype == b.dtype == jnp.dtype(dtype)
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_functional_dimension_in_float16():
+    # NumPy's SVD has no float16: the Jacobian is decomposed in float32, the threshold
+    # stays float16's
+    m = gj.nn.MLP([3, 4, 2], jax.nn.relu, key=jax.random.key(0), dtype=jnp.float16)
+    x = jax.random.normal(jax.random.key(1), (40, 3), jnp.float16)
+    fd = gj.functional_dimension(lambda p, x: p(x), m, x, per_example=True)
+    assert 0 < fd.rank <= 26 - 4  # params - orbit
+    assert fd.tol == pytest.approx(max(80, 26) * float(jnp.finfo(jnp.float16).eps) * float(fd.singular_values[0]))

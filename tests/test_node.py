@@ -579,3 +579,10 @@ def test_bad_lie_path_grid_and_readout(base):
     with pytest.raises(ValueError, match="`readout`: cannot be applied to a state of dimension 3"):
         bad(jnp.ones(3, F64))
     assert node.flow(jnp.ones(3, F64), ts=0.5).shape == (1, 3)
+
+
+def test_connection_transform_at_an_integer_time():
+    A = lambda t: jnp.eye(3, dtype=F64) * t  # noqa: E731
+    G = lambda t: jnp.eye(3, dtype=F64) * (1 + t)  # noqa: E731
+    f = gj.connection_transform(A, G)
+    np.testing.assert_array_equal(f(1), f(1.0))
