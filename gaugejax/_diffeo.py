@@ -36,7 +36,7 @@ import optimistix as optx
 from jaxtyping import Array, PRNGKeyArray
 
 from ._groups import _linalg
-from .nn._node import NeuralODE, is_concrete
+from .nn._node import NeuralODE, check_grid, is_concrete
 
 
 _HI = jax.lax.Precision.HIGHEST
@@ -354,8 +354,6 @@ class PiecewiseLinearLiePath(eqx.Module):
     extra_squarings: int = eqx.field(static=True)
 
     def __init__(self, ts, X):
-        from .nn._node import check_grid
-
         self.ts, self.X = check_grid(ts), jnp.asarray(X)
         if self.X.ndim != 3 or self.X.shape[0] != self.ts.shape[0] or self.X.shape[1] != self.X.shape[2]:
             raise ValueError(f"`X`: expected shape (len(ts), d, d) = ({self.ts.shape[0]}, d, d), received {self.X.shape}.")
@@ -410,8 +408,10 @@ class AbstractDiffeo(eqx.Module):
         x = sol.value
         det = jnp.linalg.det(jax.jacfwd(lambda z: self.phi(z, t))(x))
         # the orientation phi has everywhere if it is a diffeomorphism: a continuous family
-        # keeps the sign of det from t = 0 on (a fold flips it where phi_t is not one-to-one)
-        det0 = jnp.linalg.det(jax.jacfwd(lambda z: self.phi(z, jnp.zeros_like(t)))(y))
+        # keeps the sign of det from t = 0 on (a fold flips it where phi_t is not one-to-one).
+        # Taken at x = 0, t = 0: independent of (y, t), so a solve can hoist it out of its loop
+        phi_0 = lambda z: self.phi(z, jnp.zeros_like(t))  # noqa: E731
+        det0 = jnp.linalg.det(jax.jacfwd(phi_0)(jnp.zeros_like(y)))
         x = eqx.error_if(
             x, sol.result != optx.RESULTS.successful,
             "phi is not invertible where it is used: Newton's solve of phi(x, t) = y did not "

@@ -36,7 +36,7 @@ import lineax as lx
 from jaxtyping import Array, PyTree
 
 from . import _rescaling as _rs
-from ._gauge import Gauge, params_float_dtype as _dtype
+from ._gauge import Gauge, _is_none, params_float_dtype as _dtype
 from ._groups import PositiveDiagonal, PositiveMonomial
 
 
@@ -62,7 +62,7 @@ def _check_tangent(gauge: Gauge, params: PyTree, v: PyTree, name: str = "v") -> 
     """`params` completed (`Gauge._complete`); `v` has its structure, with `None` allowed
     where `params` has a leaf that is not a float array (a gradient of an equinox model)."""
     pl, pt = jtu.tree_flatten(params)
-    vl, vt = jtu.tree_flatten(v, is_leaf=lambda x: x is None)
+    vl, vt = jtu.tree_flatten(v, is_leaf=_is_none)
     if pt != vt:
         raise ValueError(
             f"`{name}` must have the structure of the parameters.\nexpected: {pt}\nreceived: {vt}"
@@ -102,12 +102,12 @@ def _vert(gauge: Gauge, params: PyTree, xi: Mapping[str, Array]) -> PyTree:
     action at the identity along the tangent of `exp`; `None` on non-float leaves."""
     t = gauge.vertical(params, xi)
     return jtu.tree_map(lambda a, p: a if eqx.is_inexact_array(p) else None,
-                        t, params, is_leaf=lambda a: a is None)
+                        t, params, is_leaf=_is_none)
 
 
 def _clean(params: PyTree, v: PyTree) -> PyTree:
     return jtu.tree_map(lambda a, p: jnp.asarray(a, p.dtype) if eqx.is_inexact_array(p) else None,
-                        v, params, is_leaf=lambda a: a is None)
+                        v, params, is_leaf=_is_none)
 
 
 # ---------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import optax
 from jaxtyping import Array, PyTree
 
 from .._canonical import canonicalize
-from .._gauge import Gauge
+from .._gauge import Gauge, _is_none
 from .._horizontal import _require_continuous, horizontal
 from .._teleport import grad_norm_squared, teleport
 
@@ -37,12 +37,16 @@ from .._teleport import grad_norm_squared, teleport
 SECOND_MOMENT_FIELDS = ("nu", "v", "sum_of_squares", "grad_sq", "nu_hat")
 
 
-def _is_none(x: Any) -> bool:
-    return x is None
-
-
 def _float_indices(leaves: list[Any]) -> list[int]:
     return [i for i, x in enumerate(leaves) if eqx.is_inexact_array(x)]
+
+
+def _with_floats(leaves: list[Any], idx: list[int], floats: list[Any]) -> list[Any]:
+    """`leaves` with the float leaves at `idx` replaced by `floats`."""
+    out = list(leaves)
+    for i, x in zip(idx, floats):
+        out[i] = x
+    return out
 
 
 def _covector(gauge: Gauge, g: dict, params: PyTree):
@@ -54,10 +58,8 @@ def _covector(gauge: Gauge, g: dict, params: PyTree):
     idx = _float_indices(leaves)
 
     def act(floats):
-        full = list(leaves)
-        for i, x in zip(idx, floats):
-            full[i] = x
-        out = jtu.tree_leaves(gauge.act(inv, jtu.tree_unflatten(treedef, full), check=False))
+        full = jtu.tree_unflatten(treedef, _with_floats(leaves, idx, floats))
+        out = jtu.tree_leaves(gauge.act(inv, full, check=False))
         return [out[i] for i in idx]
 
     _, vjp = jax.vjp(act, [leaves[i] for i in idx])
@@ -196,10 +198,7 @@ def _moving(k: int, gauge: Gauge, inner, move: Callable, name: str) -> optax.Gra
 
         def do(args):
             new, inner_state = args
-            moved_in = list(leaves)
-            for i, x in zip(idx, new):
-                moved_in[i] = x
-            moved_in = jtu.tree_unflatten(gauge.treedef, moved_in)
+            moved_in = jtu.tree_unflatten(gauge.treedef, _with_floats(leaves, idx, new))
             moved, g = move(moved_in, extra)
             inner_state = transport_state(gauge, g, inner_state, moved_in)
             ml = jtu.tree_leaves(moved)
