@@ -39,6 +39,7 @@ from ._align import (
 from ._balance import (
     balance as balance,
     balance_residual as balance_residual,
+    degenerate_units as degenerate_units,
     moment_map as moment_map,
 )
 from ._canonical import canonicalize as canonicalize, gauge_distance as gauge_distance

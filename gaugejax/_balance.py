@@ -10,7 +10,6 @@ a convex problem in the log-scales.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import equinox as eqx
@@ -69,6 +68,14 @@ def balance(
     also coupled through a [`gaugejax.Link`][] (a ResNet's streams) use Newton on the
     autodiff Hessian instead (one JVP per rescaled neuron per step).
 
+    A neuron whose incoming or outgoing weights are all zero (a *degenerate* neuron: dead
+    by construction, pruned, or zero-initialised) has no balanced point: its orbit is not
+    closed, and the norm only approaches its infimum as the nonzero side is scaled to
+    zero. Such neurons keep their scale (the problem is solved over the other
+    log-scales, which then have a unique minimum) and are left out of
+    [`gaugejax.balance_residual`][]; [`gaugejax.degenerate_units`][] lists them. Link-coupled
+    sites (the autodiff path) do not single them out.
+
     **Arguments:**
 
     - `gauge`, `params`: the gauge and the parameters to balance.
@@ -86,7 +93,8 @@ def balance(
     rtol = float(eps**0.75) if rtol is None else rtol
     atol = float(eps**0.75) if atol is None else atol
     if _rs.is_structured(gauge, positive):
-        xi = _newton_structured(gauge, params, positive, rtol, atol, max_steps)
+        free = {n: ~d for n, d in _degenerate(gauge, params, positive).items()}
+        xi = _newton_structured(gauge, params, positive, rtol, atol, max_steps, free)
     else:
         xi = _newton_generic(gauge, params, positive, rtol, atol, max_steps)
     g = gauge.exp(xi, dtype)
@@ -124,10 +132,16 @@ _RESOLVE = 1e3
 
 
 @eqx.filter_jit
-def _newton_structured(gauge, params, positive, rtol, atol, max_steps):
+def _newton_structured(gauge, params, positive, rtol, atol, max_steps, free=None):
     """Damped Newton on $F(\\xi) = \\tfrac12\\|\\exp(\\xi)\\cdot\\theta\\|^2$ with the exact
     structured Hessian $2G$ (see `gaugejax/_rescaling.py`) and an Armijo backtracking line
-    search: globally convergent on this convex problem, quadratic near the minimum."""
+    search: globally convergent on this convex problem, quadratic near the minimum.
+
+    Only the log-scales where `free` (`{site: bool array}`, default all) is true move
+    (degenerate neurons stay at 0): the gradient is masked and each step solves the Newton
+    system restricted to them."""
+    if free is None:
+        free = {n: jnp.ones((), bool) for n in positive}
     leaves = jtu.tree_leaves(params)
     dtype = _dtype(params)
     pairs = _rs.couplings(gauge, positive)
@@ -149,6 +163,7 @@ def _newton_structured(gauge, params, positive, rtol, atol, max_steps):
     def moment(xi):
         cur = [x / jnp.sqrt(scale) if eqx.is_inexact_array(x) else x for x in scaled(xi)]
         grad = _rs.adjoint(gauge, cur, cur, positive)  # moment map / scale
+        grad = {n: jnp.where(free[n], g, 0) for n, g in grad.items()}
         diag = _rs.gram_diagonal(gauge, cur, positive)  # |in|^2 + |out|^2 per neuron
         return cur, grad, diag
 
@@ -160,7 +175,7 @@ def _newton_structured(gauge, params, positive, rtol, atol, max_steps):
         # the Hessian of F is 2 G
         rhs = {n: -x for n, x in grad.items()}
         newton, pre = _rs.solve_gram(gauge, cur, rhs, diag, sites=positive, scale=2.0, rtol=_CG_RTOL,
-                                     atol=0.0, max_steps=_CG_MAX_STEPS)
+                                     atol=0.0, max_steps=_CG_MAX_STEPS, free=free)
         # An inexact solve (float32, ill-conditioned Gram) may not give a descent
         # direction: fall back to the preconditioned gradient, which always is one.
         slope = _dot(grad, newton, positive)
@@ -230,36 +245,68 @@ def _axpy(t, step, xi):
 def balance_residual(gauge: Gauge, params: PyTree) -> Array:
     """The largest relative moment-map residual over positive-scaling neurons:
     $\\max_i |\\mu_i| / (\\|\\mathrm{in}_i\\|^2 + \\|\\mathrm{out}_i\\|^2)$, where the
-    denominator is the sum of the two squared norms the moment map compares."""
+    denominator is the sum of the two squared norms the moment map compares.
+
+    Degenerate neurons (incoming or outgoing weights all zero, see
+    [`gaugejax.degenerate_units`][]) are left out: they have no balanced point, and their
+    relative residual is 1 wherever they are on the orbit."""
     mu = moment_map(gauge, params)
     positive = [n for n, grp in gauge.sites if isinstance(grp, (PositiveDiagonal, PositiveMonomial))]
     if not positive:
         return jnp.zeros(())
     dtype = _dtype(params)
-    # |in|^2 + |out|^2 per neuron: the moment map of the squared parameters with every
-    # consumed axis counted positively, obtained from act with scale e on produce and e on consume.
-    total = _abs_moment(gauge, params, positive, dtype)
-    return jnp.max(jnp.stack([jnp.max(jnp.abs(mu[n]) / total[n]) for n in positive]))
+    sides = _side_norms(gauge, params, positive, dtype)
+    linked = _linked_sites(gauge)
+    res = []
+    for n in positive:
+        n_in, n_out = sides[n]
+        total = n_in + n_out
+        keep = (total > 0) if n in linked else (n_in > 0) & (n_out > 0)
+        res.append(jnp.max(jnp.where(keep, jnp.abs(mu[n]) / jnp.where(keep, total, 1), 0)))
+    return jnp.max(jnp.stack(res))
 
 
-def _abs_moment(gauge: Gauge, params: PyTree, sites: list[str], dtype: Any) -> Mapping[str, Array]:
+@eqx.filter_jit
+def degenerate_units(gauge: Gauge, params: PyTree) -> dict[str, Array]:
+    """The degenerate neurons of the positive-scaling sites: `{site: bool array}` (shape
+    `(*batch, n)`), true where a neuron's incoming weights (and bias) or its outgoing
+    weights are all exactly zero.
+
+    Their rescaling orbit is not closed: scaling the nonzero side towards zero lowers
+    $\\|\\theta\\|^2$ forever, so there is no balanced point. [`gaugejax.balance`][] keeps
+    their scale and [`gaugejax.balance_residual`][] leaves them out. Sites coupled through a
+    [`gaugejax.Link`][] (a ResNet's streams) are reported all false: their neurons are not
+    split into an incoming and an outgoing side."""
+    positive = _rs.rescaling_sites(gauge)
+    dtype = _dtype(params)
+    sides = _side_norms(gauge, params, positive, dtype)
+    linked = _linked_sites(gauge)
+    return {n: jnp.zeros_like(sides[n][0], bool) if n in linked else (sides[n][0] == 0) | (sides[n][1] == 0)
+            for n in positive}
+
+
+def _degenerate(gauge: Gauge, params: PyTree, sites) -> dict[str, Array]:
+    return {n: d for n, d in degenerate_units(gauge, params).items() if n in sites}
+
+
+def _linked_sites(gauge: Gauge) -> set[str]:
+    return {s for plan in gauge.plans for lp in plan.links for s in (lp.out_site, lp.in_site)}
+
+
+def _side_norms(gauge: Gauge, params: PyTree, sites, dtype: Any) -> dict[str, tuple[Array, Array]]:
+    """Per neuron of each site, `(|in|^2, |out|^2)`: the sums of the squared entries it
+    produces and consumes (through `Produce` / `Consume` couplings; a `Link` is neither)."""
     gauge.require_whole_axes("balance")
-    # d/dxi 1/2 |g theta|^2 with g acting on produced axes by e^xi and consumed by e^xi too
-    # (instead of e^-xi) gives |in|^2 + |out|^2.
-    zeros = {n: gauge.site_groups[n].algebra_zeros(dtype) for n in sites}
-
-    def half_norm(xi):
-        full = {n: gauge.site_groups[n].exp(xi[n]) if n in xi else gauge.site_groups[n].identity(dtype) for n, _ in gauge.sites}
-        total = jnp.zeros((), dtype)
-        leaves = jtu.tree_leaves(params)
-        for plan in gauge.plans:
-            x = leaves[plan.index]
-            scale = jnp.ones((), dtype)
-            for lin in plan.linear:
-                if lin.site in xi:
-                    f = gauge.site_groups[lin.site].factors(full[lin.site], "produce")
-                    scale = scale * _expand(f.scale, (*lin.batch_axes, lin.axis), x.ndim)
-            total = total + jnp.sum((scale * x) ** 2)
-        return 0.5 * total
-
-    return jax.grad(half_norm)(zeros)
+    groups = gauge.site_groups
+    sides = {n: [jnp.zeros((*groups[n].batch, groups[n].n), dtype) for _ in range(2)] for n in sites}
+    leaves = jtu.tree_leaves(params)
+    for plan in gauge.plans:
+        x = leaves[plan.index]
+        if plan.view is not None:
+            x = x.reshape(plan.view)
+        for lin in plan.linear:
+            if lin.site in sides:
+                side = 0 if lin.kind == "produce" else 1
+                x2 = _rs.reduce_to(x.astype(dtype) ** 2, (*lin.batch_axes, lin.axis))
+                sides[lin.site][side] = sides[lin.site][side] + x2
+    return {n: (a, b) for n, (a, b) in sides.items()}

@@ -44,7 +44,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, PyTree
 
-from ._balance import balance, moment_map
+from ._balance import balance, degenerate_units, moment_map
 from ._gauge import Gauge
 from ._groups import (
     GL,
@@ -258,6 +258,9 @@ def _gl_step(gauge, params, dtype):
 
 def _moment_residual(gauge, params, sites) -> Array:
     mu = moment_map(gauge, params)
+    # degenerate neurons have no balanced point (`balance` keeps their scale)
+    dead = degenerate_units(gauge, params)
+    mu = {s: jnp.where(dead[s], 0, m) if s in dead else m for s, m in mu.items()}
     leaves = jtu.tree_leaves(params)
     total = sum(jnp.sum(x**2) for x in leaves if eqx.is_inexact_array(x))
     return jnp.max(jnp.stack([jnp.max(jnp.abs(mu[s])) for s in sites])) / total
@@ -411,7 +414,9 @@ def canonicalize(
 
     Properties (tested): `canon == gauge.act(g, params)`; the network function is
     unchanged; `canonicalize(act(h, params))` equals `canonicalize(params)` for every `h`
-    (ties aside); idempotence.
+    (ties aside); idempotence. Degenerate neurons (an all-zero side, see
+    [`gaugejax.degenerate_units`][]) have no balanced point and keep their scale, so the
+    canonical form is canonical up to their scales (and the order their norms give).
 
     **Arguments:**
 

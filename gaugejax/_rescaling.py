@@ -124,27 +124,41 @@ def gram_diagonal(gauge: Gauge, leaves: list[Array],
 
 def solve_gram(gauge: Gauge, leaves: list[Array], rhs: Mapping[str, Array], diag: Mapping[str, Array], *,
                sites: Sequence[str] | None = None, scale: float = 1.0, rtol: float, atol: float,
-               max_steps: int) -> tuple[dict[str, Array], lx.FunctionLinearOperator]:
+               max_steps: int, free: Mapping[str, Array] | None = None,
+               ) -> tuple[dict[str, Array], lx.FunctionLinearOperator]:
     """Solve `scale * G xi = rhs` (G the Gram matrix of the log-scale generators at `leaves`)
     by Jacobi-preconditioned CG, with `diag` the diagonal of G (`gram_diagonal`: the
-    squared parameters each neuron scales). A neuron with no mass (zero diagonal) has a zero
-    Gram row; the preconditioner leaves it at zero. Returns the solution and the
-    preconditioner (a descent-direction fallback for Newton steps)."""
+    squared parameters each neuron scales). With `free` (`{site: bool array}`) the system is
+    restricted to the free log-scales, `P G P xi = P rhs`, and the others are zero; a neuron
+    with no mass (zero diagonal, a zero Gram row) is never free. Returns the solution and
+    the preconditioner (a descent-direction fallback for Newton steps).
+
+    The fixed entries are solved as an identity block with right-hand side 1 (and zeroed
+    afterwards) rather than as zero rows: lineax's CG scales its tolerance entry by entry
+    by `|rhs|`, so a zero entry would read as 0/0 and stop it at once."""
     struct = jax.eval_shape(lambda: dict(rhs))
-    op = lx.FunctionLinearOperator(
-        lambda v: {n: scale * w for n, w in gram_apply(gauge, leaves, v, sites).items()},
-        struct, tags=lx.positive_semidefinite_tag)
-    inv = {n: jnp.where(d > 0, 1 / (scale * jnp.where(d > 0, d, 1)), 0) for n, d in diag.items()}
+    fixed = {n: (d <= 0) if free is None else (d <= 0) | ~free[n] for n, d in diag.items()}
+
+    def keep(v):
+        return {n: jnp.where(fixed[n], 0, w) for n, w in v.items()}
+
+    def mv(v):
+        gv = keep(gram_apply(gauge, leaves, keep(v), sites))
+        return {n: jnp.where(fixed[n], v[n], scale * gv[n]) for n in v}
+
+    op = lx.FunctionLinearOperator(mv, struct, tags=lx.positive_semidefinite_tag)
+    inv = {n: jnp.where(fixed[n], 0, 1 / (scale * jnp.where(fixed[n], 1, d))) for n, d in diag.items()}
     pre = lx.FunctionLinearOperator(lambda v: {n: inv[n] * v[n] for n in v}, struct,
                                     tags=lx.positive_semidefinite_tag)
     # lineax cannot differentiate through `options`; the preconditioner changes only how
     # fast CG converges, not the solution, so the solve's derivative does not need it
-    fixed = jax.lax.stop_gradient(inv)
-    cg_pre = lx.FunctionLinearOperator(lambda v: {n: fixed[n] * v[n] for n in v}, struct,
+    inv_cg = jax.lax.stop_gradient({n: jnp.where(fixed[n], 1, i) for n, i in inv.items()})
+    cg_pre = lx.FunctionLinearOperator(lambda v: {n: inv_cg[n] * v[n] for n in v}, struct,
                                        tags=lx.positive_semidefinite_tag)
-    sol = lx.linear_solve(op, dict(rhs), lx.CG(rtol=rtol, atol=atol, max_steps=max_steps),
+    b = {n: jnp.where(fixed[n], 1, r) for n, r in rhs.items()}
+    sol = lx.linear_solve(op, b, lx.CG(rtol=rtol, atol=atol, max_steps=max_steps),
                           options={"preconditioner": cg_pre}, throw=False)
-    return sol.value, pre
+    return keep(sol.value), pre
 
 
 def layout(gauge: Gauge, sites: Sequence[str] | None = None) -> dict[str, tuple[int, tuple[int, ...]]]:

@@ -74,3 +74,44 @@ def test_float32_inexact_newton_stays_finite(getkey):
         balanced, _ = gj.balance(gauge, far)
         assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(balanced))
         assert float(gj.balance_residual(gauge, balanced)) <= 1e-5
+
+
+def _with_degenerate_units(model):
+    """h1[2]: incoming weights and bias zero; h2[1]: outgoing weights zero; h1[4]: both."""
+    import equinox as eqx
+
+    l0, l1, l2 = model.layers
+    w0 = l0.weight.at[2].set(0.0).at[4].set(0.0)
+    b0 = l0.bias.at[2].set(0.0).at[4].set(0.0)
+    w1 = l1.weight.at[:, 4].set(0.0)
+    w2 = l2.weight.at[:, 1].set(0.0)
+    return eqx.tree_at(lambda m: (m.layers[0].weight, m.layers[0].bias, m.layers[1].weight, m.layers[2].weight),
+                       model, (w0, b0, w1, w2))
+
+
+@pytest.mark.parametrize("dtype, tol", [(F64, 1e-12), (jnp.float32, 1e-5)])
+def test_degenerate_units_keep_their_scale(getkey, dtype, tol):
+    """A neuron with an all-zero side has no balanced point (the norm falls forever as the
+    other side shrinks). It keeps its scale; the other neurons balance as usual, with
+    Newton's quadratic convergence (a zero rhs entry used to stop lineax's CG at once, so
+    every step fell back to the gradient), and the residual leaves it out (it read 1.0)."""
+    model = _with_degenerate_units(gj.nn.MLP([5, 7, 6, 3], jax.nn.relu, key=getkey(), dtype=dtype))
+    gauge = gj.derive_gauge(model)
+    dead = gj.degenerate_units(gauge, model)
+    assert [int(i) for i in jnp.flatnonzero(dead["h1"])] == [2, 4]
+    assert [int(i) for i in jnp.flatnonzero(dead["h2"])] == [1]
+    far = gauge.act(gauge.sample(getkey(), scale=1.5, dtype=dtype), model)
+    assert float(gj.balance_residual(gauge, far)) > 0.1
+    balanced, g = gj.balance(gauge, far)
+    assert float(gj.balance_residual(gauge, balanced)) <= tol
+    for site in ("h1", "h2"):
+        d = gj.degenerate_units(gauge, far)[site]  # the permutation moved them
+        assert bool(jnp.all(jnp.where(d, g[site].scale == 1, True)))
+        assert bool(jnp.all(jnp.isfinite(g[site].scale)))
+    x = jax.random.normal(getkey(), (16, 5), dtype)
+    assert float(jnp.max(jnp.abs(balanced(x) - far(x)))) <= 10 * tol * float(jnp.max(jnp.abs(far(x))))
+    if dtype == F64:
+        quick, _ = gj.balance(gauge, far, max_steps=8)
+        assert float(gj.balance_residual(gauge, quick)) <= 1e-10
+        canon, _ = gj.canonicalize(gauge, far)
+        assert float(jnp.max(jnp.abs(canon(x) - far(x)))) <= 1e-10 * float(jnp.max(jnp.abs(far(x))))
