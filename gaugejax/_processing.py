@@ -101,6 +101,21 @@ def fold_norm_gains(model: Transformer, *, untie: bool = True) -> Transformer:
     """
     _check_model(model, "fold_norm_gains")
     _require_pre_norm(model, "fold_norm_gains")
+    fn = model.final_norm
+    if (model.unembedding == "tied" and not untie and fn is not None
+            and (fn.weight is not None or fn.bias is not None)):
+        raise ValueError(
+            "fold_norm_gains(untie=False): the unembedding is tied to the token embedding, "
+            "and folding final_norm's gain into it would change the embedding too. Pass "
+            "untie=True to make the unembedding explicit, or keep the final gain."
+        )
+    return _fold_norm_gains(model)
+
+
+# The steps' array work as compiled programs: eagerly, each of their dozens of small
+# operations compiles on its own (seconds per model).
+@eqx.filter_jit
+def _fold_norm_gains(model: Transformer) -> Transformer:
     d, dtype = model.d_model, model.token_embedding.dtype
     blocks = []
     for blk in model.blocks:
@@ -133,12 +148,6 @@ def fold_norm_gains(model: Transformer, *, untie: bool = True) -> Transformer:
     ub = model.unembed_bias if model.unembed_bias is not None else jnp.zeros((u.shape[0],), dtype)
     new_u, new_ub = u * g[None, :], ub + jnp.matmul(u, b, precision=_HIGHEST)
     if model.unembedding == "tied":
-        if not untie:
-            raise ValueError(
-                "fold_norm_gains(untie=False): the unembedding is tied to the token embedding, "
-                "and folding final_norm's gain into it would change the embedding too. Pass "
-                "untie=True to make the unembedding explicit, or keep the final gain."
-            )
         new = _with_static(new, unembedding="untied")
         new = eqx.tree_at(lambda m: m.unembed, new, new_u, is_leaf=lambda x: x is None)
     else:
@@ -194,6 +203,11 @@ def center_writing_weights(model: Transformer) -> Transformer:
             "embedding would change the logits. Run gaugejax.fold_norm_gains(model) first "
             "(it unties the unembedding)."
         )
+    return _center_writers(model)
+
+
+@eqx.filter_jit
+def _center_writers(model: Transformer) -> Transformer:
     new = model
     for _, get, axis in _writers(model):
         w = get(model)
@@ -215,10 +229,8 @@ def layernorm_to_rmsnorm(model: Transformer, *, rtol: float | None = None) -> Tr
         raise ValueError("layernorm_to_rmsnorm: the model has an embed_norm; not supported.")
     eps = float(jnp.finfo(model.token_embedding.dtype).eps)
     rtol = 100 * eps if rtol is None else rtol
-    for path, get, axis in _writers(model):
-        w = get(model)
-        mean = float(jnp.max(jnp.abs(jnp.mean(w, axis=axis))))
-        scale = float(jnp.max(jnp.abs(w)))
+    stats = np.asarray(_writer_stats(model))
+    for (path, _, _), (mean, scale) in zip(_writers(model), stats):
         if mean > rtol * max(scale, 1e-300):
             raise ValueError(
                 f"layernorm_to_rmsnorm: leaf {path!r} writes a non-centered stream (max |mean "
@@ -235,6 +247,13 @@ def layernorm_to_rmsnorm(model: Transformer, *, rtol: float | None = None) -> Tr
     return new
 
 
+@eqx.filter_jit
+def _writer_stats(model: Transformer) -> Array:
+    """`(max |mean over the stream axis|, max |entry|)` of every stream writer."""
+    return jnp.stack([jnp.stack([jnp.max(jnp.abs(jnp.mean(w, axis=axis))), jnp.max(jnp.abs(w))])
+                      for w, axis in ((get(model), axis) for _, get, axis in _writers(model))])
+
+
 def fold_value_biases(model: Transformer) -> Transformer:
     """Move the value biases into the output bias: $b_O \\mapsto b_O + \\sum_h W_O^h b_V^h$,
     $b_V \\mapsto 0$. Exact because each row of attention weights sums to one (every query
@@ -243,6 +262,11 @@ def fold_value_biases(model: Transformer) -> Transformer:
     **Returns:** the processed model.
     """
     _check_model(model, "fold_value_biases")
+    return _fold_value_biases(model)
+
+
+@eqx.filter_jit
+def _fold_value_biases(model: Transformer) -> Transformer:
     blocks = []
     for blk in model.blocks:
         a = blk.attn
