@@ -128,6 +128,9 @@ def _lsa_scipy(cost: Array) -> Array:
 
 
 def _lsa(cost: Array, solver: str) -> Array:
+    # the matching is piecewise constant in the cost: no derivative flows through it (and
+    # the host solver's callback could not be differentiated)
+    cost = jax.lax.stop_gradient(cost)
     return _lsa_scipy(cost) if solver == "scipy" else _lsa_jax(cost)
 
 
@@ -393,6 +396,7 @@ def repair(
     *,
     t: float = 0.5,
     eps: float = 1e-8,
+    shift_mean: bool = True,
 ) -> PyTree:
     """REPAIR: renormalise the merged network so that every neuron's pre-activation has the
     mean and standard deviation interpolated from the two endpoints.
@@ -413,6 +417,9 @@ def repair(
       sites on a batch of data (close over the data).
     - `t`: the interpolation weight of `b`.
     - `eps`: added to variances.
+    - `shift_mean`: correct the means too. A site without a bias (no produced 1-D leaf)
+      cannot be shifted and raises a `ValueError` naming it; `shift_mean=False` corrects
+      only the standard deviations.
 
     **Returns:** the repaired parameters.
     """
@@ -439,16 +446,22 @@ def repair(
         sd_t = (1 - t) * stats_a[site][1] + t * stats_b[site][1]
         r = sd_t / jnp.sqrt(sd**2 + eps)
         leaves, treedef = jtu.tree_flatten(merged)
-        for plan in gauge.plans:
-            for lin in plan.linear:
-                if lin.site != site or lin.kind != "produce" or lin.batch_axes:
-                    continue
-                x = leaves[plan.index]
-                shape = [1] * x.ndim
-                shape[lin.axis] = x.shape[lin.axis]
-                new = x * r.reshape(shape).astype(x.dtype)
-                if x.ndim == 1:  # the bias: shift the mean
-                    new = new + (mu_t - r * mu).astype(x.dtype)
-                leaves[plan.index] = new
+        producers = [(plan, lin) for plan in gauge.plans for lin in plan.linear
+                     if lin.site == site and lin.kind == "produce" and not lin.batch_axes]
+        biases = [plan.index for plan, _ in producers if leaves[plan.index].ndim == 1]
+        if shift_mean and not biases:
+            raise ValueError(
+                f"repair: site {site!r} has no bias (no 1-D leaf produces it), so its mean "
+                "cannot be shifted to the target; pass shift_mean=False to correct only the "
+                "standard deviations."
+            )
+        for plan, lin in producers:
+            x = leaves[plan.index]
+            shape = [1] * x.ndim
+            shape[lin.axis] = x.shape[lin.axis]
+            new = x * r.reshape(shape).astype(x.dtype)
+            if shift_mean and plan.index == biases[0]:  # one bias takes the whole shift
+                new = new + (mu_t - r * mu).astype(x.dtype)
+            leaves[plan.index] = new
         merged = jtu.tree_unflatten(treedef, leaves)
     return merged

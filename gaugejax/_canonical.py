@@ -418,6 +418,11 @@ def canonicalize(
     [`gaugejax.degenerate_units`][]) have no balanced point and keep their scale, so the
     canonical form is canonical up to their scales (and the order their norms give).
 
+    Differentiable (`jax.grad`, `jax.jvp`) for gauges without $GL$ sites: the balance is
+    differentiated implicitly (see [`gaugejax.balance`][]), the sort and sign choices are
+    locally constant. With $GL$ sites the alternating balancing loop is a `while_loop`,
+    which JAX cannot differentiate in reverse mode.
+
     **Arguments:**
 
     - `gauge`: a [`gaugejax.Gauge`][].

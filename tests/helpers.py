@@ -198,3 +198,35 @@ def rel(a, b) -> float:
 # group laws are algebraic identities and meet the exact ones.
 LAW_RTOL = {jnp.float32: 1e-5, jnp.float64: 1e-12}
 INVARIANCE_RTOL = {jnp.float32: 1e-5, jnp.float64: 1e-10}
+
+
+def fd_check(fn, params, key, rtol=1e-6):
+    """Central differences of `fn` along a random direction against `jax.grad` and `jax.jvp`."""
+    # zero entries stay zero: at a degenerate neuron the balanced point is not continuous
+    # (any weight on its empty side gives it a balanced point of its own)
+    direction = jax.tree.map(lambda a: jnp.where(a != 0, jax.random.normal(key, a.shape, a.dtype), 0)
+                             if eqx.is_inexact_array(a) else None, params)
+    h = 1e-6
+
+    @eqx.filter_jit  # one program (eagerly, every operation would compile on its own)
+    def derivatives(params, direction):
+        plus = eqx.apply_updates(params, jax.tree.map(lambda d: h * d, direction))
+        minus = eqx.apply_updates(params, jax.tree.map(lambda d: -h * d, direction))
+        fd = (fn(plus) - fn(minus)) / (2 * h)
+        grad = eqx.filter_grad(fn)(params)
+        by_grad = sum(jnp.sum(a * b) for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
+        _, by_jvp = eqx.filter_jvp(fn, (params,), (direction,))
+        return fd, by_grad, by_jvp
+
+    fd, by_grad, by_jvp = (float(v) for v in derivatives(params, direction))
+    assert abs(by_grad - fd) <= rtol * abs(fd), (by_grad, fd)
+    assert abs(by_jvp - by_grad) <= 1e-10 * abs(by_grad)
+
+
+def linear_readout(key, params):
+    """A random linear function of the float leaves of trees shaped like `params`."""
+    w = jax.tree.map(lambda a: jax.random.normal(key, a.shape, a.dtype) if eqx.is_inexact_array(a) else None, params)
+
+    def fn(p):
+        return sum(jnp.sum(a * b) for a, b in zip(jax.tree.leaves(eqx.filter(p, eqx.is_inexact_array)), jax.tree.leaves(w)))
+    return fn

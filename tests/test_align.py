@@ -93,6 +93,8 @@ def test_interpolate_barrier_repair(getkey):
     target_sd = 0.5 * (jnp.std(za, 0) + jnp.std(zb, 0))
     assert float(jnp.max(jnp.abs(jnp.std(z, 0) - target_sd))) <= 1e-6 * float(jnp.max(target_sd))
     assert float(jnp.max(jnp.abs(jnp.std(pre(mid)["h1"], 0) - target_sd))) > 1e-3
+    target_mean = 0.5 * (jnp.mean(za, 0) + jnp.mean(zb, 0))
+    assert float(jnp.max(jnp.abs(jnp.mean(z, 0) - target_mean))) <= 1e-6 * float(jnp.max(target_sd))
     with pytest.raises(ValueError, match="scalar"):
         gj.loss_barrier(lambda m: m(x), a, aligned)
 
@@ -126,6 +128,24 @@ def test_interpolate_and_repair_refuse_mismatched_inputs(getkey):
     pre = lambda p: {"h1": (x @ p.layers[0].weight.T)[:, :3]}  # noqa: E731
     with pytest.raises(ValueError, match=r"shape \(5, 3\) for site 'h1' .*expected \(batch, 7\)"):
         gj.repair(gauge, m, m, m, pre)
+
+
+def test_repair_without_biases(getkey):
+    """A site with no bias cannot have its mean shifted: an error naming the site (the
+    shift used to be skipped without a word), or the standard deviations alone."""
+    k = jax.random.split(getkey(), 3)
+    params = lambda key: {"W1": jax.random.normal(key, (6, 4), jnp.float64),  # noqa: E731
+                          "W2": jax.random.normal(jax.random.fold_in(key, 1), (3, 6), jnp.float64)}
+    a, b = params(k[0]), params(k[1])
+    gauge = gj.Gauge({"h1": gj.PositiveMonomial(6)}, [gj.Produce("W1", 0, "h1"), gj.Consume("W2", 1, "h1")], a)
+    x = jax.random.normal(k[2], (32, 4), jnp.float64)
+    pre = lambda p: {"h1": x @ p["W1"].T}  # noqa: E731
+    mid = gj.interpolate(a, b, 0.5)
+    with pytest.raises(ValueError, match="site 'h1' has no bias.*shift_mean=False"):
+        gj.repair(gauge, mid, a, b, pre)
+    fixed = gj.repair(gauge, mid, a, b, pre, shift_mean=False)
+    target_sd = 0.5 * (jnp.std(pre(a)["h1"], 0) + jnp.std(pre(b)["h1"], 0))
+    assert float(jnp.max(jnp.abs(jnp.std(pre(fixed)["h1"], 0) - target_sd))) <= 1e-6 * float(jnp.max(target_sd))
 
 
 def test_orbit_tools_on_an_equinox_mlp(getkey):

@@ -4,6 +4,7 @@ Newton it replaces, and at widths where the autodiff Hessian does not fit in mem
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import fd_check, linear_readout
 
 import gaugejax as gj
 from gaugejax import _balance, _rescaling
@@ -115,3 +116,44 @@ def test_degenerate_units_keep_their_scale(getkey, dtype, tol):
         assert float(gj.balance_residual(gauge, quick)) <= 1e-10
         canon, _ = gj.canonicalize(gauge, far)
         assert float(jnp.max(jnp.abs(canon(x) - far(x)))) <= 1e-10 * float(jnp.max(jnp.abs(far(x))))
+
+
+def _far_degenerate(getkey):
+    model = _with_degenerate_units(_mlp([5, 7, 6, 3], getkey()))
+    gauge = gj.derive_gauge(model)
+    return gauge, gauge.act(gauge.sample(getkey(), scale=1.0, dtype=F64), model)
+
+
+def test_balance_is_differentiable(getkey):
+    """Reverse and forward mode through the balanced point (implicit differentiation of
+    the moment map; the Newton loop itself is not differentiated), under jit, against
+    central differences of a linear read-out of the balanced parameters. Degenerate
+    neurons included."""
+    gauge, far = _far_degenerate(getkey)
+    read = linear_readout(getkey(), far)
+    fd_check(lambda p: read(gj.balance(gauge, p)[0]), far, getkey())
+
+
+@pytest.mark.slow
+def test_balance_norm_is_differentiable_under_vmap(getkey):
+    """The orbit's minimum norm (a gauge-invariant regulariser) and its gradient, also
+    vmapped."""
+    gauge, far = _far_degenerate(getkey)
+    sq = lambda p: sum(jnp.sum(a**2) for a in jax.tree.leaves(p))  # noqa: E731
+    fd_check(lambda p: sq(gj.balance(gauge, p)[0]), far, getkey())
+    grads = jax.jit(jax.vmap(jax.grad(lambda p: sq(gj.balance(gauge, p)[0]))))(
+        jax.tree.map(lambda a: jnp.stack([a, 2 * a]), far))
+    one = jax.grad(lambda p: sq(gj.balance(gauge, p)[0]))(far)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(one)):
+        assert float(jnp.max(jnp.abs(a[0] - b))) <= 1e-10 * float(jnp.max(jnp.abs(b)))
+
+
+@pytest.mark.slow
+def test_balance_is_differentiable_through_links(getkey):
+    """The Link-coupled path (a ResNet's streams) differentiates through optimistix."""
+    from gaugejax._report import RESNET_GAUGE, _resnet
+
+    model = _resnet(getkey(), F64)
+    gauge = gj.derive_gauge(model, **dict(RESNET_GAUGE))
+    read = linear_readout(getkey(), model)
+    fd_check(lambda p: read(gj.balance(gauge, p)[0]), model, getkey())

@@ -4,7 +4,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
-from helpers import CASE_IDS, CASES, _mlp_case, rel
+from helpers import CASE_IDS, CASES, _mlp_case, fd_check, linear_readout, rel
 
 import gaugejax as gj
 
@@ -29,6 +29,24 @@ def test_canonical_form(build, getkey):
         assert rel(moved, params) > 1e-3  # negative control: h really moves the params
         other, _ = gj.canonicalize(gauge, moved)
         assert rel(other, canon) <= 1e-8
+
+
+def test_canonicalize_is_differentiable(getkey):
+    """jax.grad and jax.jvp through the canonical form of a ReLU net (balance by implicit
+    differentiation, then the sort and the gathers), against central differences."""
+    params, gauge, _, _ = CASES[CASE_IDS.index("mlp-relu")].build(getkey(), jnp.float64)
+    read = linear_readout(getkey(), params)
+    fd_check(lambda p: read(gj.canonicalize(gauge, p)[0]), params, getkey())
+
+
+@pytest.mark.slow
+def test_gauge_distance_is_differentiable(getkey):
+    """The gauge distance as a training objective: its matching (piecewise constant; the
+    host solver's callback used to stop reverse mode) passes no derivative."""
+    build = CASES[CASE_IDS.index("mlp-relu")].build
+    params, gauge, _, _ = build(getkey(), jnp.float64)
+    other, _, _, _ = build(getkey(), jnp.float64)
+    fd_check(lambda p: gj.gauge_distance(gauge, p, other), params, getkey())
 
 
 def test_balanced_moment_map(getkey):
