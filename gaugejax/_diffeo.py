@@ -628,17 +628,29 @@ def _boundary_message(boundary: str, name: str, err: Any) -> str:
 
 
 class _BoundaryCheck(eqx.Module):
-    """The identity on the embedding's output, raising at run time when phi_0 or phi_T is
-    not the identity: `boundary="fixed"` for a diffeomorphism known only under tracing."""
+    """The identity on the embedding's output, checking at run time that phi_0 and phi_T
+    are the identity, for a diffeomorphism known only under tracing: `boundary="fixed"`
+    raises (an equinox run-time error), `boundary="warn"` warns (from a host callback)."""
 
     diffeo: AbstractDiffeo
     T: Any
     dim: int = eqx.field(static=True)
+    boundary: str = eqx.field(static=True, default="fixed")
 
     def __call__(self, x):
         e0, eT, tol = _boundary_errors(self.diffeo, self.dim, self.T, x.dtype)
+        if self.boundary == "warn":
+            jax.debug.callback(_warn_boundary, e0, eT, tol)
+            return x
         x = eqx.error_if(x, e0 > tol, _boundary_message("fixed", "phi_0", f"> {tol:.0e}"))
         return eqx.error_if(x, eT > tol, _boundary_message("fixed", "phi_T", f"> {tol:.0e}"))
+
+
+def _warn_boundary(e0: Any, eT: Any, tol: float) -> None:
+    for name, err in (("phi_0", e0), ("phi_T", eT)):
+        err = float(np.max(np.asarray(err)))  # the largest over a vmapped batch
+        if err > tol:
+            warnings.warn(_boundary_message("warn", name, f"= {err:.3g}"), stacklevel=2)
 
 
 def validate_diffeo(diffeo: AbstractDiffeo, dim: int, T: Any, dtype: Any = jnp.float64, *, num_times: int = 257) -> None:
@@ -703,8 +715,8 @@ def transform_node(node: NeuralODE, diffeo: AbstractDiffeo, *, boundary: str = "
       $\\phi_0 = \\phi_T = \\mathrm{id}$; this is checked on probe states and a
       `ValueError` is raised otherwise (for a diffeomorphism known only under tracing, e.g.
       inside `jit`, an `equinox` run-time error when the model is called);
-    - `boundary="warn"`: as `"fixed"`, but a violated boundary condition only warns (eager
-      only: under tracing nothing is checked);
+    - `boundary="warn"`: as `"fixed"`, but a violated boundary condition only warns (under
+      tracing, from a host callback each time the model is called);
     - `boundary="unchecked"`: $E$, $R$ kept with no check (for negative controls, S7).
 
     The diffeomorphism is validated first (see [`gaugejax.validate_diffeo`][]): monotone $\\tau$,
@@ -741,8 +753,8 @@ def transform_node(node: NeuralODE, diffeo: AbstractDiffeo, *, boundary: str = "
                 if boundary == "fixed":
                     raise ValueError(msg)
                 warnings.warn(msg, stacklevel=2)
-    elif boundary == "fixed":  # traced (jit, vmap, grad): checked when the model runs
-        embedding = Chain(node.embedding, _BoundaryCheck(diffeo, T, node.dim))
+    elif boundary in ("fixed", "warn"):  # traced (jit, vmap, grad): checked when the model runs
+        embedding = Chain(node.embedding, _BoundaryCheck(diffeo, T, node.dim, boundary))
     field = TransformedField(node.field, diffeo, T)
     return NeuralODE(
         field, T_new, embedding=embedding, readout=readout, solver=node.solver,

@@ -137,8 +137,9 @@ def vertical_coordinates(
       Gram matrix assembled and factored exactly by Cholesky: exact, $O(N^3)$ in the number
       of neurons), `"cg"` (matrix-free CG on $V^\\top V$ with JVPs and VJPs of the action:
       any gauge), or `"auto"` (structured when the gauge allows it, else CG).
-    - `rtol`, `atol`, `max_steps`: CG tolerances (default $\\epsilon^{0.9}$ of the dtype,
-      relative) and its step limit (default 10 x the algebra dimension).
+    - `rtol`, `atol`, `max_steps`: CG tolerances (default $\\epsilon^{0.9}$ of the dtype)
+      and its step limit (default 10 x the algebra dimension). The solve runs on
+      $v / \\max|v|$ and is scaled back, so both tolerances are relative to the size of `v`.
 
     **Returns:** `{site: array}` over the continuous sites.
     """
@@ -162,9 +163,18 @@ def vertical_coordinates(
     atol = eps**0.9 if atol is None else atol
     max_steps = 10 * max(gauge.orbit_dim, 10) if max_steps is None else max_steps
     v = _clean(params, v)
+    # The solve is linear in v: it runs on v / max|v| and is scaled back, so that the
+    # tolerances are relative to v (lineax's atol is absolute: a gradient of size 1e-6 was
+    # projected to 0.4% in float32).
+    sizes = [jnp.max(jnp.abs(x)).astype(dtype) for x in jtu.tree_leaves(v) if x.size]
+    size = jax.lax.stop_gradient(jnp.max(jnp.stack(sizes)) if sizes else jnp.ones((), dtype))
+    size = jnp.where((size > 0) & jnp.isfinite(size), size, jnp.ones((), size.dtype))
+    v = jtu.tree_map(lambda x: x / size, v)
     if diag_ok and method != "cg":
-        return _solve_structured(gauge, params, v, method == "dense", rtol, atol, max_steps)
-    return _solve_cg(gauge, params, v, rtol, atol, max_steps)
+        xi = _solve_structured(gauge, params, v, method == "dense", rtol, atol, max_steps)
+    else:
+        xi = _solve_cg(gauge, params, v, rtol, atol, max_steps)
+    return {n: x * size.astype(x.dtype) for n, x in xi.items()}
 
 
 def _aligned(params: PyTree, v: PyTree) -> list[Any]:

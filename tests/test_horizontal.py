@@ -166,3 +166,18 @@ def test_filtered_params_keep_leaf_indices():
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="nor are they an `equinox.filter` of it"):
         gj.horizontal(gauge, {"W1": net.W1}, v)
+
+
+@pytest.mark.parametrize("method", ["structured", "cg"])
+def test_projection_of_small_vectors_float32(method, getkey):
+    """The projection is linear: horizontal(c v) = c horizontal(v) to float32 precision for
+    tiny c (a late-training gradient). The tolerances used to be absolute: at c = 1e-9
+    the projection was off by 3%."""
+    model = gj.nn.MLP([8, 32, 32, 3], jax.nn.relu, key=getkey())
+    gauge = gj.derive_gauge(model)
+    v = _random_like(getkey(), model)
+    project = eqx.filter_jit(lambda v: _flat(gj.horizontal(gauge, model, v, method=method)))
+    ref = project(v)
+    for c in (1e-6, 1e-9):
+        small = project(jax.tree.map(lambda a: c * a, v))
+        assert float(jnp.max(jnp.abs(small / c - ref))) <= 1e-5 * float(jnp.max(jnp.abs(ref)))

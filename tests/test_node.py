@@ -568,6 +568,32 @@ def test_boundary_fixed_checked_under_jit(base, getkey):
     assert bool(jnp.all(jnp.isfinite(run(zero, zero))))
 
 
+def test_boundary_warn_checked_under_jit(base, getkey):
+    """boundary="warn" under tracing warns from a host callback when the model runs (it
+    used to check nothing), and stays silent when phi_0 = phi_T = id."""
+    import warnings
+
+    node, x, _ = base
+    bad = gj.SmoothLiePath.random(3, scale=0.5, key=getkey(), dtype=F64, boundary_identity=False)
+
+    @eqx.filter_jit
+    def run(start, end):
+        path = gj.SmoothLiePath(bad.coeffs, T=T, start=start, end=end)
+        return gj.transform_node(node, gj.LinearDiffeo(path), boundary="warn")(x)
+
+    with pytest.warns(UserWarning, match="boundary='warn'") as record:
+        jax.block_until_ready(run(bad.start, bad.end))
+        jax.effects_barrier()
+    messages = [str(w.message) for w in record]
+    assert any("phi_0 is not the identity" in m for m in messages)
+    assert any("phi_T is not the identity" in m for m in messages)
+    zero = jnp.zeros_like(bad.start)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jax.block_until_ready(run(zero, zero))
+        jax.effects_barrier()
+
+
 def test_bad_lie_path_grid_and_readout(base):
     X = jnp.zeros((4, 3, 3), F64)
     for ts, msg in (([0.0, 0.7, 0.3, 1.0], "strictly increasing"), ([0.0, 0.5, 0.5, 1.0], "strictly increasing"),
