@@ -553,15 +553,22 @@ def test_orientation_reversing_phi_is_a_diffeomorphism(base):
     assert _err(_model(gj.transform_node(node, flip), x), y) <= CMP
 
 
-def test_boundary_fixed_checked_under_jit(base, getkey):
+def _traced_boundary(base, key, boundary):
+    """A model transformed inside `jit` (the diffeomorphism is traced) and a path whose
+    G(0), G(T) are not the identity."""
     node, x, _ = base
-    bad = gj.SmoothLiePath.random(3, scale=0.5, key=getkey(), dtype=F64, boundary_identity=False)
+    bad = gj.SmoothLiePath.random(3, scale=0.5, key=key, dtype=F64, boundary_identity=False)
 
     @eqx.filter_jit
     def run(start, end):
         path = gj.SmoothLiePath(bad.coeffs, T=T, start=start, end=end)
-        return gj.transform_node(node, gj.LinearDiffeo(path), boundary="fixed")(x)
+        return gj.transform_node(node, gj.LinearDiffeo(path), boundary=boundary)(x)
 
+    return run, bad
+
+
+def test_boundary_fixed_checked_under_jit(base, getkey):
+    run, bad = _traced_boundary(base, getkey(), "fixed")
     with pytest.raises(Exception, match="phi_0 is not the identity"):
         jax.block_until_ready(run(bad.start, bad.end))
     zero = jnp.zeros_like(bad.start)
@@ -573,14 +580,7 @@ def test_boundary_warn_checked_under_jit(base, getkey):
     used to check nothing), and stays silent when phi_0 = phi_T = id."""
     import warnings
 
-    node, x, _ = base
-    bad = gj.SmoothLiePath.random(3, scale=0.5, key=getkey(), dtype=F64, boundary_identity=False)
-
-    @eqx.filter_jit
-    def run(start, end):
-        path = gj.SmoothLiePath(bad.coeffs, T=T, start=start, end=end)
-        return gj.transform_node(node, gj.LinearDiffeo(path), boundary="warn")(x)
-
+    run, bad = _traced_boundary(base, getkey(), "warn")
     with pytest.warns(UserWarning, match="boundary='warn'") as record:
         jax.block_until_ready(run(bad.start, bad.end))
         jax.effects_barrier()
