@@ -156,6 +156,11 @@ def solve_gram(gauge: Gauge, leaves: list[Array], rhs: Mapping[str, Array], diag
     cg_pre = lx.FunctionLinearOperator(lambda v: {n: inv_cg[n] * v[n] for n in v}, struct,
                                        tags=lx.positive_semidefinite_tag)
     b = {n: jnp.where(fixed[n], 1, r) for n, r in rhs.items()}
+    # lineax stops when |r_i| <= atol + rtol |b_i| for every entry: with atol = 0 an exactly
+    # zero entry of the rhs (a neuron already balanced) reads 0/0 and stops it at once.
+    # The floor rtol * max|b| (over the free entries) makes the test relative to the rhs.
+    size = jnp.max(jnp.stack([jnp.max(jnp.where(fixed[n], 0, jnp.abs(r)), initial=0) for n, r in rhs.items()]))
+    atol = atol + rtol * jax.lax.stop_gradient(size)
     sol = lx.linear_solve(op, b, lx.CG(rtol=rtol, atol=atol, max_steps=max_steps),
                           options={"preconditioner": cg_pre}, throw=False)
     return keep(sol.value), pre
