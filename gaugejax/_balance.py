@@ -74,8 +74,8 @@ def balance(
     closed, and the norm only approaches its infimum as the nonzero side is scaled to
     zero. Such neurons keep their scale (the problem is solved over the other
     log-scales, which then have a unique minimum) and are left out of
-    [`gaugejax.balance_residual`][]; [`gaugejax.degenerate_units`][] lists them. Link-coupled
-    sites (the autodiff path) do not single them out.
+    [`gaugejax.balance_residual`][]; [`gaugejax.degenerate_units`][] lists them (sites
+    coupled through a [`gaugejax.Link`][] are not split into sides and never flagged).
 
     Differentiable in `params`, in reverse and forward mode (`jax.grad`, `jax.jvp`, under
     `jit` and `vmap`): the derivative of the balanced point is implicit, from the moment
@@ -102,16 +102,16 @@ def balance(
     eps = jnp.finfo(dtype).eps
     rtol = float(eps**0.75) if rtol is None else rtol
     atol = float(eps**0.75) if atol is None else atol
+    free = {n: ~d for n, d in _degenerate(gauge, params, positive).items()}
     if _rs.is_structured(gauge, positive):
-        free = {n: ~d for n, d in _degenerate(gauge, params, positive).items()}
         xi = _implicit_structured(gauge, params, positive, rtol, atol, max_steps, free)
     else:
-        xi = _newton_generic(gauge, params, positive, rtol, atol, max_steps)
+        xi = _newton_generic(gauge, params, positive, rtol, atol, max_steps, free)
     g = gauge.exp(xi, dtype)
     return gauge.act(g, params, check=False), g
 
 
-def _newton_generic(gauge, params, positive, rtol, atol, max_steps):
+def _newton_generic(gauge, params, positive, rtol, atol, max_steps, free=None):
     # Rescaling sites coupled through links (a ResNet's streams): the objective is no
     # longer a sum of exponentials of linear forms, so Newton runs on the autodiff
     # Hessian (N JVPs per step; fine for lattice gauges of modest width).
@@ -123,7 +123,11 @@ def _newton_generic(gauge, params, positive, rtol, atol, max_steps):
         return _sq_norm(gauge.act(gauge.exp(xi, dtype), params, check=False)) / scale
 
     def gradient(xi, _):
-        return jax.grad(objective)(xi, None)
+        if free is None:
+            return jax.grad(objective)(xi, None)
+        # degenerate neurons (`free` false) keep their scale: their equation is xi = 0
+        g = jax.grad(objective)({n: jnp.where(free[n], x, 0) for n, x in xi.items()}, None)
+        return {n: jnp.where(free[n], g[n], xi[n]) for n in xi}
 
     # The gradient is the (normalised) moment map; Newton on it converges quadratically
     # on this strictly convex problem.
@@ -167,8 +171,9 @@ def _implicit_structured_jvp(primals, tangents):
     if tangents[1] is None:
         return xi, jax.tree.map(jnp.zeros_like, xi)
     leaves = jtu.tree_leaves(params)
-    # aligned with `leaves`: None where a leaf has no tangent (symbolic zero, non-float)
-    t_leaves = jtu.tree_leaves(tangents[1], is_leaf=lambda x: x is None)
+    # aligned with `leaves`: None where a leaf has no tangent (symbolic zero, non-float);
+    # flattened up to params' structure so that a None *in* params (bias=None) shifts nothing
+    t_leaves = jtu.tree_structure(params).flatten_up_to(tangents[1])
     pairs = _rs.couplings(gauge, positive)
     idx = [plan.index for plan, _ in pairs]
 

@@ -139,7 +139,8 @@ def vertical_coordinates(
       any gauge), or `"auto"` (structured when the gauge allows it, else CG).
     - `rtol`, `atol`, `max_steps`: CG tolerances (default $\\epsilon^{0.9}$ of the dtype)
       and its step limit (default 10 x the algebra dimension). The solve runs on
-      $v / \\max|v|$ and is scaled back, so both tolerances are relative to the size of `v`.
+      $v / \\max|v|$ (the max over the leaves the gauge acts on) and is scaled back, so
+      both tolerances are relative to the size of `v`.
 
     **Returns:** `{site: array}` over the continuous sites.
     """
@@ -165,8 +166,12 @@ def vertical_coordinates(
     v = _clean(params, v)
     # The solve is linear in v: it runs on v / max|v| and is scaled back, so that the
     # tolerances are relative to v (lineax's atol is absolute: a gradient of size 1e-6 was
-    # projected to 0.4% in float32).
-    sizes = [jnp.max(jnp.abs(x)).astype(dtype) for x in jtu.tree_leaves(v) if x.size]
+    # projected to 0.4% in float32). The max is over the leaves the gauge acts on: the
+    # others do not enter the solve.
+    aligned = _aligned(params, v)
+    touched = sorted({plan.index for plan in gauge.plans})
+    sizes = [jnp.max(jnp.abs(aligned[i])).astype(dtype) for i in touched
+             if aligned[i] is not None and aligned[i].size]
     size = jax.lax.stop_gradient(jnp.max(jnp.stack(sizes)) if sizes else jnp.ones((), dtype))
     size = jnp.where((size > 0) & jnp.isfinite(size), size, jnp.ones((), size.dtype))
     v = jtu.tree_map(lambda x: x / size, v)

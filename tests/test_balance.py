@@ -139,11 +139,37 @@ def _far_degenerate(getkey):
 def test_balance_is_differentiable(getkey):
     """Reverse and forward mode through the balanced point (implicit differentiation of
     the moment map; the Newton loop itself is not differentiated), under jit, against
-    central differences of a linear read-out of the balanced parameters. Degenerate
-    neurons included."""
-    gauge, far = _far_degenerate(getkey)
+    central differences of a linear read-out of the balanced parameters. An equinox MLP
+    without biases (None in the tree: tangents were once matched to the wrong leaves after
+    it) and with a degenerate neuron."""
+    import equinox as eqx
+
+    model = eqx.nn.MLP(5, 3, 6, 2, activation=jax.nn.relu, use_bias=False, use_final_bias=False,
+                       key=getkey(), dtype=F64)
+    model = eqx.tree_at(lambda m: m.layers[0].weight, model, model.layers[0].weight.at[2].set(0.0))
+    gauge = gj.derive_gauge(model)
+    far = gauge.act(gauge.sample(getkey(), scale=1.0, dtype=F64), model)
     read = linear_readout(getkey(), far)
     fd_check(lambda p: read(gj.balance(gauge, p)[0]), far, getkey())
+
+
+def test_dense_gram_solve_is_scaled_float32(getkey):
+    """A neuron whose weights are 1e-4 of the others makes the Gram matrix ill-conditioned
+    (1e8): the float32 factorisation of the unscaled matrix lost most digits (89% error in
+    the balance's derivative system); scaled by its diagonal it keeps float32 precision."""
+    import equinox as eqx
+
+    model = _mlp([6, 16, 16, 3], getkey())
+    l0, l1 = model.layers[0], model.layers[1]
+    model = eqx.tree_at(lambda m: (m.layers[0].weight, m.layers[0].bias, m.layers[1].weight), model,
+                        (l0.weight.at[3].multiply(1e-4), l0.bias.at[3].multiply(1e-4), l1.weight.at[:, 3].multiply(1e-4)))
+    gauge = gj.derive_gauge(model)
+    gram, _ = _rescaling.gram_dense(gauge, jax.tree.leaves(model), _rescaling.rescaling_sites(gauge))
+    assert float(jnp.linalg.cond(gram)) > 1e7
+    rhs = jax.random.normal(getkey(), (gram.shape[0],), F64)
+    exact = jnp.linalg.solve(gram, rhs)
+    x = _rescaling.cholesky_solve(gram.astype(jnp.float32), rhs.astype(jnp.float32))
+    assert float(jnp.max(jnp.abs(x.astype(F64) - exact)) / jnp.max(jnp.abs(exact))) <= 1e-4
 
 
 @pytest.mark.slow
