@@ -22,7 +22,6 @@ from jaxtyping import Array, PyTree
 
 from . import _rescaling as _rs
 from ._gauge import Gauge, _expand, params_float_dtype as _dtype
-from ._groups import PositiveDiagonal, PositiveMonomial
 
 
 def _sq_norm(tree: PyTree) -> Array:
@@ -102,7 +101,7 @@ def balance(
     eps = jnp.finfo(dtype).eps
     rtol = float(eps**0.75) if rtol is None else rtol
     atol = float(eps**0.75) if atol is None else atol
-    free = {n: ~d for n, d in _degenerate(gauge, params, positive).items()}
+    free = {n: ~d for n, d in degenerate_units(gauge, params).items()}
     if _rs.is_structured(gauge, positive):
         xi = _implicit_structured(gauge, params, positive, rtol, atol, max_steps, free)
     else:
@@ -322,17 +321,13 @@ def balance_residual(gauge: Gauge, params: PyTree) -> Array:
     [`gaugejax.degenerate_units`][]) are left out: they have no balanced point, and their
     relative residual is 1 wherever they are on the orbit."""
     mu = moment_map(gauge, params)
-    positive = [n for n, grp in gauge.sites if isinstance(grp, (PositiveDiagonal, PositiveMonomial))]
-    if not positive:
+    sides, dead = _sides_and_dead(gauge, params)
+    if not sides:
         return jnp.zeros(())
-    dtype = _dtype(params)
-    sides = _side_norms(gauge, params, positive, dtype)
-    linked = _linked_sites(gauge)
     res = []
-    for n in positive:
-        n_in, n_out = sides[n]
+    for n, (n_in, n_out) in sides.items():
         total = n_in + n_out
-        keep = (total > 0) if n in linked else (n_in > 0) & (n_out > 0)
+        keep = ~dead[n] & (total > 0)
         res.append(jnp.max(jnp.where(keep, jnp.abs(mu[n]) / jnp.where(keep, total, 1), 0)))
     return jnp.max(jnp.stack(res))
 
@@ -348,16 +343,15 @@ def degenerate_units(gauge: Gauge, params: PyTree) -> dict[str, Array]:
     their scale and [`gaugejax.balance_residual`][] leaves them out. Sites coupled through a
     [`gaugejax.Link`][] (a ResNet's streams) are reported all false: their neurons are not
     split into an incoming and an outgoing side."""
-    positive = _rs.rescaling_sites(gauge)
-    dtype = _dtype(params)
-    sides = _side_norms(gauge, params, positive, dtype)
+    return _sides_and_dead(gauge, params)[1]
+
+
+def _sides_and_dead(gauge: Gauge, params: PyTree) -> tuple[dict, dict[str, Array]]:
+    """`_side_norms` of every positive-scaling site, and which neurons are degenerate."""
+    sides = _side_norms(gauge, params, _rs.rescaling_sites(gauge), _dtype(params))
     linked = _linked_sites(gauge)
-    return {n: jnp.zeros_like(sides[n][0], bool) if n in linked else (sides[n][0] == 0) | (sides[n][1] == 0)
-            for n in positive}
-
-
-def _degenerate(gauge: Gauge, params: PyTree, sites) -> dict[str, Array]:
-    return {n: d for n, d in degenerate_units(gauge, params).items() if n in sites}
+    dead = {n: jnp.zeros_like(a, bool) if n in linked else (a == 0) | (b == 0) for n, (a, b) in sides.items()}
+    return sides, dead
 
 
 def _linked_sites(gauge: Gauge) -> set[str]:
