@@ -69,7 +69,8 @@ def balance(
     autodiff Hessian instead (one JVP per rescaled neuron per step).
 
     A neuron whose incoming or outgoing weights are all zero (a *degenerate* neuron: dead
-    by construction, pruned, or zero-initialised) has no balanced point: its orbit is not
+    by construction, pruned, or zero-initialised; in a recurrent gauge also one on no
+    cycle through the inputs and outputs) has no balanced point: its orbit is not
     closed, and the norm only approaches its infimum as the nonzero side is scaled to
     zero. Such neurons keep their scale (the problem is solved over the other
     log-scales, which then have a unique minimum) and are left out of
@@ -317,7 +318,7 @@ def balance_residual(gauge: Gauge, params: PyTree) -> Array:
     $\\max_i |\\mu_i| / (\\|\\mathrm{in}_i\\|^2 + \\|\\mathrm{out}_i\\|^2)$, where the
     denominator is the sum of the two squared norms the moment map compares.
 
-    Degenerate neurons (incoming or outgoing weights all zero, see
+    Degenerate neurons (incoming or outgoing weights all zero, and the like, see
     [`gaugejax.degenerate_units`][]) are left out: they have no balanced point, and their
     relative residual is 1 wherever they are on the orbit."""
     mu = moment_map(gauge, params)
@@ -336,10 +337,14 @@ def balance_residual(gauge: Gauge, params: PyTree) -> Array:
 def degenerate_units(gauge: Gauge, params: PyTree) -> dict[str, Array]:
     """The degenerate neurons of the positive-scaling sites: `{site: bool array}` (shape
     `(*batch, n)`), true where a neuron's incoming weights (and bias) or its outgoing
-    weights are all exactly zero.
+    weights are all exactly zero, and, in a recurrent gauge (a leaf that both produces and
+    consumes a site), where a neuron lies on no cycle of nonzero weights through the
+    model's inputs and outputs: a neuron that feeds only itself, or a group of neurons that
+    feed only each other.
 
-    Their rescaling orbit is not closed: scaling the nonzero side towards zero lowers
-    $\\|\\theta\\|^2$ forever, so there is no balanced point. [`gaugejax.balance`][] keeps
+    Their rescaling orbit is not closed (or their scale does not matter): scaling the
+    nonzero side towards zero lowers $\\|\\theta\\|^2$ forever, so there is no balanced
+    point. [`gaugejax.balance`][] keeps
     their scale and [`gaugejax.balance_residual`][] leaves them out. Sites coupled through a
     [`gaugejax.Link`][] (a ResNet's streams) are reported all false: their neurons are not
     split into an incoming and an outgoing side."""
@@ -351,7 +356,61 @@ def _sides_and_dead(gauge: Gauge, params: PyTree) -> tuple[dict, dict[str, Array
     sides = _side_norms(gauge, params, _rs.rescaling_sites(gauge), _dtype(params))
     linked = _linked_sites(gauge)
     dead = {n: jnp.zeros_like(a, bool) if n in linked else (a == 0) | (b == 0) for n, (a, b) in sides.items()}
-    return sides, dead
+    return sides, _off_cycle(gauge, params, dead, linked)
+
+
+def _off_cycle(gauge: Gauge, params: PyTree, dead: dict[str, Array], linked: set[str]) -> dict[str, Array]:
+    """`dead` and every neuron that lies on no cycle through the boundary.
+
+    Balancing is line-sum-symmetric scaling of the neuron graph (an edge from neuron j to
+    neuron i wherever a nonzero entry is consumed from j and produced into i; the model's
+    inputs, outputs, biases and the sites that are not rescaled are one boundary node of
+    fixed scale): the norm has a minimum over the log-scales exactly when every edge lies
+    on a cycle. A zero side (`dead`) is the common failure; in a recurrent gauge a neuron
+    can also feed only itself, or a group of neurons only each other, and then the
+    group's common scale is free (or runs away, when the group is fed from the boundary
+    but never reaches it back). With `dead` merged into the boundary, the neurons that are
+    both reachable from it and reach it are exactly the ones whose every edge closes a
+    cycle; the others are flagged too. (For a leaf that couples two rescaled sites on one
+    side, an entry counts as reached when all its inputs are: exact for graphs, a
+    sufficient test otherwise.)"""
+    sites = tuple(n for n in dead if n not in linked)
+    if not sites:
+        return dead
+    leaves = jtu.tree_leaves(params)
+    edges = []  # (nonzero mask, [(site, dims, kind)]) per leaf the sites touch
+    for plan in gauge.plans:
+        cs = [(lin.site, (*lin.batch_axes, lin.axis), lin.kind) for lin in plan.linear if lin.site in sites]
+        if cs:
+            x = jax.lax.stop_gradient(leaves[plan.index])
+            edges.append(((x.reshape(plan.view) if plan.view is not None else x) != 0, cs))
+    start = {n: dead[n] for n in sites}
+
+    def spread(src_kind: str, dst_kind: str):
+        def step(reached):
+            new = dict(reached)
+            for nz, cs in edges:
+                hit = nz
+                for site, dims, kind in cs:
+                    if kind == src_kind:
+                        hit = hit & _expand(reached[site], dims, nz.ndim)
+                for site, dims, kind in cs:
+                    if kind == dst_kind:
+                        others = tuple(a for a in range(nz.ndim) if a not in dims)
+                        got = jnp.any(hit, axis=others) if others else hit
+                        kept = sorted(dims)
+                        new[site] = new[site] | jnp.transpose(got, [kept.index(d) for d in dims])
+            return new
+
+        def body(carry):
+            reached, _ = carry
+            new = step(reached)
+            return new, jnp.any(jnp.stack([jnp.any(new[n] != reached[n]) for n in sites]))
+
+        return jax.lax.while_loop(lambda c: c[1], body, (start, jnp.ones((), bool)))[0]
+
+    forward, backward = spread("consume", "produce"), spread("produce", "consume")
+    return {n: d if n not in forward else d | ~(forward[n] & backward[n]) for n, d in dead.items()}
 
 
 def _linked_sites(gauge: Gauge) -> set[str]:

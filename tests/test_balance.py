@@ -130,6 +130,38 @@ def test_degenerate_units_keep_their_scale(getkey, dtype, tol):
         assert float(out["canon_change"]) <= 10 * tol
 
 
+def test_recurrent_neurons_off_every_boundary_cycle(getkey):
+    """In a recurrent gauge a neuron can have both sides nonzero and still no balanced
+    point: neuron 3 feeds only itself, and neurons 4 <-> 5 feed each other, fed from the
+    input but reaching no output, so their common scale ran away (1e-8, with a residual of
+    1e-16). Every neuron whose edges lie on a cycle through the boundary still balances,
+    including the recurrent ones."""
+    n, keys = 7, jax.random.split(getkey(), 4)
+    p = {"W_in": jax.random.normal(keys[0], (n, 3), F64), "b": jax.random.normal(keys[1], (n,), F64),
+         "W_hh": jax.random.normal(keys[2], (n, n), F64), "W_out": jax.random.normal(keys[3], (2, n), F64)}
+    for i in (3, 4, 5):
+        p["W_out"] = p["W_out"].at[:, i].set(0.0)
+        p["W_hh"] = p["W_hh"].at[:, i].set(0.0).at[i, :].set(0.0)
+    for i in (3, 5):
+        p["W_in"], p["b"] = p["W_in"].at[i].set(0.0), p["b"].at[i].set(0.0)
+    p["W_hh"] = p["W_hh"].at[3, 3].set(1.0).at[4, 5].set(0.7).at[5, 4].set(0.3)
+    gauge = gj.Gauge({"h": gj.PositiveDiagonal(n)}, [
+        gj.Produce("W_in", 0, "h"), gj.Produce("b", 0, "h"), gj.Produce("W_hh", 0, "h"),
+        gj.Consume("W_hh", 1, "h"), gj.Consume("W_out", 1, "h")], p)
+    far = gauge.act(gauge.sample(getkey(), scale=1.0, dtype=F64), p)
+
+    @jax.jit
+    def run(far):
+        balanced, g = gj.balance(gauge, far)
+        return gj.degenerate_units(gauge, far)["h"], g["h"], gj.balance_residual(gauge, balanced)
+
+    dead, scale, residual = run(far)
+    assert [int(i) for i in jnp.flatnonzero(dead)] == [3, 4, 5]
+    assert bool(jnp.all(scale[3:6] == 1.0))
+    assert float(jnp.max(jnp.abs(jnp.log(scale)))) < 5.0
+    assert float(residual) <= 1e-12
+
+
 def _far_degenerate(getkey):
     model = _with_degenerate_units(_mlp([5, 7, 6, 3], getkey()))
     gauge = gj.derive_gauge(model)
