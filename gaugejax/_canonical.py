@@ -57,14 +57,10 @@ from ._groups import (
     SignFlip,
     Translation,
 )
-from ._horizontal import _dtype
+from ._horizontal import _dtype, _is_tracer, _raise_if_not_finite
 
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _is_tracer(tree: PyTree) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for x in jtu.tree_leaves(tree))
 
 
 def check_finite(gauge: Gauge, params: PyTree, what: str = "params") -> PyTree:
@@ -72,14 +68,8 @@ def check_finite(gauge: Gauge, params: PyTree, what: str = "params") -> PyTree:
     attach an `equinox.error_if` check that does so at run time (under `jit`)."""
     gauge._check_params(params)
     if not _is_tracer(params):
-        for path, leaf in zip(gauge.paths, jtu.tree_leaves(params)):
-            # numpy, not jnp: inside an outer `jit` a concrete leaf's jnp ops are staged
-            if eqx.is_inexact_array(leaf) and not np.all(np.isfinite(np.asarray(leaf))):
-                n_bad = int(np.sum(~np.isfinite(np.asarray(leaf))))
-                raise ValueError(
-                    f"`{what}` leaf {path!r} contains {n_bad} NaN or inf value(s); a canonical "
-                    "form (and any orbit computation) needs finite parameters."
-                )
+        _raise_if_not_finite(gauge, params, params, what,
+                             "a canonical form (and any orbit computation) needs finite parameters.")
         return params
     leaves, treedef = jtu.tree_flatten(params)
     out = []

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
+import numpy as np
 from jaxtyping import Array, PyTree
 
 from . import _rescaling as _rs
@@ -71,6 +72,24 @@ def _check_tangent(gauge: Gauge, params: PyTree, v: PyTree, name: str = "v") -> 
         if eqx.is_inexact_array(a) and (b is None or tuple(jnp.shape(b)) != tuple(a.shape)):
             got = "None" if b is None else f"shape {tuple(jnp.shape(b))}"
             raise ValueError(f"`{name}` leaf {path!r} is {got}; expected shape {tuple(a.shape)}.")
+
+
+def _is_tracer(tree: PyTree) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jtu.tree_leaves(tree))
+
+
+def _raise_if_not_finite(gauge: Gauge, params: PyTree, tree: PyTree, what: str, why: str,
+                         indices: set[int] | None = None) -> None:
+    """Eagerly, raise a `ValueError` naming the first float leaf of `tree` (a pytree like
+    `params`; only the leaves at `indices` when given) that holds NaN or inf."""
+    leaves = jtu.tree_structure(params).flatten_up_to(tree)
+    for i, (path, leaf) in enumerate(zip(gauge.paths, leaves)):
+        if indices is not None and i not in indices:
+            continue
+        # numpy, not jnp: inside an outer `jit` a concrete leaf's jnp ops are staged
+        if eqx.is_inexact_array(leaf) and not np.all(np.isfinite(np.asarray(leaf))):
+            n_bad = int(np.sum(~np.isfinite(np.asarray(leaf))))
+            raise ValueError(f"`{what}` leaf {path!r} contains {n_bad} NaN or inf value(s); {why}")
 
 
 def vertical_adjoint(gauge: Gauge, params: PyTree, v: PyTree) -> dict[str, Array]:
@@ -142,6 +161,9 @@ def vertical_coordinates(
       $v / \\max|v|$ (the max over the leaves the gauge acts on) and is scaled back, so
       both tolerances are relative to the size of `v`.
 
+    NaN or inf in `params` or `v`: as for [`gaugejax.horizontal`][] (a `ValueError` eagerly,
+    NaN coordinates under `jit`).
+
     **Returns:** `{site: array}` over the continuous sites.
     """
     _require_continuous(gauge, "vertical_coordinates")
@@ -164,22 +186,33 @@ def vertical_coordinates(
     atol = eps**0.9 if atol is None else atol
     max_steps = 10 * max(gauge.orbit_dim, 10) if max_steps is None else max_steps
     v = _clean(params, v)
+    touched = sorted({plan.index for plan in gauge.plans})
+    if not _is_tracer((params, v)):
+        for what, tree in (("params", params), ("v", v)):
+            _raise_if_not_finite(gauge, params, tree, what, "a projection needs finite parameters and "
+                                 "tangents.", set(touched))
     # The solve is linear in v: it runs on v / max|v| and is scaled back, so that the
     # tolerances are relative to v (lineax's atol is absolute: a gradient of size 1e-6 was
     # projected to 0.4% in float32). The max is over the leaves the gauge acts on: the
     # others do not enter the solve.
     aligned = _aligned(params, v)
-    touched = sorted({plan.index for plan in gauge.plans})
     sizes = [jnp.max(jnp.abs(aligned[i])).astype(dtype) for i in touched
              if aligned[i] is not None and aligned[i].size]
     size = jax.lax.stop_gradient(jnp.max(jnp.stack(sizes)) if sizes else jnp.ones((), dtype))
-    size = jnp.where((size > 0) & jnp.isfinite(size), size, jnp.ones((), size.dtype))
+    # Under tracing nothing can be raised without stopping a training loop that handles
+    # NaN itself (`optax.apply_if_finite`): NaN or inf in v or in the parameters the gauge
+    # acts on gives NaN coordinates (so a NaN projection) on every method. CG would
+    # otherwise stop at once and return v unprojected.
+    leaves = jtu.tree_leaves(params)
+    finite = jnp.isfinite(size) & jnp.all(jnp.stack(
+        [jnp.all(jnp.isfinite(leaves[i])) for i in touched if eqx.is_inexact_array(leaves[i])] or [jnp.array(True)]))
+    size = jnp.where((size > 0) & finite, size, jnp.ones((), size.dtype))
     v = jtu.tree_map(lambda x: x / size, v)
     if diag_ok and method != "cg":
         xi = _solve_structured(gauge, params, v, method == "dense", rtol, atol, max_steps)
     else:
         xi = _solve_cg(gauge, params, v, rtol, atol, max_steps)
-    return {n: x * size.astype(x.dtype) for n, x in xi.items()}
+    return {n: jnp.where(finite, x * size.astype(x.dtype), jnp.nan) for n, x in xi.items()}
 
 
 def _aligned(params: PyTree, v: PyTree) -> list[Any]:
@@ -245,6 +278,10 @@ def horizontal(
     - `params`: the base point $\\theta$.
     - `v`: a tangent vector at `params`, a pytree like `params`.
     - `method`, `rtol`, `atol`, `max_steps`: see [`gaugejax.vertical_coordinates`][].
+
+    NaN or inf in `params` or `v` (on the leaves the gauge acts on) raises a `ValueError`
+    naming the leaf when called eagerly. Under `jit` nothing is raised (a training loop may
+    handle it, e.g. with `optax.apply_if_finite`): the projection is NaN on those leaves.
 
     **Returns:** a pytree like `params` (non-array leaves as `None`).
 

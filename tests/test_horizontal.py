@@ -129,6 +129,30 @@ def test_errors(getkey):
         gj.horizontal(gauge, params, bad)
 
 
+def test_non_finite_input(getkey):
+    """NaN in v or in the parameters: eagerly a ValueError naming the leaf; under jit (a
+    training loop, where `optax.apply_if_finite` may handle it) a NaN projection on every
+    method. The structured and CG solves used to stop at once and hand v back unprojected
+    on every finite leaf."""
+    model = gj.nn.MLP([4, 6, 5, 2], jax.nn.relu, key=getkey(), dtype=jnp.float32)
+    gauge = gj.derive_gauge(model)
+    v = _random_like(getkey(), model)
+    nan_v = eqx.tree_at(lambda t: t.layers[1].weight, v, v.layers[1].weight.at[0, 0].set(jnp.nan))
+    nan_p = eqx.tree_at(lambda t: t.layers[1].weight, model, model.layers[1].weight.at[0, 0].set(jnp.inf))
+    for what, (p, t) in (("v", (model, nan_v)), ("params", (nan_p, v))):
+        with pytest.raises(ValueError, match=rf"`{what}` leaf 'layers\[1\].weight' contains 1 NaN or inf"):
+            gj.horizontal(gauge, p, t)
+
+    @jax.jit
+    def projections(model, v, nan_p, nan_v):
+        # (the dense solve always gave NaN)
+        return [gj.horizontal(gauge, model, nan_v, method="structured"), gj.horizontal(gauge, nan_p, v, method="cg")]
+
+    for h in projections(model, v, nan_p, nan_v):
+        for layer in h.layers:  # every leaf the gauge acts on
+            assert bool(jnp.all(jnp.isnan(layer.weight)))
+
+
 def test_grad_through_the_structured_projection(getkey):
     # lineax cannot differentiate its preconditioner option: the solve must not need it
     m = gj.nn.MLP((5, 7, 6, 3), jax.nn.relu, key=getkey(), dtype=jnp.float64)
