@@ -199,20 +199,21 @@ def vertical_coordinates(
     sizes = [jnp.max(jnp.abs(aligned[i])).astype(dtype) for i in touched
              if aligned[i] is not None and aligned[i].size]
     size = jax.lax.stop_gradient(jnp.max(jnp.stack(sizes)) if sizes else jnp.ones((), dtype))
-    # Under tracing nothing can be raised without stopping a training loop that handles
-    # NaN itself (`optax.apply_if_finite`): NaN or inf in v or in the parameters the gauge
-    # acts on gives NaN coordinates (so a NaN projection) on every method. CG would
-    # otherwise stop at once and return v unprojected.
-    leaves = jtu.tree_leaves(params)
-    finite = jnp.isfinite(size) & jnp.all(jnp.stack(
-        [jnp.all(jnp.isfinite(leaves[i])) for i in touched if eqx.is_inexact_array(leaves[i])] or [jnp.array(True)]))
-    size = jnp.where((size > 0) & finite, size, jnp.ones((), size.dtype))
+    size = jnp.where((size > 0) & jnp.isfinite(size), size, jnp.ones((), size.dtype))
     v = jtu.tree_map(lambda x: x / size, v)
     if diag_ok and method != "cg":
-        xi = _solve_structured(gauge, params, v, method == "dense", rtol, atol, max_steps)
+        xi, finite = _solve_structured(gauge, params, v, method == "dense", rtol, atol, max_steps)
     else:
-        xi = _solve_cg(gauge, params, v, rtol, atol, max_steps)
+        xi, finite = _solve_cg(gauge, params, v, rtol, atol, max_steps)
+    # Under tracing nothing can be raised without stopping a training loop that handles
+    # NaN itself (`optax.apply_if_finite`): NaN or inf in v or in the parameters reaches the
+    # right-hand side V^T v, and then the coordinates (so the projection) are NaN on every
+    # method. CG would otherwise stop at once and return v unprojected.
     return {n: jnp.where(finite, x * size.astype(x.dtype), jnp.nan) for n, x in xi.items()}
+
+
+def _finite_rhs(rhs: Mapping[str, Array]) -> Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in rhs.values()]))
 
 
 def _aligned(params: PyTree, v: PyTree) -> list[Any]:
@@ -226,12 +227,12 @@ def _solve_structured(gauge, params, v, force_dense, rtol, atol, max_steps):
     rhs = _rs.adjoint(gauge, leaves, _aligned(params, v))
     if force_dense:
         gram, layout = _rs.gram_dense(gauge, leaves)
-        return _rs.unflatten(_rs.cholesky_solve(gram, _rs.flatten(rhs, layout)), layout)
+        return _rs.unflatten(_rs.cholesky_solve(gram, _rs.flatten(rhs, layout)), layout), _finite_rhs(rhs)
     # large: Jacobi-preconditioned CG on the structured operator; the diagonal of G is
     # |in|^2 + |out|^2 per neuron (the squared parameters it scales)
     value, _ = _rs.solve_gram(gauge, leaves, rhs, _rs.gram_diagonal(gauge, leaves), rtol=rtol, atol=atol,
                               max_steps=max_steps)
-    return value
+    return value, _finite_rhs(rhs)
 
 
 @eqx.filter_jit
@@ -249,7 +250,7 @@ def _solve_cg(gauge, params, v, rtol, atol, max_steps):
 
     op = lx.FunctionLinearOperator(normal, jax.eval_shape(lambda: zeros), tags=lx.positive_semidefinite_tag)
     sol = lx.linear_solve(op, rhs, lx.CG(rtol=rtol, atol=atol, max_steps=max_steps), throw=False)
-    return sol.value
+    return sol.value, _finite_rhs(rhs)
 
 
 def horizontal(
