@@ -219,7 +219,8 @@ def layernorm_to_rmsnorm(model: Transformer, *, rtol: float | None = None) -> Tr
     """Replace every LayerNorm by an RMSNorm (same gain, bias and epsilon). On a centered
     stream they are the same function; the stream is centered when every writer is
     (checked: a writer whose mean over the stream axis exceeds `rtol` times its largest
-    entry raises, naming the leaf; default `rtol` 100 machine epsilons).
+    entry raises, naming the leaf; default `rtol` 100 machine epsilons). Under `jit` the
+    check runs with the program (an `equinox` run-time error naming the leaf).
 
     **Returns:** the processed model.
     """
@@ -229,14 +230,24 @@ def layernorm_to_rmsnorm(model: Transformer, *, rtol: float | None = None) -> Tr
         raise ValueError("layernorm_to_rmsnorm: the model has an embed_norm; not supported.")
     eps = float(jnp.finfo(model.token_embedding.dtype).eps)
     rtol = 100 * eps if rtol is None else rtol
-    stats = np.asarray(_writer_stats(model))
-    for (path, _, _), (mean, scale) in zip(_writers(model), stats):
-        if mean > rtol * max(scale, 1e-300):
-            raise ValueError(
-                f"layernorm_to_rmsnorm: leaf {path!r} writes a non-centered stream (max |mean "
-                f"over the stream axis| = {mean:.2e}, expected <= {rtol * scale:.2e}); run "
-                "gaugejax.center_writing_weights(model) first."
-            )
+    writers = _writers(model)
+    if _is_concrete(*jax.tree.leaves(model)):
+        stats = np.asarray(_writer_stats(model))
+        for (path, _, _), (mean, scale) in zip(writers, stats):
+            if mean > rtol * max(scale, 1e-300):
+                raise ValueError(
+                    f"layernorm_to_rmsnorm: leaf {path!r} writes a non-centered stream (max |mean "
+                    f"over the stream axis| = {mean:.2e}, expected <= {rtol * scale:.2e}); run "
+                    "gaugejax.center_writing_weights(model) first."
+                )
+    else:  # under a user's `jit`: the same check, raised when the program runs
+        stats = _writer_stats(model)
+        bad = stats[:, 0] > rtol * jnp.maximum(stats[:, 1], jnp.finfo(stats.dtype).tiny)
+        messages = [f"layernorm_to_rmsnorm: leaf {path!r} writes a non-centered stream (max |mean over the "
+                    f"stream axis| > {rtol:.0e} x its largest entry); run gaugejax.center_writing_weights("
+                    "model) first." for path, _, _ in writers]
+        emb = eqx.branched_error_if(model.token_embedding, jnp.any(bad), jnp.argmax(bad), messages)
+        model = eqx.tree_at(lambda m: m.token_embedding, model, emb)
     blocks = tuple(
         dataclasses.replace(b, norm1=dataclasses.replace(b.norm1, kind="rms"), norm2=dataclasses.replace(b.norm2, kind="rms"))
         for b in model.blocks

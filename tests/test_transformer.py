@@ -285,6 +285,21 @@ def test_processing_makes_layernorm_rotations_exact(getkey):
     assert rep.max_rel_error <= 1e-12, rep
 
 
+def test_processing_under_jit(getkey):
+    """A pre-LayerNorm model processes under a user's jit as it does eagerly (the
+    centring check read values on the host and failed on tracers); the check itself
+    becomes a run-time error that names the leaf."""
+    import equinox as eqx
+
+    model = _model(getkey(), unembedding="untied")
+    eager = gj.process_weights(model)
+    jitted = eqx.filter_jit(gj.process_weights)(model)
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-12
+    with pytest.raises(eqx.EquinoxRuntimeError, match="leaf 'token_embedding' writes a non-centered"):
+        eqx.filter_jit(gj.layernorm_to_rmsnorm)(gj.fold_norm_gains(model))
+
+
 def test_tied_embeddings_stay_consistent(getkey):
     model = _model(getkey(), norm_gain=False)  # LayerNorm, no gain: the final output is mean-free
     tokens = _tokens(getkey())
