@@ -49,7 +49,7 @@ from ._canonical import (
     _translate_stage,
     check_finite,
 )
-from ._gauge import Gauge
+from ._gauge import Gauge, without_views
 from ._groups import (
     GL,
     Monomial,
@@ -307,6 +307,11 @@ def align(
         raise ValueError(f"`init` must be 'best', 'identity' or 'canonical', got {init!r}.")
     a = check_finite(gauge, a, "a")
     b = check_finite(gauge, b, "b")
+    wa, wb = without_views(gauge, a), without_views(gauge, b)
+    if wa.gauge is not gauge:  # leaves coupled through views: match them reshaped
+        aligned, g = align(wa.gauge, wa.params, wb.params, solver=solver, max_sweeps=max_sweeps,
+                           balance_first=balance_first, init=init)
+        return wb.restore(aligned), wb.restore_element(g)
     if balance_first:
         _check_supported(gauge)
         _check_gl_closed(gauge)

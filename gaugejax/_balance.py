@@ -21,7 +21,7 @@ import optimistix as optx
 from jaxtyping import Array, PyTree
 
 from . import _rescaling as _rs
-from ._gauge import Gauge, _expand, params_float_dtype as _dtype
+from ._gauge import Gauge, _expand, params_float_dtype as _dtype, without_views
 
 
 def _sq_norm(tree: PyTree) -> Array:
@@ -96,6 +96,10 @@ def balance(
 
     **Returns:** `(balanced_params, g)` with `balanced_params == gauge.act(g, params)`.
     """
+    whole = without_views(gauge, params)
+    if whole.gauge is not gauge:  # leaves coupled through views: balance them reshaped
+        balanced, g = balance(whole.gauge, whole.params, rtol=rtol, atol=atol, max_steps=max_steps)
+        return whole.restore(balanced), whole.restore_element(g)
     positive = _rs.rescaling_sites(gauge)
     dtype = _dtype(params)
     if not positive:
@@ -322,6 +326,7 @@ def balance_residual(gauge: Gauge, params: PyTree) -> Array:
     Degenerate neurons (incoming or outgoing weights all zero, and the like, see
     [`gaugejax.degenerate_units`][]) are left out: they have no balanced point, and their
     relative residual is 1 wherever they are on the orbit."""
+    gauge, params, _, _ = without_views(gauge, params)
     mu = moment_map(gauge, params)
     sides, dead = _sides_and_dead(gauge, params)
     if not sides:
@@ -349,6 +354,7 @@ def degenerate_units(gauge: Gauge, params: PyTree) -> dict[str, Array]:
     their scale and [`gaugejax.balance_residual`][] leaves them out. Sites coupled through a
     [`gaugejax.Link`][] (a ResNet's streams) are reported all false: their neurons are not
     split into an incoming and an outgoing side."""
+    gauge, params, _, _ = without_views(gauge, params)
     return _sides_and_dead(gauge, params)[1]
 
 

@@ -45,7 +45,7 @@ import numpy as np
 from jaxtyping import Array, PyTree
 
 from ._balance import balance, degenerate_units, moment_map
-from ._gauge import Gauge
+from ._gauge import Gauge, without_views
 from ._groups import (
     GL,
     Monomial,
@@ -264,22 +264,27 @@ def _balance_stage(gauge, params, g_total, dtype, rtol, max_sweeps):
         p, g = balance(gauge, params)
         return p, gauge.compose(g, g_total)
 
+    # only arrays ride in the loop's carry (it would turn a module's float or bool fields,
+    # e.g. equinox's Dropout, into arrays)
+    arrays, static = eqx.partition(params, eqx.is_array)
+
     def sweep(carry):
         p, g_acc, it, _ = carry
+        p = eqx.combine(p, static)
         if pos:
             p, g = balance(gauge, p)
             g_acc = gauge.compose(g, g_acc)
         p, g = _gl_step(gauge, p, dtype)
         g_acc = gauge.compose(g, g_acc)
-        return p, g_acc, it + 1, _moment_residual(gauge, p, pos + gl)
+        return eqx.filter(p, eqx.is_array), g_acc, it + 1, _moment_residual(gauge, p, pos + gl)
 
     def cond(carry):
         _, _, it, res = carry
         return (it < max_sweeps) & (res > rtol)
 
-    init = (params, g_total, jnp.asarray(0), jnp.asarray(jnp.inf, dtype))
-    params, g_total, _, _ = jax.lax.while_loop(cond, sweep, init)
-    return params, g_total
+    init = (arrays, g_total, jnp.asarray(0), jnp.asarray(jnp.inf, dtype))
+    arrays, g_total, _, _ = jax.lax.while_loop(cond, sweep, init)
+    return eqx.combine(arrays, static), g_total
 
 
 def _rotation_stage(gauge, params, g_total, dtype):
@@ -431,6 +436,10 @@ def canonicalize(
     if not isinstance(gauge, Gauge):
         raise TypeError(f"`gauge` must be a gaugejax.Gauge, got {type(gauge).__name__}.")
     params = check_finite(gauge, params)
+    whole = without_views(gauge, params)
+    if whole.gauge is not gauge:  # leaves coupled through views: canonicalize them reshaped
+        canon, g = canonicalize(whole.gauge, whole.params, rtol=rtol, max_sweeps=max_sweeps)
+        return whole.restore(canon), whole.restore_element(g)
     _check_supported(gauge)
     _check_gl_closed(gauge)
     dtype = _dtype(params)

@@ -517,7 +517,7 @@ class Gauge(eqx.Module):
             raise NotImplementedError(
                 f"{what} does not support couplings through a reshaped view of a leaf; leaves "
                 f"{viewed} are coupled through views (split attention heads). `act`, `sample`, "
-                "`vertical` and `gaugejax.check_invariance` do."
+                "`vertical`, `gaugejax.check_invariance`, `balance`, `canonicalize` and `align` do."
             )
 
     @property
@@ -969,3 +969,57 @@ def _vertical_jacobian(gauge: Gauge, params: PyTree, zeros: dict[str, Array]) ->
         return jax.flatten_util.ravel_pytree(eqx.filter(t, eqx.is_inexact_array))[0]
 
     return jax.jacfwd(vert)(flat)
+
+
+# ---------------------------------------------------------------------------------------
+# views made whole
+# ---------------------------------------------------------------------------------------
+class _Unviewed(NamedTuple):
+    gauge: Gauge
+    params: PyTree
+    restore: Callable[[PyTree], PyTree]  # a pytree like `params` back to the leaves' shapes
+    restore_element: Callable[[dict[str, Any]], dict[str, Any]]  # an element back to `gauge`
+
+
+def without_views(gauge: Gauge, params: PyTree) -> _Unviewed:
+    """The same gauge on `params` with every viewed leaf reshaped to its view, so that the
+    view's axes are the leaf's own: algorithms that read leaf axes directly (balancing,
+    canonical forms, weight matching) then serve gauges with views, e.g. the split heads of
+    `equinox.nn.MultiheadAttention`. Group elements carry over unchanged, except those of
+    a translation site of a viewed leaf (reshaped too). The view-free gauge is built once
+    per gauge and parameter shapes."""
+    if all(p.view is None for p in gauge.plans):
+        return _Unviewed(gauge, params, lambda t: t, lambda g: g)
+    leaves = gauge._check_params(params)
+    viewed = {p.index: p for p in gauge.plans if p.view is not None}
+    structs = tuple(jax.ShapeDtypeStruct(viewed[i].view if i in viewed else x.shape, x.dtype)
+                    if eqx.is_array(x) else x for i, x in enumerate(leaves))
+    try:
+        whole = _whole_gauge(gauge, structs)
+    except TypeError:  # an unhashable non-array leaf: build it uncached
+        whole = _whole_gauge.__wrapped__(gauge, structs)
+
+    def reshape(tree, to_view):
+        ls = jtu.tree_structure(params).flatten_up_to(tree)
+        for i, p in viewed.items():
+            if ls[i] is not None:
+                ls[i] = ls[i].reshape(p.view if to_view else p.shape)
+        return jtu.tree_unflatten(jtu.tree_structure(params), ls)
+
+    shapes = {p.translate: p.shape for p in viewed.values() if p.translate is not None}
+
+    def restore_element(g):
+        return {n: x.reshape(shapes[n]) if n in shapes else x for n, x in g.items()}
+
+    return _Unviewed(whole, reshape(params, True), lambda t: reshape(t, False), restore_element)
+
+
+@functools.lru_cache(maxsize=32)
+def _whole_gauge(gauge: Gauge, structs: tuple) -> Gauge:
+    couplings = [type(c)(c.leaf, c.axis, c.site, c.batch_axes) if isinstance(c, (Produce, Consume)) else c
+                 for c in gauge.couplings]
+    sites = dict(gauge.sites)
+    for p in gauge.plans:
+        if p.view is not None and p.translate is not None:
+            sites[p.translate] = Translation(p.view)
+    return Gauge(sites, couplings, jtu.tree_unflatten(gauge.treedef, list(structs)))
