@@ -70,8 +70,8 @@ def balance(
     the autodiff Hessian instead (one JVP per rescaled neuron per step).
 
     A neuron whose incoming or outgoing weights are all zero (a *degenerate* neuron: dead
-    by construction, pruned, or zero-initialised; in a recurrent gauge also one on no
-    cycle through the inputs and outputs) has no balanced point: its orbit is not
+    by construction, pruned, or zero-initialised; in a recurrent gauge also one with a
+    weight on no cycle) has no balanced point: its orbit is not
     closed, and the norm only approaches its infimum as the nonzero side is scaled to
     zero. Such neurons keep their scale (the problem is solved over the other
     log-scales, which then have a unique minimum) and are left out of
@@ -107,7 +107,7 @@ def balance(
     eps = jnp.finfo(dtype).eps
     rtol = float(eps**0.75) if rtol is None else rtol
     atol = float(eps**0.75) if atol is None else atol
-    free = {n: ~d for n, d in degenerate_units(gauge, params).items()}
+    free = {n: ~d for n, d in _fixed_units(gauge, params).items()}
     if _rs.is_structured(gauge, positive):
         xi = _implicit_structured(gauge, params, positive, rtol, atol, max_steps, free)
     else:
@@ -328,7 +328,7 @@ def balance_residual(gauge: Gauge, params: PyTree) -> Array:
     relative residual is 1 wherever they are on the orbit."""
     gauge, params, _, _ = without_views(gauge, params)
     mu = moment_map(gauge, params)
-    sides, dead = _sides_and_dead(gauge, params)
+    sides, dead, _ = _sides_and_dead(gauge, params)
     if not sides:
         return jnp.zeros(())
     res = []
@@ -343,47 +343,68 @@ def balance_residual(gauge: Gauge, params: PyTree) -> Array:
 def degenerate_units(gauge: Gauge, params: PyTree) -> dict[str, Array]:
     """The degenerate neurons of the positive-scaling sites: `{site: bool array}` (shape
     `(*batch, n)`), true where a neuron's incoming weights (and bias) or its outgoing
-    weights are all exactly zero, and, in a recurrent gauge (a leaf that both produces and
-    consumes a site), where a neuron lies on no cycle of nonzero weights through the
-    model's inputs and outputs: a neuron that feeds only itself, or a group of neurons that
-    feed only each other.
+    weights are all exactly zero, and, in a recurrent gauge (a chain of leaves from a site
+    back to itself), where one of a neuron's nonzero weights lies on no cycle: a group of
+    neurons fed from the inputs that never reaches an output (or the reverse), or two
+    closed groups joined in one direction only.
 
-    Their rescaling orbit is not closed (or their scale does not matter): scaling the
-    nonzero side towards zero lowers $\\|\\theta\\|^2$ forever, so there is no balanced
-    point. [`gaugejax.balance`][] keeps
-    their scale and [`gaugejax.balance_residual`][] leaves them out. Sites coupled through a
-    [`gaugejax.Link`][] (a ResNet's streams) are reported all false: their neurons are not
-    split into an incoming and an outgoing side."""
+    Their rescaling orbit is not closed: scaling the nonzero side towards zero lowers
+    $\\|\\theta\\|^2$ forever, so there is no balanced point. [`gaugejax.balance`][] keeps
+    their scale and [`gaugejax.balance_residual`][] leaves them out. A closed group of
+    neurons that feed only each other (or a neuron that feeds only itself) is not
+    degenerate: it balances, and its common scale, which acts on nothing, is left as it
+    is. Sites coupled through a [`gaugejax.Link`][] (a ResNet's streams) are reported all
+    false: their neurons are not split into an incoming and an outgoing side."""
     gauge, params, _, _ = without_views(gauge, params)
     return _sides_and_dead(gauge, params)[1]
 
 
-def _sides_and_dead(gauge: Gauge, params: PyTree) -> tuple[dict, dict[str, Array]]:
-    """`_side_norms` of every positive-scaling site, and which neurons are degenerate."""
+def _sides_and_dead(gauge: Gauge, params: PyTree) -> tuple[dict, dict[str, Array], dict[str, Array]]:
+    """`_side_norms` of every positive-scaling site, which neurons are degenerate, and
+    which neurons `balance` pins besides them (one per closed recurrent group)."""
     sides = _side_norms(gauge, params, _rs.rescaling_sites(gauge), _dtype(params))
     linked = _linked_sites(gauge)
     dead = {n: jnp.zeros_like(a, bool) if n in linked else (a == 0) | (b == 0) for n, (a, b) in sides.items()}
-    return sides, _off_cycle(gauge, params, dead, linked)
+    return sides, *_off_cycle(gauge, params, dead, linked)
 
 
-def _off_cycle(gauge: Gauge, params: PyTree, dead: dict[str, Array], linked: set[str]) -> dict[str, Array]:
-    """`dead` and every neuron that lies on no cycle through the boundary.
+@eqx.filter_jit
+def _fixed_units(gauge: Gauge, params: PyTree) -> dict[str, Array]:
+    """The neurons whose log-scale `balance` keeps at zero: the degenerate ones, and one
+    neuron of each closed recurrent group (whose common scale acts on nothing)."""
+    _, dead, pinned = _sides_and_dead(gauge, params)
+    return {n: d | pinned[n] for n, d in dead.items()}
+
+
+def _off_cycle(gauge: Gauge, params: PyTree, dead: dict[str, Array], linked: set[str]):
+    """`(degenerate, pinned)`: `dead` and every neuron with an edge on no cycle, and the
+    lowest-indexed neuron of each closed group.
 
     Balancing is line-sum-symmetric scaling of the neuron graph (an edge from neuron j to
     neuron i wherever a nonzero entry is consumed from j and produced into i; the model's
-    inputs, outputs, biases and the sites that are not rescaled are one boundary node of
+    inputs, outputs, biases and the sites that are not rescaled are one boundary node B of
     fixed scale): the norm has a minimum over the log-scales exactly when every edge lies
-    on a cycle. A zero side (`dead`) is the common failure; in a recurrent gauge a neuron
-    can also feed only itself, or a group of neurons only each other, and then the
-    group's common scale is free (or runs away, when the group is fed from the boundary
-    but never reaches it back). With `dead` merged into the boundary, the neurons that are
-    both reachable from it and reach it are exactly the ones whose every edge closes a
-    cycle; the others are flagged too. (For a leaf that couples two rescaled sites on one
-    side, an entry counts as reached when all its inputs are: exact for graphs, a
-    sufficient test otherwise.)"""
+    on a cycle, that is, when no edge joins two strongly connected components. A zero side
+    (`dead`, merged into B) is the common failure. In a recurrent gauge (a cycle of sites)
+    there are two more: a group of neurons fed from B that never reaches it back, or one
+    that reaches B and is never fed from it, or one joined to another closed group in one
+    direction only, runs away (flagged); a closed group that touches nothing else is
+    balanced, but its common scale acts on no parameter, so `balance` pins one of its
+    neurons to keep the Newton system regular (the group's moment sums to zero, so the
+    pinned neuron is balanced with the rest).
+
+    The components come from boolean propagation over the nonzero entries: the neurons
+    reachable from B and reaching it are B's component; every other neuron connected to B
+    (weakly, by a min-label sweep) is flagged; a weakly connected group apart from B is
+    fine exactly when its lowest-indexed neuron reaches and is reached from all of it.
+    (For a leaf that couples two rescaled sites on one side, an entry counts as reached
+    when all its inputs are: exact for graphs, a sufficient test otherwise.) A gauge whose
+    sites form no cycle (every feedforward and attention gauge) has no such neurons, and
+    none of this is traced."""
     sites = tuple(n for n in dead if n not in linked)
-    if not sites:
-        return dead
+    none = {n: jnp.zeros_like(d) for n, d in dead.items()}
+    if not sites or not _has_site_cycle(gauge, sites):
+        return dead, none
     leaves = jtu.tree_leaves(params)
     edges = []  # (nonzero mask, [(site, dims, kind)]) per leaf the sites touch
     for plan in gauge.plans:
@@ -391,9 +412,22 @@ def _off_cycle(gauge: Gauge, params: PyTree, dead: dict[str, Array], linked: set
         if cs:
             x = jax.lax.stop_gradient(leaves[plan.index])
             edges.append(((x.reshape(plan.view) if plan.view is not None else x) != 0, cs))
-    start = {n: dead[n] for n in sites}
 
-    def spread(src_kind: str, dst_kind: str):
+    def to_site(entry, dims, ndim, reduce):
+        others = tuple(a for a in range(ndim) if a not in dims)
+        got = reduce(entry, axis=others) if others else entry
+        kept = sorted(dims)
+        return jnp.transpose(got, [kept.index(d) for d in dims])
+
+    def fixed_point(step, init):
+        def body(carry):
+            cur, _ = carry
+            new = step(cur)
+            return new, jnp.any(jnp.stack([jnp.any(new[n] != cur[n]) for n in sites]))
+
+        return jax.lax.while_loop(lambda c: c[1], body, (init, jnp.ones((), bool)))[0]
+
+    def spread(start, src_kind: str, dst_kind: str):
         def step(reached):
             new = dict(reached)
             for nz, cs in edges:
@@ -403,21 +437,70 @@ def _off_cycle(gauge: Gauge, params: PyTree, dead: dict[str, Array], linked: set
                         hit = hit & _expand(reached[site], dims, nz.ndim)
                 for site, dims, kind in cs:
                     if kind == dst_kind:
-                        others = tuple(a for a in range(nz.ndim) if a not in dims)
-                        got = jnp.any(hit, axis=others) if others else hit
-                        kept = sorted(dims)
-                        new[site] = new[site] | jnp.transpose(got, [kept.index(d) for d in dims])
+                        new[site] = new[site] | to_site(hit, dims, nz.ndim, jnp.any)
             return new
 
-        def body(carry):
-            reached, _ = carry
-            new = step(reached)
-            return new, jnp.any(jnp.stack([jnp.any(new[n] != reached[n]) for n in sites]))
+        return fixed_point(step, start)
 
-        return jax.lax.while_loop(lambda c: c[1], body, (start, jnp.ones((), bool)))[0]
+    def components(label):  # weakly connected: the least label over shared entries; B is -1
+        def step(cur):
+            new = dict(cur)
+            for nz, cs in edges:
+                kinds = {kind for _, _, kind in cs}
+                low = jnp.full(nz.shape, -1 if len(kinds) < 2 else jnp.iinfo(jnp.int32).max, jnp.int32)
+                for site, dims, _ in cs:
+                    low = jnp.minimum(low, _expand(cur[site], dims, nz.ndim))
+                low = jnp.where(nz, low, jnp.iinfo(jnp.int32).max)
+                for site, dims, _ in cs:
+                    new[site] = jnp.minimum(new[site], to_site(low, dims, nz.ndim, jnp.min))
+            return new
 
-    forward, backward = spread("consume", "produce"), spread("produce", "consume")
-    return {n: d if n not in forward else d | ~(forward[n] & backward[n]) for n, d in dead.items()}
+        return fixed_point(step, label)
+
+    start = {n: dead[n] for n in sites}
+    on_b = {n: f & b for (n, f), b in zip(spread(start, "consume", "produce").items(),
+                                          spread(start, "produce", "consume").values())}
+    offset, index = 0, {}
+    for n in sites:
+        size = dead[n].size
+        index[n] = offset + jnp.arange(size, dtype=jnp.int32).reshape(dead[n].shape)
+        offset += size
+    label = components({n: jnp.where(dead[n], -1, index[n]) for n in sites})
+    root = {n: label[n] == index[n] for n in sites}
+    # from each closed group's root (B's entries reach only B's group: ignored below)
+    from_root = spread(root, "consume", "produce")
+    to_root = spread(root, "produce", "consume")
+    apart = {n: label[n] >= 0 for n in sites}
+    bad = jnp.zeros((offset,), bool)
+    for n in sites:
+        miss = apart[n] & ~(from_root[n] & to_root[n])
+        bad = bad.at[jnp.where(apart[n], label[n], 0).ravel()].max(miss.ravel())
+    flagged = {n: jnp.where(apart[n], bad[jnp.maximum(label[n], 0)], ~on_b[n]) for n in sites}
+    degenerate = {n: d if n not in flagged else d | flagged[n] for n, d in dead.items()}
+    pinned = {n: p if n not in flagged else root[n] & apart[n] & ~flagged[n] for n, p in none.items()}
+    return degenerate, pinned
+
+
+def _has_site_cycle(gauge: Gauge, sites: tuple[str, ...]) -> bool:
+    """Whether some chain of leaves leads from a site back to itself (a leaf that consumes
+    one site and produces another is an arc between them): a recurrent gauge."""
+    arcs = {n: set() for n in sites}
+    for plan in gauge.plans:
+        ins = {lin.site for lin in plan.linear if lin.site in arcs and lin.kind == "consume"}
+        outs = {lin.site for lin in plan.linear if lin.site in arcs and lin.kind == "produce"}
+        for a in ins:
+            arcs[a] |= outs
+    state = dict.fromkeys(sites, 0)  # 0 unseen, 1 on the stack, 2 done
+
+    def visit(a):
+        state[a] = 1
+        for b in arcs[a]:
+            if state[b] == 1 or (state[b] == 0 and visit(b)):
+                return True
+        state[a] = 2
+        return False
+
+    return any(state[a] == 0 and visit(a) for a in sites)
 
 
 def _linked_sites(gauge: Gauge) -> set[str]:

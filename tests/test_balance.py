@@ -1,6 +1,7 @@
 """The balanced point by structured Newton (gaugejax/_rescaling.py) against the autodiff
 Newton it replaces, and at widths where the autodiff Hessian does not fit in memory."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import pytest
@@ -132,10 +133,10 @@ def test_degenerate_units_keep_their_scale(getkey, dtype, tol):
 
 def test_recurrent_neurons_off_every_boundary_cycle(getkey):
     """In a recurrent gauge a neuron can have both sides nonzero and still no balanced
-    point: neuron 3 feeds only itself, and neurons 4 <-> 5 feed each other, fed from the
-    input but reaching no output, so their common scale ran away (1e-8, with a residual of
-    1e-16). Every neuron whose edges lie on a cycle through the boundary still balances,
-    including the recurrent ones."""
+    point: neurons 4 <-> 5 feed each other, fed from the input but reaching no output, so
+    their common scale ran away (1e-8, with a residual of 1e-16). Neuron 3 feeds only
+    itself: balanced at any scale, not degenerate, pinned. Every neuron whose edges lie on
+    a cycle through the boundary still balances, including the recurrent ones."""
     n, keys = 7, jax.random.split(getkey(), 4)
     p = {"W_in": jax.random.normal(keys[0], (n, 3), F64), "b": jax.random.normal(keys[1], (n,), F64),
          "W_hh": jax.random.normal(keys[2], (n, n), F64), "W_out": jax.random.normal(keys[3], (2, n), F64)}
@@ -156,10 +157,58 @@ def test_recurrent_neurons_off_every_boundary_cycle(getkey):
         return gj.degenerate_units(gauge, far)["h"], g["h"], gj.balance_residual(gauge, balanced)
 
     dead, scale, residual = run(far)
-    assert [int(i) for i in jnp.flatnonzero(dead)] == [3, 4, 5]
+    assert [int(i) for i in jnp.flatnonzero(dead)] == [4, 5]
     assert bool(jnp.all(scale[3:6] == 1.0))
     assert float(jnp.max(jnp.abs(jnp.log(scale)))) < 5.0
     assert float(residual) <= 1e-12
+
+
+def _recurrent(getkey, n, closed):
+    """An RNN-like gauge whose neurons `closed` touch neither the input, the bias nor the
+    output (only `W_hh`, which the caller fills in for them)."""
+    keys = jax.random.split(getkey(), 4)
+    p = {"W_in": jax.random.normal(keys[0], (n, 3), F64), "b": jax.random.normal(keys[1], (n,), F64),
+         "W_hh": jax.random.normal(keys[2], (n, n), F64), "W_out": jax.random.normal(keys[3], (2, n), F64)}
+    for i in closed:
+        p["W_out"] = p["W_out"].at[:, i].set(0.0)
+        p["W_hh"] = p["W_hh"].at[:, i].set(0.0).at[i, :].set(0.0)
+        p["W_in"], p["b"] = p["W_in"].at[i].set(0.0), p["b"].at[i].set(0.0)
+    gauge = gj.Gauge({"h": gj.PositiveDiagonal(n)}, [
+        gj.Produce("W_in", 0, "h"), gj.Produce("b", 0, "h"), gj.Produce("W_hh", 0, "h"),
+        gj.Consume("W_hh", 1, "h"), gj.Consume("W_out", 1, "h")], p)
+    return gauge, p
+
+
+def test_closed_recurrent_group_balances(getkey):
+    """Neurons 4 <-> 5 feed only each other: every edge lies on a cycle, so there is a
+    balanced point (|W_45| = |W_54| = sqrt(0.7 * 0.3)), and the canonical form and the gauge
+    distance are invariant along the orbit (they were flagged degenerate once, kept their
+    scale, and two points of one orbit got canonical forms 1.4 apart)."""
+    gauge, p = _recurrent(getkey, 6, (4, 5))
+    p["W_hh"] = p["W_hh"].at[4, 5].set(0.7).at[5, 4].set(0.3)
+    assert not bool(jnp.any(gj.degenerate_units(gauge, p)["h"]))
+    balanced, _ = gj.balance(gauge, p)
+    assert float(gj.balance_residual(gauge, balanced)) <= 1e-12
+    w = jnp.abs(balanced["W_hh"][jnp.array([4, 5]), jnp.array([5, 4])])
+    assert jnp.allclose(w, jnp.sqrt(0.21), rtol=1e-12)
+    canon, _ = gj.canonicalize(gauge, p)
+    for _ in range(3):
+        far = gauge.act(gauge.sample(getkey(), scale=1.0, dtype=F64), p)
+        chex.assert_trees_all_close(gj.canonicalize(gauge, far)[0], canon, rtol=1e-10, atol=1e-12)
+        assert float(gj.gauge_distance(gauge, p, far)) <= 1e-10
+
+
+def test_closed_groups_joined_one_way_are_degenerate(getkey):
+    """Two closed groups, 3 <-> 4 and 5 <-> 6, with one edge 4 -> 6 between them: that
+    edge lies on no cycle (the second group's scale relative to the first runs away), so
+    all four are degenerate and keep their scale; the rest balances."""
+    gauge, p = _recurrent(getkey, 7, (3, 4, 5, 6))
+    p["W_hh"] = p["W_hh"].at[3, 4].set(0.5).at[4, 3].set(0.4).at[5, 6].set(0.9).at[6, 5].set(0.2).at[6, 4].set(0.8)
+    far = gauge.act(gauge.sample(getkey(), scale=1.0, dtype=F64), p)
+    assert [int(i) for i in jnp.flatnonzero(gj.degenerate_units(gauge, far)["h"])] == [3, 4, 5, 6]
+    balanced, g = gj.balance(gauge, far)
+    assert bool(jnp.all(g["h"][3:] == 1.0))
+    assert float(gj.balance_residual(gauge, balanced)) <= 1e-12
 
 
 def _far_degenerate(getkey):
