@@ -230,7 +230,7 @@ def layernorm_to_rmsnorm(model: Transformer, *, rtol: float | None = None) -> Tr
         raise ValueError("layernorm_to_rmsnorm: the model has an embed_norm; not supported.")
     eps = float(jnp.finfo(model.token_embedding.dtype).eps)
     rtol = 100 * eps if rtol is None else rtol
-    writers = _writers(model)
+    writers, error = _writers(model), None
     if _is_concrete(*jax.tree.leaves(model)):
         stats = np.asarray(_writer_stats(model))
         for (path, _, _), (mean, scale) in zip(writers, stats):
@@ -246,8 +246,7 @@ def layernorm_to_rmsnorm(model: Transformer, *, rtol: float | None = None) -> Tr
         messages = [f"layernorm_to_rmsnorm: leaf {path!r} writes a non-centered stream (max |mean over the "
                     f"stream axis| > {rtol:.0e} x its largest entry); run gaugejax.center_writing_weights("
                     "model) first." for path, _, _ in writers]
-        emb = eqx.branched_error_if(model.token_embedding, jnp.any(bad), jnp.argmax(bad), messages)
-        model = eqx.tree_at(lambda m: m.token_embedding, model, emb)
+        error = (jnp.any(bad), jnp.argmax(bad), messages)
     blocks = tuple(
         dataclasses.replace(b, norm1=dataclasses.replace(b.norm1, kind="rms"), norm2=dataclasses.replace(b.norm2, kind="rms"))
         for b in model.blocks
@@ -255,6 +254,9 @@ def layernorm_to_rmsnorm(model: Transformer, *, rtol: float | None = None) -> Tr
     new = eqx.tree_at(lambda m: m.blocks, model, blocks)
     if model.final_norm is not None:
         new = eqx.tree_at(lambda m: m.final_norm, new, dataclasses.replace(model.final_norm, kind="rms"))
+    if error is not None:  # on every array, so that no part of the result escapes the check
+        arrays, static = eqx.partition(new, eqx.is_array)
+        new = eqx.combine(eqx.branched_error_if(arrays, *error), static)
     return new
 
 

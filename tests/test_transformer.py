@@ -288,7 +288,8 @@ def test_processing_makes_layernorm_rotations_exact(getkey):
 def test_processing_under_jit(getkey):
     """A pre-LayerNorm model processes under a user's jit as it does eagerly (the
     centring check read values on the host and failed on tracers); the check itself
-    becomes a run-time error that names the leaf."""
+    becomes a run-time error that names the leaf, raised whichever part of the result
+    the program uses."""
     import equinox as eqx
 
     model = _model(getkey(), unembedding="untied")
@@ -298,6 +299,9 @@ def test_processing_under_jit(getkey):
         assert float(jnp.max(jnp.abs(a - b))) <= 1e-12
     with pytest.raises(eqx.EquinoxRuntimeError, match="leaf 'token_embedding' writes a non-centered"):
         eqx.filter_jit(gj.layernorm_to_rmsnorm)(gj.fold_norm_gains(model))
+    # every part of the result carries the check, not only the leaf that failed it
+    with pytest.raises(eqx.EquinoxRuntimeError, match="leaf 'token_embedding' writes a non-centered"):
+        eqx.filter_jit(lambda m: gj.layernorm_to_rmsnorm(m).blocks)(gj.fold_norm_gains(model))
 
 
 def test_tied_embeddings_stay_consistent(getkey):
