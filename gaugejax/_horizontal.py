@@ -62,13 +62,21 @@ def _require_continuous(gauge: Gauge, what: str) -> None:
 def _check_tangent(gauge: Gauge, params: PyTree, v: PyTree, name: str = "v") -> None:
     """`params` completed (`Gauge._complete`); `v` has its structure, with `None` allowed
     where `params` has a leaf that is not a float array (a gradient of an equinox model)."""
-    pl, pt = jtu.tree_flatten(params)
+    # None counts as a leaf on both sides: a None field of the parameters (bias=None) is
+    # None in a gradient too
+    pl, pt = jtu.tree_flatten(params, is_leaf=_is_none)
     vl, vt = jtu.tree_flatten(v, is_leaf=_is_none)
     if pt != vt:
         raise ValueError(
             f"`{name}` must have the structure of the parameters.\nexpected: {pt}\nreceived: {vt}"
         )
-    for path, a, b in zip(gauge.paths, pl, vl):
+    for kp, a, b in zip(jtu.tree_flatten_with_path(params, is_leaf=_is_none)[0], pl, vl):
+        if a is None and b is not None:
+            got = f"an array of shape {tuple(jnp.shape(b))}" if hasattr(b, "shape") else type(b).__name__
+            raise ValueError(f"`{name}` leaf {jtu.keystr(kp[0])!r} is {got}; the parameters hold None "
+                             "there (expected None).")
+    pairs = [(a, b) for a, b in zip(pl, vl) if a is not None]
+    for path, (a, b) in zip(gauge.paths, pairs):
         if eqx.is_inexact_array(a) and (b is None or tuple(jnp.shape(b)) != tuple(a.shape)):
             got = "None" if b is None else f"shape {tuple(jnp.shape(b))}"
             raise ValueError(f"`{name}` leaf {path!r} is {got}; expected shape {tuple(a.shape)}.")

@@ -205,3 +205,19 @@ def test_projection_of_small_vectors_float32(method, getkey):
     for c in (1e-6, 1e-9):
         small = project(jax.tree.map(lambda a: c * a, v))
         assert float(jnp.max(jnp.abs(small / c - ref))) <= 1e-5 * float(jnp.max(jnp.abs(ref)))
+
+
+def test_none_fields_in_params(getkey):
+    """A None field of the model (equinox's bias=None; a Transformer without norm gains
+    is the same case) is None in its gradient too: the tangent's structure check counted
+    it as a leaf on one side only and refused every gradient of such a model."""
+    model = eqx.nn.MLP(4, 3, 5, 2, activation=jax.nn.relu, use_bias=False, use_final_bias=False,
+                       key=getkey(), dtype=jnp.float64)
+    x = jax.random.normal(getkey(), (6, 4), jnp.float64)
+    gauge = gj.derive_gauge(model)
+    grad = eqx.filter_grad(lambda m: jnp.sum(jnp.sin(jax.vmap(m)(x)) ** 2))(model)
+    h = gj.horizontal(gauge, model, grad)
+    assert float(jnp.max(jnp.abs(_flat(h) - _flat(grad)))) <= 1e-10 * float(jnp.max(jnp.abs(_flat(grad))))
+    with pytest.raises(ValueError, match=r"leaf '.layers\[0\].bias' is an array of shape \(5,\); the parameters hold None"):
+        gj.horizontal(gauge, model, eqx.tree_at(lambda m: m.layers[0].bias, grad, jnp.zeros(5),
+                                                is_leaf=lambda x: x is None))
