@@ -145,8 +145,8 @@ def test_non_finite_input(getkey):
 
     @jax.jit
     def projections(model, v, nan_p, nan_v):
-        # (the dense solve always gave NaN)
-        return [gj.horizontal(gauge, model, nan_v, method="structured"), gj.horizontal(gauge, nan_p, v, method="cg")]
+        return [gj.horizontal(gauge, model, nan_v, method="structured"), gj.horizontal(gauge, nan_p, v, method="cg"),
+                gj.horizontal(gauge, nan_p, v, method="dense")]
 
     for h in projections(model, v, nan_p, nan_v):
         for layer in h.layers:  # every leaf the gauge acts on
