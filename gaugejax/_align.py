@@ -26,6 +26,8 @@ References: Ainsworth, Hayase, Srinivasa, "Git Re-Basin" (ICLR 2023); Jordan et 
 
 from __future__ import annotations
 
+import functools
+import types
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -82,6 +84,13 @@ def _check_same_leaves(a: PyTree, b: PyTree) -> None:
     if len(la) == len(lb):
         for (path, x), y in zip(la, lb):
             if not (eqx.is_array(x) or eqx.is_array(y)):
+                # an equinox model keeps its activation as a leaf: a ReLU and a tanh model
+                # of one shape have one treedef, and different gauges
+                if not _same_static(x, y):
+                    raise ValueError(
+                        f"the two models do not have the same architecture: leaf {path!r} is "
+                        f"{_describe(x)} in the first and {_describe(y)} in the second."
+                    )
                 continue
             sx, sy = tuple(jnp.shape(x)), tuple(jnp.shape(y))
             dx, dy = jnp.result_type(x), jnp.result_type(y)
@@ -281,7 +290,10 @@ def align(
     $\\|g\\cdot b - a\\|$, and $g\\cdot b$.
 
     See the module notes for the algorithm. Planted problems ($b = h\\cdot a$ with $h$ a
-    random permutation, signed permutation or positive monomial gauge) are solved exactly.
+    random permutation, signed permutation or positive monomial gauge) are solved exactly,
+    except for the scale of a degenerate neuron ([`gaugejax.degenerate_units`][]: its
+    weights on one side all zero), which balancing cannot fix: the function is matched
+    exactly, its nonzero weights up to that scale.
 
     **Arguments:**
 
@@ -313,8 +325,8 @@ def align(
                            balance_first=balance_first, init=init)
         return wb.restore(aligned), wb.restore_element(g)
     if balance_first:
-        _check_supported(gauge)
-        _check_gl_closed(gauge)
+        _check_supported(gauge, "align")
+        _check_gl_closed(gauge, "align")
     solver = _resolve_solver(solver)
     dtype = _dtype(a)
     return _align(gauge, a, b, solver, max_sweeps, balance_first, init,
@@ -346,6 +358,37 @@ def _align(gauge, a, b, solver, max_sweeps, balance_first, init, rtol):
     return gauge.act(g, b, check=False), g
 
 
+def _describe(x: Any) -> str:
+    for f in (x, getattr(x, "fun", None), getattr(x, "__wrapped__", None)):  # custom_jvp, jit
+        name = getattr(f, "__qualname__", None)
+        if isinstance(name, str) and callable(x):
+            return f"function {name!r}"
+    text = repr(x)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _same_static(x: Any, y: Any) -> bool:
+    """Whether two non-array leaves are the same: identical, equal, or functions with the
+    same code, defaults and closure (the activation a model factory writes as a lambda)."""
+    if x is y:
+        return True
+    if isinstance(x, functools.partial) and isinstance(y, functools.partial):
+        return (_same_static(x.func, y.func) and len(x.args) == len(y.args)
+                and all(map(_same_static, x.args, y.args)) and x.keywords.keys() == y.keywords.keys()
+                and all(_same_static(x.keywords[k], y.keywords[k]) for k in x.keywords))
+    if isinstance(x, types.FunctionType) and isinstance(y, types.FunctionType):
+        cx, cy = x.__closure__ or (), y.__closure__ or ()
+        return (x.__code__ == y.__code__ and len(cx) == len(cy)
+                and _same_static(x.__defaults__, y.__defaults__)
+                and all(_same_static(a.cell_contents, b.cell_contents) for a, b in zip(cx, cy)))
+    if isinstance(x, tuple) and isinstance(y, tuple):
+        return len(x) == len(y) and all(map(_same_static, x, y))
+    try:
+        return bool(x == y)
+    except Exception:  # an object whose == is not a truth value
+        return False
+
+
 # ---------------------------------------------------------------------------------------
 # interpolation and REPAIR
 # ---------------------------------------------------------------------------------------
@@ -355,6 +398,8 @@ def interpolate(a: PyTree, b: PyTree, t: float | Array) -> PyTree:
     (else a `ValueError` naming the leaf)."""
     _check_same_leaves(a, b)
     t = jnp.asarray(t)
+    if t.ndim != 0:
+        raise ValueError(f"`t` must be a scalar; got shape {t.shape} (vmap over t for several points).")
     return jtu.tree_map(
         lambda x, y: ((1 - t).astype(x.dtype) * x + t.astype(x.dtype) * y) if eqx.is_inexact_array(x) else x,
         a, b,
@@ -378,10 +423,12 @@ def loss_barrier(
       `ValueError`.
     - `a`, `b`: the endpoints (usually `b` already aligned to `a` with
       [`gaugejax.align`][]).
-    - `num`: number of points, endpoints included.
+    - `num`: number of points, endpoints included (at least 2).
 
     **Returns:** `{"t": (num,), "loss": (num,), "barrier": scalar}`.
     """
+    if not isinstance(num, int) or num < 2:
+        raise ValueError(f"`num` must be an int >= 2 (the path's endpoints are included), got {num!r}.")
     out = jax.eval_shape(loss_fn, a)
     if not (hasattr(out, "shape") and out.shape == ()):
         raise ValueError(f"`loss_fn` must return a scalar; it returned {out}.")
@@ -419,7 +466,8 @@ def repair(
     - `merged`: e.g. `interpolate(a, aligned_b, t)`.
     - `a`, `b`: the two endpoints (`b` aligned).
     - `preactivations`: `params -> {site: (batch, n)}`, the pre-activations of unbatched
-      sites on a batch of data (close over the data).
+      sites on a batch of data (close over the data). A batched site (per-head) raises a
+      `ValueError`.
     - `t`: the interpolation weight of `b`.
     - `eps`: added to variances.
     - `shift_mean`: correct the means too. A site without a bias (no produced 1-D leaf)
@@ -438,6 +486,12 @@ def repair(
     for site in stats_a:
         if site not in groups:
             raise ValueError(f"`preactivations` returned site {site!r}, not a site of the gauge ({list(groups)}).")
+        if groups[site].batch:
+            raise ValueError(
+                f"repair: site {site!r} ({groups[site]!r}) is batched; repair renormalises "
+                "unbatched sites only (per-head sites have no per-neuron pre-activation of shape "
+                "(batch, n))."
+            )
         n = groups[site].n
         for which, arr in (("a", pre_a[site]), ("b", pre_b[site])):
             if jnp.ndim(arr) != 2 or jnp.shape(arr)[1] != n:
@@ -453,6 +507,8 @@ def repair(
         leaves, treedef = jtu.tree_flatten(merged)
         producers = [(plan, lin) for plan in gauge.plans for lin in plan.linear
                      if lin.site == site and lin.kind == "produce" and not lin.batch_axes]
+        if not producers:
+            raise ValueError(f"repair: no leaf produces site {site!r}, so nothing can renormalise it.")
         biases = [plan.index for plan, _ in producers if leaves[plan.index].ndim == 1]
         if shift_mean and not biases:
             raise ValueError(

@@ -147,15 +147,15 @@ def _with(gauge: Gauge, dtype, **elems) -> dict:
 # ---------------------------------------------------------------------------------------
 # stage checks
 # ---------------------------------------------------------------------------------------
-def _check_supported(gauge: Gauge) -> None:
-    gauge.require_whole_axes("canonicalize")
+def _check_supported(gauge: Gauge, who: str = "canonicalize") -> None:
+    gauge.require_whole_axes(who)
     groups = gauge.site_groups
     for plan in gauge.plans:
         for lp in plan.links:
             for s in (lp.out_site, lp.in_site):
                 if s is not None and groups[s].algebra_dim > 0:
                     raise NotImplementedError(
-                        f"canonicalize: site {s!r} ({groups[s]!r}) is coupled through a Link "
+                        f"{who}: site {s!r} ({groups[s]!r}) is coupled through a Link "
                         f"(leaf {plan.path!r}); the affine action of links has no closed-form "
                         "balanced point in gaugejax yet."
                     )
@@ -164,12 +164,12 @@ def _check_supported(gauge: Gauge) -> None:
         dup = {s for s in seen if seen.count(s) > 1}
         if dup:
             raise NotImplementedError(
-                f"canonicalize: GL site(s) {sorted(dup)} act on two axes of leaf {plan.path!r} "
+                f"{who}: GL site(s) {sorted(dup)} act on two axes of leaf {plan.path!r} "
                 "(g W g^-1): the minimum-norm point has no closed form there."
             )
 
 
-def _check_gl_closed(gauge: Gauge) -> None:
+def _check_gl_closed(gauge: Gauge, who: str = "canonicalize") -> None:
     """A GL orbit has a minimum-norm point only if the site's produced and consumed Gram
     matrices can be non-singular: the site may be no wider than what it reads and writes."""
     groups = gauge.site_groups
@@ -183,7 +183,7 @@ def _check_gl_closed(gauge: Gauge) -> None:
                         m += int(np.prod(plan.shape)) // (n * int(np.prod([plan.shape[b] for b in lin.batch_axes])))
             if m < n:
                 raise ValueError(
-                    f"canonicalize: GL site {name!r} has dimension {n} but its {kind}d leaves "
+                    f"{who}: GL site {name!r} has dimension {n} but its {kind}d leaves "
                     f"span at most {m} directions, so its {kind}d Gram matrix is singular and "
                     "the GL orbit has no minimum-norm point (it is not closed: the norm can be "
                     "pushed to its infimum only in a limit). Use a smaller group for this site "
@@ -475,6 +475,15 @@ def gauge_distance(gauge: Gauge, a: PyTree, b: PyTree, *, relative: bool = False
     to the tolerance of balancing), and $d$ is symmetric up to the local optimum of the
     matching.
 
+    The minimum over $k$ is a local search (weight matching started from the canonical
+    forms; exact matching of several layers is NP-hard), so $d$ is an upper bound on the
+    true minimum. It reads only the canonical forms, which is what makes it invariant:
+    [`gaugejax.align`][] run on particular representatives (it also starts from their
+    identity) can land on a closer point, and a smaller $\\|a - g\\cdot b\\|$. Degenerate
+    neurons ([`gaugejax.degenerate_units`][]) have no canonical scale: their orbit is not
+    closed, the canonical form keeps the scale they had, and $d(a, h\\cdot a)$ is then
+    the size of $h$'s change of that scale on their nonzero side rather than 0.
+
     **Arguments:**
 
     - `gauge`: the gauge of both models.
@@ -485,12 +494,15 @@ def gauge_distance(gauge: Gauge, a: PyTree, b: PyTree, *, relative: bool = False
     """
     from ._align import _check_same_architecture, align
 
+    if not isinstance(gauge, Gauge):
+        raise TypeError(f"`gauge` must be a gaugejax.Gauge, got {type(gauge).__name__}.")
     _check_same_architecture(gauge, a, b)
     ca, _ = canonicalize(gauge, a)
     cb, _ = canonicalize(gauge, b)
     aligned, _ = align(gauge, ca, cb, balance_first=False)
     d = jnp.sqrt(_sq(jtu.tree_map(lambda x, y: x - y if eqx.is_inexact_array(x) else None, ca, aligned)))
     if relative:
-        d = d / jnp.sqrt(0.5 * (_sq(ca) + _sq(cb)))
+        den = jnp.sqrt(0.5 * (_sq(ca) + _sq(cb)))
+        d = d / jnp.where(den > 0, den, 1)  # two zero models: distance 0
     return d
 

@@ -159,3 +159,47 @@ def test_orbit_tools_on_an_equinox_mlp(getkey):
     canon, _ = gj.canonicalize(gauge, m)
     assert rel(jax.vmap(canon)(x), jax.vmap(m)(x)) <= 1e-12
     assert float(gj.gauge_distance(gauge, m, canon)) <= 1e-8
+
+
+def test_models_that_differ_off_the_arrays(getkey):
+    """An equinox MLP keeps its activation as a leaf: a ReLU and a tanh model of one shape
+    share a treedef, and were aligned (ReLU rescalings applied to the tanh model, which
+    then computed another function) and interpolated without a word. The same activation
+    written as a lambda by a model factory, one per call, is still the same model."""
+    k = jax.random.split(getkey(), 2)
+    relu = eqx.nn.MLP(4, 2, 6, 2, activation=jax.nn.relu, key=k[0], dtype=jnp.float64)
+    tanh = eqx.nn.MLP(4, 2, 6, 2, activation=jnp.tanh, key=k[1], dtype=jnp.float64)
+    gauge = gj.derive_gauge(relu)
+    for fn in (lambda: gj.align(gauge, relu, tanh), lambda: gj.interpolate(relu, tanh, 0.5),
+               lambda: gj.gauge_distance(gauge, relu, tanh)):
+        with pytest.raises(ValueError, match="leaf 'activation' is function 'relu' in the first and function 'tanh'"):
+            fn()
+    factory = lambda key, slope: eqx.nn.MLP(  # noqa: E731
+        4, 2, 6, 2, activation=lambda x: jax.nn.leaky_relu(x, slope), key=key, dtype=jnp.float64)
+    a, b = factory(k[0], 0.1), factory(k[1], 0.1)
+    assert a.activation is not b.activation
+    gj.interpolate(a, b, 0.5)
+    with pytest.raises(ValueError, match="leaf 'activation'"):
+        gj.interpolate(a, factory(k[1], 0.2), 0.5)
+
+
+def test_orbit_tool_arguments(getkey):
+    """Arguments out of range: each a ValueError naming it (num=1 gave a barrier without
+    looking at b; an array t a broadcasting error; a batched site was left untouched by
+    repair, or blamed on a missing bias), and two zero models are at relative distance 0
+    (0/0 gave NaN)."""
+    a = gj.nn.MLP([4, 6, 2], jax.nn.relu, key=getkey(), dtype=jnp.float64)
+    gauge = gj.derive_gauge(a)
+    with pytest.raises(ValueError, match="`num` must be an int >= 2"):
+        gj.loss_barrier(lambda p: jnp.sum(p.layers[0].weight), a, a, num=1)
+    with pytest.raises(ValueError, match=r"`t` must be a scalar; got shape \(3,\)"):
+        gj.interpolate(a, a, jnp.ones(3))
+    with pytest.raises(TypeError, match="`gauge` must be a gaugejax.Gauge"):
+        gj.gauge_distance(None, a, a)
+    zero = jax.tree.map(lambda x: jnp.zeros_like(x) if eqx.is_inexact_array(x) else x, a)
+    assert float(gj.gauge_distance(gauge, zero, zero, relative=True)) == 0.0
+    params, gauge, _, _ = CASES[CASE_IDS.index("attention")].build(getkey(), jnp.float64)
+    pre = lambda p: {"ov": jnp.ones((5, 4))}  # noqa: E731
+    for shift in (True, False):
+        with pytest.raises(ValueError, match=r"repair: site 'ov' \(GL\(4, batch=\(3,\)\)\) is batched"):
+            gj.repair(gauge, params, params, params, pre, shift_mean=shift)
