@@ -240,6 +240,10 @@ class Gauge(eqx.Module):
     sites: tuple[tuple[str, AbstractGroup], ...] = eqx.field(static=True)
     couplings: tuple[Coupling, ...] = eqx.field(static=True)
     treedef: Any = eqx.field(static=True)
+    # the structure with None as a leaf, and where the leaves of `treedef` sit in it (a
+    # None field of the parameters, bias=None, is a leaf there and not in `treedef`)
+    none_treedef: Any = eqx.field(static=True)
+    kept: tuple[int, ...] = eqx.field(static=True)
     paths: tuple[str, ...] = eqx.field(static=True)
     plans: tuple[_LeafPlan, ...] = eqx.field(static=True)
     outer: tuple[tuple[str, tuple[str | None, ...]], ...] = eqx.field(static=True)
@@ -502,6 +506,8 @@ class Gauge(eqx.Module):
         self.sites = tuple(site_map.items())
         self.couplings = couplings
         self.treedef = treedef
+        with_none, self.none_treedef = jtu.tree_flatten(params, is_leaf=_is_none)
+        self.kept = tuple(i for i, x in enumerate(with_none) if x is not None)
         self.paths = paths
         self.plans = tuple(plans)
         self.outer = tuple((name, tuple(o)) for name, o in outer.items())
@@ -565,13 +571,31 @@ class Gauge(eqx.Module):
         treedef = jtu.tree_structure(params)
         if treedef == self.treedef:
             return params
-        leaves, with_none = jtu.tree_flatten(params, is_leaf=_is_none)
-        if with_none == self.treedef and all(leaves[p.index] is not None for p in self.plans):
-            return jtu.tree_unflatten(self.treedef, [_FILTERED if x is None else x for x in leaves])
+        split = self._with_none(params)
+        if split is not None and all(split[0][p.index] is not None for p in self.plans):
+            return jtu.tree_unflatten(self.treedef, [_FILTERED if x is None else x for x in split[0]])
         raise ValueError(
             f"{what} do not have the structure this gauge was built for (nor are they an "
             f"`equinox.filter` of it).\nexpected: {self.treedef}\nreceived: {treedef}"
         )
+
+    def _with_none(self, tree: PyTree) -> tuple[list[Any], Callable[[list[Any]], PyTree]] | None:
+        """For a tree with the structure of the parameters except that any leaf may be
+        None (a gradient, an optax statistic or an `equinox.filter` of an equinox model):
+        its leaves aligned with the parameters' leaves (the ones `plans` index), and a
+        function putting such a list back into `tree`'s structure. None for any other
+        tree."""
+        leaves, treedef = jtu.tree_flatten(tree, is_leaf=_is_none)
+        if treedef != self.none_treedef:
+            return None
+
+        def rebuild(new: list[Any]) -> PyTree:
+            out = list(leaves)  # the parameters' own None fields stay None
+            for j, x in zip(self.kept, new):
+                out[j] = x
+            return jtu.tree_unflatten(treedef, out)
+
+        return [leaves[j] for j in self.kept], rebuild
 
     def _check_params(self, params: PyTree) -> list[Any]:
         leaves, treedef = jtu.tree_flatten(params)

@@ -33,8 +33,42 @@ from .._horizontal import _require_continuous, horizontal
 from .._teleport import grad_norm_squared, teleport
 
 
-#: optax state fields that hold second moments (squared gradients)
-SECOND_MOMENT_FIELDS = ("nu", "v", "sum_of_squares", "grad_sq", "nu_hat")
+STATE_RULES: dict[tuple[str, str], str] = {
+    ("TraceState", "trace"): "covector",
+    ("ScaleByAdamState", "mu"): "covector",
+    ("ScaleByAdamState", "nu"): "second",  # optax.adamax's nu is |g|-like: see transport_state
+    ("ScaleByAmsgradState", "mu"): "covector",
+    ("ScaleByAmsgradState", "nu"): "second",
+    ("ScaleByAmsgradState", "nu_max"): "second",
+    ("ScaleByBeliefState", "mu"): "covector",
+    ("ScaleByBeliefState", "nu"): "second",
+    ("ScaleByLionState", "mu"): "covector",
+    ("ScaleByRmsState", "nu"): "second",
+    ("ScaleByRmsWithCountState", "nu"): "second",
+    ("ScaleByRStdDevState", "mu"): "covector",
+    ("ScaleByRStdDevState", "nu"): "second",
+    ("ScaleByRStdDevWithCountState", "mu"): "covector",
+    ("ScaleByRStdDevWithCountState", "nu"): "second",
+    ("ScaleByRssState", "sum_of_squares"): "second",
+    ("ScaleByAdaDeltaState", "e_g"): "second",
+    ("ScaleByAdaDeltaState", "e_x"): "vector_second",
+    ("ScaleByAdanState", "m"): "covector",
+    ("ScaleByAdanState", "v"): "covector",
+    ("ScaleByAdanState", "n"): "second",
+    ("ScaleByAdanState", "g"): "covector",
+    ("ScaleByRpropState", "step_sizes"): "vector_abs",
+    ("ScaleByRpropState", "prev_updates"): "covector",
+    ("MultiStepsState", "acc_grads"): "covector",
+    ("ScheduleFreeState", "z"): "point",
+}
+"""How each parameter-shaped field of optax's states transforms under a gauge move, by
+`(state type name, field)`: `"covector"` (a gradient statistic, $m \\mapsto J^\\top m$),
+`"second"` (a squared one, $\\nu \\mapsto (J^\\top\\sqrt\\nu)^2$), `"abs"` (an absolute
+one, $|J^\\top m|$), `"vector"` / `"vector_second"` / `"vector_abs"` (the same for a
+displacement of the parameters, pushed forward by the action's $J$ instead), `"point"`
+(a copy of the parameters, moved by the action itself). Extend it per call with `rules=`
+(`state_rules=` of the moving transforms)."""
+_RULE_NAMES = ("covector", "second", "abs", "vector", "vector_second", "vector_abs", "point")
 
 
 def _float_indices(leaves: list[Any]) -> list[int]:
@@ -49,81 +83,132 @@ def _with_floats(leaves: list[Any], idx: list[int], floats: list[Any]) -> list[A
     return out
 
 
-def _covector(gauge: Gauge, g: dict, params: PyTree):
-    """m -> J_{g^{-1}}^T m, the pull-back of a gradient through the move, for `m` with the
-    structure of `params` (`None` allowed on leaves that are not float arrays). `params`
-    is completed (`Gauge._complete`)."""
+def _linear_maps(gauge: Gauge, g: dict, params: PyTree):
+    """`(pull, push)`: m -> J_{g^{-1}}^T m, the pull-back of a gradient through the move,
+    and v -> J_g v, the push-forward of a displacement, for trees with the structure of
+    `params` (`None` allowed on any leaf: a gradient or statistic of an equinox model).
+    `params` is completed (`Gauge._complete`). Each statistic is taken in the leaf's dtype
+    and returned in its own."""
     inv = gauge.inverse(g)
     leaves, treedef = jtu.tree_flatten(params)
     idx = _float_indices(leaves)
 
-    def act(floats):
-        full = jtu.tree_unflatten(treedef, _with_floats(leaves, idx, floats))
-        out = jtu.tree_leaves(gauge.act(inv, full, check=False))
-        return [out[i] for i in idx]
+    def action(h):
+        def act(floats):
+            full = jtu.tree_unflatten(treedef, _with_floats(leaves, idx, floats))
+            out = jtu.tree_leaves(gauge.act(h, full, check=False))
+            return [out[i] for i in idx]
 
-    _, vjp = jax.vjp(act, [leaves[i] for i in idx])
+        return act
 
-    def pull(m):
-        ml, mt = jtu.tree_flatten(m, is_leaf=_is_none)
-        (ct,) = vjp([jnp.zeros_like(leaves[i]) if ml[i] is None else ml[i] for i in idx])
+    _, vjp = jax.vjp(action(inv), [leaves[i] for i in idx])
+
+    def apply(linear, m):
+        ml, rebuild = gauge._with_none(m)
+        (ct,) = linear([jnp.zeros_like(leaves[i]) if ml[i] is None else ml[i].astype(leaves[i].dtype)
+                        for i in idx])
         out = list(ml)
         for i, c in zip(idx, ct):
-            out[i] = None if ml[i] is None else c
-        return jtu.tree_unflatten(mt, out)
+            out[i] = None if ml[i] is None else c.astype(ml[i].dtype)
+        return rebuild(out)
 
-    return pull
+    def push_linear(floats):  # the action's tangent map (an affine action's linear part)
+        return (jax.jvp(action(g), ([leaves[i] for i in idx],), (floats,))[1],)
+
+    return (lambda m: apply(vjp, m)), (lambda v: apply(push_linear, v))
 
 
-def transport_state(gauge: Gauge, g: dict[str, Any], state: Any, params: PyTree) -> Any:
+def transport_state(gauge: Gauge, g: dict[str, Any], state: Any, params: PyTree, *,
+                    rules: dict[tuple[str, str], str] | None = None) -> Any:
     """Carry an optax state through the gauge move $\\theta \\mapsto g\\cdot\\theta$.
 
-    Every sub-tree of `state` with the structure of `params` is treated as a gradient
-    statistic: fields named as in `SECOND_MOMENT_FIELDS` (`nu` of Adam, ...) as second
-    moments, $\\nu \\mapsto (J^\\top\\sqrt\\nu)^2$, all others (Adam's `mu`, the `trace` of
-    momentum) as first moments, $m \\mapsto J^\\top m$, with $J^\\top$ the VJP of
-    $\\theta \\mapsto g^{-1}\\cdot\\theta$. Exact for permutations, signs and diagonal scales;
-    see the module notes for dense sites. Anything else (step counts) is left alone.
+    Each field of `state` with the structure of `params` is transported by the rule
+    `STATE_RULES` gives its `(state type name, field)`: a first moment (Adam's `mu`, the
+    `trace` of momentum) as a covector, $m \\mapsto J^\\top m$, with $J^\\top$ the VJP of
+    $\\theta \\mapsto g^{-1}\\cdot\\theta$; a second moment (`nu`) by
+    $\\nu \\mapsto (J^\\top\\sqrt\\nu)^2$; displacements (AdaDelta's `e_x`, Rprop's step
+    sizes) pushed forward by the action's own $J$; a copy of the parameters (schedule-free's
+    `z`) moved by the action. Exact for permutations, signs and diagonal scales; see the
+    module notes for dense sites. Anything else (step counts) is left alone. A
+    parameter-shaped field no rule covers raises a `ValueError` naming it: a statistic
+    moved by the wrong rule is a silently wrong optimizer.
+
+    `optax.adamax` keeps an infinity norm $\\max|g|$ in an Adam state's `nu`; it needs
+    `rules={("ScaleByAdamState", "nu"): "abs"}` (the default `"second"` is exact for it only
+    under permutations and signs).
 
     **Arguments:**
 
     - `gauge`: the gauge.
     - `g`: the group element of the move.
     - `state`: an optax state (any nesting of NamedTuples, tuples, lists and dicts).
-    - `params`: the parameters (for their structure; the VJP of a linear action does not
+    - `params`: the parameters (for their structure; the maps of a linear action do not
       depend on the point): the model, or its `equinox.filter`-ed float/array part (the
       statistics have that part's structure, `None` elsewhere).
+    - `rules`: `{(state type name, field): rule}` added to `STATE_RULES` (rules: see there;
+      a dict's key counts as its field, with type name `"dict"`).
 
     **Returns:** the transported state.
     """
+    table = dict(STATE_RULES)
+    for key, rule in (rules or {}).items():
+        if rule not in _RULE_NAMES:
+            raise ValueError(f"transport_state: rule {rule!r} for {key!r} is not one of {_RULE_NAMES}.")
+        table[key] = rule
     params = gauge._complete(params, "`params`")
-    pull = _covector(gauge, g, params)
+    pull, push = _linear_maps(gauge, g, params)
+    leaves = jtu.tree_leaves(params)
 
-    def second(v):
+    def second(linear, v):
         root = jtu.tree_map(lambda x: jnp.sqrt(jnp.maximum(x, 0)), v)
-        return jtu.tree_map(lambda x: x**2, pull(root))
+        return jtu.tree_map(lambda x: x**2, linear(root))
 
-    def walk(node, name=None):
-        if node is None:
-            return None
-        if jtu.tree_structure(node, is_leaf=_is_none) == gauge.treedef and _same_shapes(node, params):
-            return second(node) if name in SECOND_MOMENT_FIELDS else pull(node)
+    def point(z):
+        zl, rebuild = gauge._with_none(z)
+        full = jtu.tree_unflatten(gauge.treedef, [p if x is None else x for x, p in zip(zl, leaves)])
+        moved = jtu.tree_leaves(gauge.act(g, full, check=False))
+        return rebuild([None if x is None else m for x, m in zip(zl, moved)])
+
+    apply = {
+        "covector": pull, "second": lambda v: second(pull, v), "abs": lambda v: jtu.tree_map(jnp.abs, pull(v)),
+        "vector": push, "vector_second": lambda v: second(push, v),
+        "vector_abs": lambda v: jtu.tree_map(jnp.abs, push(v)), "point": point,
+    }
+
+    def is_statistic(node) -> bool:
+        split = gauge._with_none(node)
+        return split is not None and _same_shapes(split[0], leaves)
+
+    def field(owner: str, name: Any, node):
+        if node is not None and is_statistic(node):
+            rule = table.get((owner, name))
+            if rule is None:
+                raise ValueError(
+                    f"transport_state: {owner}.{name} has the structure of the parameters, and "
+                    "how it transforms under a gauge move is not known. Say it with "
+                    f"rules={{({owner!r}, {name!r}): rule}}, rule one of {_RULE_NAMES}."
+                )
+            return apply[rule](node)
+        return walk(node)
+
+    def walk(node):
         if isinstance(node, tuple) and hasattr(node, "_fields"):
-            return type(node)(*(walk(getattr(node, f), f) for f in node._fields))
+            return type(node)(*(field(type(node).__name__, f, getattr(node, f)) for f in node._fields))
         if isinstance(node, (tuple, list)):
-            return type(node)(walk(x, name) for x in node)
+            return type(node)(field(type(node).__name__, None, x) for x in node)
         if isinstance(node, dict):
-            return {k: walk(v, k) for k, v in node.items()}
+            return {k: field("dict", k, v) for k, v in node.items()}
         return node
 
-    return walk(state)
+    return field("state", None, state)
 
 
-def _same_shapes(node, params) -> bool:
-    """`node`'s arrays have the shapes of `params`' float leaves (`None` elsewhere)."""
+def _same_shapes(stat_leaves: list[Any], leaves: list[Any]) -> bool:
+    """A statistic's leaves (aligned with the parameters') have the shapes of the
+    parameters' float leaves (`None` elsewhere)."""
     return all(
         (x is None) if not eqx.is_inexact_array(y) else getattr(x, "shape", None) == y.shape
-        for x, y in zip(jtu.tree_leaves(node, is_leaf=_is_none), jtu.tree_leaves(params))
+        for x, y in zip(stat_leaves, leaves)
     )
 
 
@@ -171,10 +256,12 @@ def _identity_inner() -> optax.GradientTransformation:
     return optax.identity()
 
 
-def _moving(k: int, gauge: Gauge, inner, move: Callable, name: str) -> optax.GradientTransformationExtraArgs:
+def _moving(k: int, gauge: Gauge, inner, move: Callable, name: str,
+            state_rules: dict[tuple[str, str], str] | None = None) -> optax.GradientTransformationExtraArgs:
     if not (isinstance(k, int) and k >= 1):
         raise ValueError(f"{name}: `every_k` must be a positive int, got {k!r}.")
-    inner = _identity_inner() if inner is None else optax.with_extra_args_support(inner)
+    # (the identity too: `update` passes it the extra arguments, e.g. teleport's batch=)
+    inner = optax.with_extra_args_support(_identity_inner() if inner is None else inner)
 
     def init(params):
         return GaugeMoveState(jnp.zeros((), jnp.int32), inner.init(params))
@@ -185,28 +272,40 @@ def _moving(k: int, gauge: Gauge, inner, move: Callable, name: str) -> optax.Gra
         # the leaves that are not float arrays (an activation function, a filtered-out leaf)
         full = gauge._complete(params, f"{name}: `params`")
         u, inner_state = inner.update(updates, state.inner, params, **extra)
-        ul, ut = jtu.tree_flatten(u, is_leaf=_is_none)
-        if ut != gauge.treedef:
+        split = gauge._with_none(u)
+        if split is None:
             raise ValueError(
                 f"{name}: the updates do not have the structure of the parameters.\n"
-                f"expected: {gauge.treedef}\nreceived: {ut}"
+                f"expected: {gauge.none_treedef}\nreceived: {jtu.tree_structure(u, is_leaf=_is_none)}"
             )
+        ul, rebuild = split
         count = state.count + 1
         leaves = jtu.tree_leaves(full)
         idx = _float_indices(leaves)
+        for plan in gauge.plans:
+            i = plan.index
+            if i in idx and ul[i] is None:  # a frozen leaf: the move would change the function
+                raise ValueError(f"{name}: the update of leaf {plan.path!r} is None, but the gauge moves "
+                                 "that leaf; every leaf the gauge acts on needs an update.")
+            if i in idx and jnp.result_type(ul[i]) != jnp.result_type(leaves[i]):
+                raise ValueError(
+                    f"{name}: the update of leaf {plan.path!r} is {jnp.result_type(ul[i])} but the "
+                    f"parameter is {jnp.result_type(leaves[i])}; the move's update needs the "
+                    "parameters' precision (cast the updates to their dtype)."
+                )
         new = [leaves[i] if ul[i] is None else leaves[i] + ul[i] for i in idx]
 
         def do(args):
             new, inner_state = args
             moved_in = jtu.tree_unflatten(gauge.treedef, _with_floats(leaves, idx, new))
             moved, g = move(moved_in, extra)
-            inner_state = transport_state(gauge, g, inner_state, moved_in)
+            inner_state = transport_state(gauge, g, inner_state, moved_in, rules=state_rules)
             ml = jtu.tree_leaves(moved)
             out = list(ul)
             for i in idx:
                 if ul[i] is not None:
                     out[i] = ml[i] - leaves[i]
-            return jtu.tree_unflatten(ut, out), inner_state
+            return rebuild(out), inner_state
 
         def skip(args):
             return u, args[1]
@@ -218,7 +317,8 @@ def _moving(k: int, gauge: Gauge, inner, move: Callable, name: str) -> optax.Gra
 
 
 def canonicalize_every(
-    every_k: int, gauge: Gauge, inner: optax.GradientTransformation | None = None
+    every_k: int, gauge: Gauge, inner: optax.GradientTransformation | None = None, *,
+    state_rules: dict[tuple[str, str], str] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Every `every_k` steps, after the inner update, move the parameters to their canonical
     point ([`gaugejax.canonicalize`][]: balanced, sorted, sign-fixed) and transport the inner
@@ -237,8 +337,11 @@ def canonicalize_every(
     - `every_k`: the period.
     - `gauge`: the gauge.
     - `inner`: the optimizer whose state is transported (`None`: the identity).
+    - `state_rules`: passed to [`gaugejax.optim.transport_state`][] as `rules` (for an
+      optimizer state field the built-in table does not know).
     """
-    return _moving(every_k, gauge, inner, lambda p, extra: canonicalize(gauge, p), "canonicalize_every")
+    return _moving(every_k, gauge, inner, lambda p, extra: canonicalize(gauge, p), "canonicalize_every",
+                   state_rules)
 
 
 def teleport_every(
@@ -250,6 +353,7 @@ def teleport_every(
     objective: Callable[..., Array] | None = None,
     steps: int = 10,
     lr: float = 0.1,
+    state_rules: dict[tuple[str, str], str] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Every `every_k` steps, after the inner update, teleport the parameters along the
     orbit ([`gaugejax.teleport`][]) and transport the inner optimizer's state.
@@ -269,6 +373,7 @@ def teleport_every(
     - `inner`: the optimizer (`None`: the identity).
     - `objective`: `objective(params, batch) -> scalar` to maximise instead.
     - `steps`, `lr`: ascent steps per teleport and their length.
+    - `state_rules`: as for [`gaugejax.optim.canonicalize_every`][].
     """
     _require_continuous(gauge, "teleport_every")
     if loss_fn is None and objective is None:
@@ -282,5 +387,5 @@ def teleport_every(
             obj = grad_norm_squared(lambda q: loss_fn(q, batch))
         return teleport(gauge, p, objective=obj, steps=steps, lr=lr)
 
-    return _moving(every_k, gauge, inner, move, "teleport_every")
+    return _moving(every_k, gauge, inner, move, "teleport_every", state_rules)
 
