@@ -15,6 +15,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._groups import (
     GL,
@@ -79,12 +80,56 @@ def _unwrap(fn: Callable) -> Callable:
     return fn
 
 
+#: bound keyword arguments that keep a function's family, whatever their (scalar) value
+_FAMILY_KEEPING = {"negative_slope"}  # leaky_relu: positively homogeneous for every slope
+
+
+def _bound(fn: Callable) -> tuple[list, dict]:
+    """The arguments the partials around `fn` bind."""
+    args, kwargs = [], {}
+    while isinstance(fn, (functools.partial, jax.tree_util.Partial)):
+        args += list(fn.args)
+        kwargs = {**fn.keywords, **kwargs}
+        fn = fn.func
+    return args, kwargs
+
+
+def _lookup(fn: Callable) -> str | None:
+    for registered, family in _REGISTRY:
+        if fn is registered:
+            return family
+    return None
+
+
 def activation_family(fn: Callable) -> str:
-    """The symmetry family of `fn` (see [`gaugejax.register_activation`][])."""
-    for candidate in (fn, _unwrap(fn)):
-        for registered, family in _REGISTRY:
-            if candidate is registered:
-                return family
+    """The symmetry family of `fn` (see [`gaugejax.register_activation`][]).
+
+    A `functools.partial` of a registered function keeps its family only where the bound
+    arguments cannot break it: none bound, an `"elementwise"` function (still the same on
+    every unit), or a scalar `negative_slope` (leaky ReLU). Other scalar arguments make it
+    `"elementwise"` (binding `shift=0.7` into a registered odd function makes it not odd),
+    and an array argument (per-unit parameters, e.g. a PReLU's slopes) raises: the units
+    are no longer interchangeable, and those parameters would have to transform too."""
+    family = _lookup(fn)
+    if family is not None:
+        return family
+    inner = _unwrap(fn)
+    if inner is fn:
+        return "elementwise"
+    args, kwargs = _bound(fn)
+    arrays = [k for k, v in [*enumerate(args), *kwargs.items()] if np.ndim(v) > 0]
+    if arrays:
+        name = getattr(inner, "__name__", repr(inner))
+        raise ValueError(
+            f"activation partial({name}, ...) binds an array as argument {arrays[0]!r} (per-unit "
+            "parameters): its units are not interchangeable and those parameters must transform "
+            "too, so no gauge is derived from it; declare the gauge with gaugejax.Gauge."
+        )
+    family = _lookup(inner)
+    if family is None:
+        return "elementwise"
+    if family == "elementwise" or (not args and set(kwargs) <= _FAMILY_KEEPING):
+        return family
     return "elementwise"
 
 

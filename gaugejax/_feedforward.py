@@ -8,6 +8,7 @@ sites-and-couplings table; [`gaugejax.Gauge`][] does the rest.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -63,17 +64,26 @@ def _detect_layers(params: Any) -> tuple[list[str], list[str | None], str]:
         prefix = "['params']" if "params" in params else ""
         dense = [k for k in tree if isinstance(tree[k], dict) and "kernel" in tree[k]]
 
-        def index(name: str) -> int:
-            digits = "".join(ch for ch in name.rsplit("_", 1)[-1] if ch.isdigit())
-            return int(digits) if digits else 0
+        def ordered(names: list[str]) -> list[str]:
+            # first layer first, by the index that ends each name (Dense_0, linear_1, ...);
+            # a name without one ("output") or a repeated index leaves the order unknown
+            found = [re.search(r"(\d+)$", n) for n in names]
+            idx = [int(m.group(1)) if m else None for m in found]
+            if len(names) > 1 and (None in idx or len(set(idx)) < len(idx)):
+                raise ValueError(
+                    f"cannot tell the order of the layers {names}: not every name ends in a distinct "
+                    "layer index; pass `weights=` and `biases=` (leaf paths, first layer first) and "
+                    "`layout=`."
+                )
+            return sorted(names, key=lambda n: idx[names.index(n)] or 0)
 
-        dense.sort(key=index)
+        dense = ordered(dense)
         if dense:
             ws = [f"{prefix}[{k!r}]['kernel']" for k in dense]
             bs = [f"{prefix}[{k!r}]['bias']" if "bias" in tree[k] else None for k in dense]
             return ws, bs, "in_out"
         # haiku: {"mlp/~/linear_0": {"w": (in, out), "b": (out,)}, ...}
-        linear = sorted((k for k in params if isinstance(params[k], dict) and "w" in params[k]), key=index)
+        linear = ordered([k for k in params if isinstance(params[k], dict) and "w" in params[k]])
         if linear:
             ws = [f"[{k!r}]['w']" for k in linear]
             bs = [f"[{k!r}]['b']" if "b" in params[k] else None for k in linear]
@@ -99,7 +109,8 @@ def feedforward_gauge(
 
     Sites `"h1" .. "h{L-1}"` are the hidden layers. Layers are found automatically in a
     list of `(W, b)` pairs, a list of dicts, flax's `{"params": {"Dense_i": {"kernel",
-    "bias"}}}` and haiku's `{"mlp/~/linear_i": {"w", "b"}}`; otherwise name them.
+    "bias"}}}` and haiku's `{"mlp/~/linear_i": {"w", "b"}}` (ordered by the index ending
+    each name; names without one, such as `"output"`, raise); otherwise name them.
 
     **Arguments:**
 

@@ -191,3 +191,37 @@ def test_functional_dimension_in_float16():
     fd = gj.functional_dimension(lambda p, x: p(x), m, x, per_example=True)
     assert 0 < fd.rank <= 26 - 4  # params - orbit
     assert fd.tol == pytest.approx(max(80, 26) * float(jnp.finfo(jnp.float16).eps) * float(fd.singular_values[0]))
+
+
+def test_partial_activations_keep_a_family_only_where_it_holds():
+    """A functools.partial kept its function's family whatever it bound: per-unit
+    leaky-ReLU slopes (a PReLU) got positive monomials and a registered odd function with
+    a bound shift got signed permutations, and both failed their sweeps by O(1)."""
+    import functools
+
+    from gaugejax._activations import activation_family
+
+    def shifted_tanh(z, shift=0.0):
+        return jnp.tanh(z - shift)
+
+    gj.register_activation(shifted_tanh, "odd")
+    assert activation_family(functools.partial(jax.nn.leaky_relu, negative_slope=0.2)) == "positive_homogeneous"
+    assert activation_family(functools.partial(jax.nn.gelu, approximate=False)) == "elementwise"
+    assert activation_family(functools.partial(shifted_tanh, shift=0.7)) == "elementwise"
+    assert activation_family(shifted_tanh) == "odd"
+    prelu = functools.partial(jax.nn.leaky_relu, negative_slope=jnp.linspace(-1.0, 0.5, 6))
+    params = [(jnp.ones((6, 4)), jnp.ones(6)), (jnp.ones((3, 6)), jnp.ones(3))]
+    with pytest.raises(ValueError, match="binds an array as argument 'negative_slope'"):
+        gj.feedforward_gauge(params, prelu)
+
+
+def test_flax_layers_without_an_index_are_refused():
+    """{"hidden_0", "hidden_1", "output"} was ordered hidden_0, output, hidden_1 (a name
+    without an index counted as 0), and the gauge built on the wrong chain."""
+    layer = lambda a, b: {"kernel": jnp.ones((a, b)), "bias": jnp.ones(b)}  # noqa: E731
+    params = {"params": {"hidden_0": layer(4, 6), "hidden_1": layer(6, 6), "output": layer(6, 6)}}
+    with pytest.raises(ValueError, match=r"cannot tell the order of the layers .*'output'.*pass `weights=`"):
+        gj.feedforward_gauge(params, jax.nn.relu)
+    params = {"params": {"Dense_10": layer(6, 6), "Dense_2": layer(4, 6), "Dense_11": layer(6, 3)}}
+    gauge = gj.feedforward_gauge(params, jax.nn.relu)
+    assert [c.leaf for c in gauge.couplings if isinstance(c, gj.Produce) and "kernel" in c.leaf][0] == "['params']['Dense_2']['kernel']"

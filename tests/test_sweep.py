@@ -103,9 +103,9 @@ def test_raise_and_per_site():
     rep = gj.check_invariance(fn, gauge, model, x, key=jax.random.key(0), num_samples=16, per_site=True)
     assert set(rep.per_site) == {"h1", "h2"}
     assert all(not r.passed for r in rep.per_site.values())
-    # a site held at the identity is invariant
-    ok = gj.check_invariance(fn, gauge, model, x, key=jax.random.key(0), num_samples=4, scale=0.0)
-    assert ok.passed
+    # scale=0 would sample the identity alone, and pass: refused
+    with pytest.raises(ValueError, match="`scale` must be None or a finite number > 0"):
+        gj.check_invariance(fn, gauge, model, x, key=jax.random.key(0), num_samples=4, scale=0.0)
 
 
 def test_float32_tolerance_default():
@@ -148,3 +148,35 @@ def test_sharded_sweep_equals_single_device():
         # are O(1), so this compares real numbers, not rounding noise)
         np.testing.assert_allclose(out[name]["multi"], out[name]["single"], rtol=1e-10, atol=1e-15)
     assert min(out["control"]["multi"]) > 1e-3
+
+
+def test_sweeps_that_would_sample_only_the_identity_are_refused():
+    """`sites=[]`, `scale=0` and a gauge without sites each sampled the identity alone and
+    reported "ok" on a model that is not invariant (here ReLU under GL, forced)."""
+    m = gj.nn.MLP([3, 5, 2], jax.nn.relu, key=jax.random.key(0), dtype=jnp.float64)
+    broken = gj.derive_gauge(m, group=gj.GL, unsafe=True)
+    x = jax.random.normal(jax.random.key(1), (8, 3), jnp.float64)
+    f = lambda p, x: p(x)  # noqa: E731
+    assert not gj.check_invariance(f, broken, m, x, key=jax.random.key(2), num_samples=8).passed
+    for kwargs, match in (({"sites": []}, "`sites` is empty"), ({"scale": 0.0}, "`scale` must be None or a finite"),
+                          ({"scale": float("nan")}, "`scale` must be"), ({"devices": []}, "`devices` is empty")):
+        with pytest.raises(ValueError, match=match):
+            gj.check_invariance(f, broken, m, x, key=jax.random.key(2), num_samples=8, **kwargs)
+    with pytest.raises(ValueError, match="the gauge has no sites"):
+        gj.check_invariance(f, gj.Gauge({}, [], m), m, x, key=jax.random.key(2), num_samples=8)
+    ints = {"W": jnp.ones((2, 2), jnp.int32)}
+    with pytest.raises(ValueError, match="no floating-point leaves"):
+        gj.check_invariance(lambda p: p["W"], gj.Gauge({"h": gj.Permutation(2)}, [gj.Produce("W", 0, "h")], ints),
+                            ints, key=jax.random.key(2), num_samples=8)
+
+
+def test_bfloat16_default_tolerance_passes_a_dense_symmetry():
+    """A bfloat16 linear MLP under its GL gauge errs by about 4 machine epsilons (3e-2):
+    the default tolerance was 2.6 epsilons and failed it; a broken symmetry still fails."""
+    m = gj.nn.MLP([8, 16, 12, 4], gj.identity, key=jax.random.key(0), dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(1), (64, 8)).astype(jnp.bfloat16)
+    f = lambda p, x: p(x)  # noqa: E731
+    assert gj.check_invariance(f, gj.derive_gauge(m), m, x, key=jax.random.key(2), num_samples=128).passed
+    r = gj.nn.MLP([8, 16, 12, 4], jax.nn.gelu, key=jax.random.key(0), dtype=jnp.bfloat16)
+    control = gj.derive_gauge(r, group=gj.PositiveMonomial, unsafe=True)
+    assert not gj.check_invariance(f, control, r, x, key=jax.random.key(2), num_samples=32, scale=1.0).passed
