@@ -367,22 +367,36 @@ def _describe(x: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _same_static(x: Any, y: Any) -> bool:
+def _same_static(x: Any, y: Any, _seen: set | None = None) -> bool:
     """Whether two non-array leaves are the same: identical, equal, or functions with the
-    same code, defaults and closure (the activation a model factory writes as a lambda)."""
+    same code, defaults and closure (the activation a model factory writes as a lambda, or
+    wraps in `jax.jit`, once per call)."""
     if x is y:
         return True
+    seen = set() if _seen is None else _seen
+    if (id(x), id(y)) in seen:  # a function whose closure holds itself
+        return True
+    seen.add((id(x), id(y)))
+    same = functools.partial(_same_static, _seen=seen)
+    if hasattr(x, "shape") and hasattr(y, "dtype") and hasattr(y, "shape") and hasattr(x, "dtype"):
+        return x.shape == y.shape and x.dtype == y.dtype and bool(np.array_equal(np.asarray(x), np.asarray(y)))
     if isinstance(x, functools.partial) and isinstance(y, functools.partial):
-        return (_same_static(x.func, y.func) and len(x.args) == len(y.args)
-                and all(map(_same_static, x.args, y.args)) and x.keywords.keys() == y.keywords.keys()
-                and all(_same_static(x.keywords[k], y.keywords[k]) for k in x.keywords))
+        return (same(x.func, y.func) and len(x.args) == len(y.args) and all(map(same, x.args, y.args))
+                and x.keywords.keys() == y.keywords.keys() and all(same(x.keywords[k], y.keywords[k]) for k in x.keywords))
     if isinstance(x, types.FunctionType) and isinstance(y, types.FunctionType):
         cx, cy = x.__closure__ or (), y.__closure__ or ()
         return (x.__code__ == y.__code__ and len(cx) == len(cy)
-                and _same_static(x.__defaults__, y.__defaults__)
-                and all(_same_static(a.cell_contents, b.cell_contents) for a, b in zip(cx, cy)))
+                and same(x.__defaults__, y.__defaults__) and same(x.__kwdefaults__, y.__kwdefaults__)
+                and all(same(a.cell_contents, b.cell_contents) for a, b in zip(cx, cy)))
+    for attr in ("__wrapped__", "fun"):  # jax.jit, functools.wraps, custom_jvp wrappers
+        if hasattr(x, attr) and hasattr(y, attr) and type(x) is type(y):
+            return same(getattr(x, attr), getattr(y, attr))
     if isinstance(x, tuple) and isinstance(y, tuple):
-        return len(x) == len(y) and all(map(_same_static, x, y))
+        return len(x) == len(y) and all(map(same, x, y))
+    if isinstance(x, dict) and isinstance(y, dict):
+        return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+    if type(x) is type(y) and type(x).__eq__ is object.__eq__ and hasattr(x, "__dict__"):
+        return same(vars(x), vars(y))  # a callable object made per call, without its own ==
     try:
         return bool(x == y)
     except Exception:  # an object whose == is not a truth value
@@ -427,8 +441,9 @@ def loss_barrier(
 
     **Returns:** `{"t": (num,), "loss": (num,), "barrier": scalar}`.
     """
-    if not isinstance(num, int) or num < 2:
+    if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 2:
         raise ValueError(f"`num` must be an int >= 2 (the path's endpoints are included), got {num!r}.")
+    num = int(num)
     out = jax.eval_shape(loss_fn, a)
     if not (hasattr(out, "shape") and out.shape == ()):
         raise ValueError(f"`loss_fn` must return a scalar; it returned {out}.")

@@ -77,6 +77,11 @@ def _is_none(x: Any) -> bool:
     return x is None
 
 
+def _is_placeholder(x: Any) -> bool:
+    """None, or an empty NamedTuple standing for a left-out leaf (`optax.MaskedNode`)."""
+    return x is None or (isinstance(x, tuple) and hasattr(x, "_fields") and not x._fields)
+
+
 def _refines(shape: tuple[int, ...], view: tuple[int, ...]) -> bool:
     """Whether `view` splits each axis of `shape` into consecutive axes."""
     j = 0
@@ -581,21 +586,22 @@ class Gauge(eqx.Module):
 
     def _with_none(self, tree: PyTree) -> tuple[list[Any], Callable[[list[Any]], PyTree]] | None:
         """For a tree with the structure of the parameters except that any leaf may be
-        None (a gradient, an optax statistic or an `equinox.filter` of an equinox model):
-        its leaves aligned with the parameters' leaves (the ones `plans` index), and a
-        function putting such a list back into `tree`'s structure. None for any other
-        tree."""
-        leaves, treedef = jtu.tree_flatten(tree, is_leaf=_is_none)
+        None (a gradient, an optax statistic or an `equinox.filter` of an equinox model) or
+        an empty placeholder node (`optax.MaskedNode`, where `optax.masked` leaves a leaf
+        out): its leaves aligned with the parameters' leaves (the ones `plans` index; None
+        for both), and a function putting such a list back into `tree`'s structure (the
+        placeholders kept where the list holds None). None for any other tree."""
+        leaves, treedef = jtu.tree_flatten(tree, is_leaf=_is_placeholder)
         if treedef != self.none_treedef:
             return None
 
         def rebuild(new: list[Any]) -> PyTree:
             out = list(leaves)  # the parameters' own None fields stay None
             for j, x in zip(self.kept, new):
-                out[j] = x
+                out[j] = leaves[j] if x is None else x
             return jtu.tree_unflatten(treedef, out)
 
-        return [leaves[j] for j in self.kept], rebuild
+        return [None if _is_placeholder(leaves[j]) else leaves[j] for j in self.kept], rebuild
 
     def _check_params(self, params: PyTree) -> list[Any]:
         leaves, treedef = jtu.tree_flatten(params)

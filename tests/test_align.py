@@ -4,6 +4,7 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from helpers import CASE_IDS, CASES, rel
 
@@ -203,3 +204,33 @@ def test_orbit_tool_arguments(getkey):
     for shift in (True, False):
         with pytest.raises(ValueError, match=r"repair: site 'ov' \(GL\(4, batch=\(3,\)\)\) is batched"):
             gj.repair(gauge, params, params, params, pre, shift_mean=shift)
+
+
+def test_same_model_written_twice():
+    """What a model factory writes per call is the same model: a closure over a vector
+    array, a recursive closure, a callable object; a keyword-only default that differs is
+    not. (The array compared by == raised, and counted as a difference.)"""
+    def factory(w, s=0.1):
+        def act(x, *, slope=s):
+            return jax.nn.leaky_relu(x, slope) * w[0]
+        return eqx.nn.MLP(3, 2, 4, 1, activation=act, key=jax.random.key(0))
+
+    gj.interpolate(factory(jnp.array([1.0, 2.0])), factory(jnp.array([1.0, 2.0])), 0.5)
+    with pytest.raises(ValueError, match="leaf 'activation'"):
+        gj.interpolate(factory(jnp.array([1.0, 2.0])), factory(jnp.array([1.0, 3.0])), 0.5)
+    with pytest.raises(ValueError, match="leaf 'activation'"):
+        gj.interpolate(factory(jnp.ones(2), 0.1), factory(jnp.ones(2), 0.9), 0.5)
+
+    class Act:
+        def __call__(self, x):
+            return jax.nn.relu(x)
+
+    def recursive():
+        def act(x, depth=0):
+            return act(x, 1) if depth == 0 else jax.nn.relu(x)
+        return eqx.nn.MLP(3, 2, 4, 1, activation=act, key=jax.random.key(0))
+
+    for make in (lambda: eqx.nn.MLP(3, 2, 4, 1, activation=Act(), key=jax.random.key(0)), recursive):
+        gj.interpolate(make(), make(), 0.5)
+    a = gj.nn.MLP([3, 4, 1], jax.nn.relu, key=jax.random.key(0))
+    assert gj.loss_barrier(lambda p: jnp.sum(p.layers[0].weight), a, a, num=np.int64(3))["loss"].shape == (3,)

@@ -256,3 +256,29 @@ def test_moves_with_none_fields_frozen_leaves_and_dtypes(getkey):
     zero = jax.tree.map(jnp.zeros_like, grads)  # the identity's update: the move alone
     u, _ = tp.update(zero, tp.init(params), model, batch=None)
     assert rel(jax.vmap(eqx.apply_updates(model, u))(x), jax.vmap(model)(x)) <= 1e-10
+
+
+def test_masked_states_and_filtered_teleports(getkey):
+    """optax.masked leaves a MaskedNode where a leaf is left out: its Adam moments were
+    passed over, untransported. teleport_every handed a filtered model's placeholders to
+    the loss (which recombines the model with equinox.combine)."""
+    model, gauge, loss = _problem(getkey())
+    grad = eqx.filter_grad(loss)(model)
+    mask = jax.tree.map(lambda _: True, model)
+    mask = eqx.tree_at(lambda m: m.layers[0].bias, mask, False)
+    tx = optax.masked(optax.adam(1e-2), mask)
+    _, s = tx.update(grad, tx.init(model), model)
+    canon, g = gj.canonicalize(gauge, model)
+    moved = gjo.transport_state(gauge, g, s, model)
+    _, ref = tx.update(eqx.filter_grad(loss)(canon), tx.init(canon), canon)
+    assert rel(moved.inner_state[0].mu.layers[1].weight, ref.inner_state[0].mu.layers[1].weight) <= 1e-12
+    assert isinstance(moved.inner_state[0].mu.layers[0].bias, optax.MaskedNode)
+
+    k = jax.random.split(getkey(), 2)
+    m = eqx.nn.MLP(3, 2, 6, 2, activation=jax.nn.relu, key=k[0], dtype=jnp.float64)
+    x = jax.random.normal(k[1], (16, 3), jnp.float64)
+    params, static = eqx.partition(m, eqx.is_inexact_array)
+    eloss = lambda p, batch=None: jnp.mean((jax.vmap(eqx.combine(p, static))(x) - 1.0) ** 2)  # noqa: E731
+    tp = gjo.teleport_every(1, gj.derive_gauge(m), eloss, steps=2, lr=0.01)
+    u, _ = tp.update(jax.tree.map(jnp.zeros_like, params), tp.init(params), params, batch=None)
+    assert rel(eloss(eqx.apply_updates(params, u)), eloss(params)) <= 1e-10

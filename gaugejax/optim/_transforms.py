@@ -28,7 +28,7 @@ import optax
 from jaxtyping import Array, PyTree
 
 from .._canonical import canonicalize
-from .._gauge import Gauge, _is_none
+from .._gauge import _FILTERED, Gauge, _is_none
 from .._horizontal import _require_continuous, horizontal
 from .._teleport import grad_norm_squared, teleport
 
@@ -205,9 +205,10 @@ def transport_state(gauge: Gauge, g: dict[str, Any], state: Any, params: PyTree,
 
 def _same_shapes(stat_leaves: list[Any], leaves: list[Any]) -> bool:
     """A statistic's leaves (aligned with the parameters') have the shapes of the
-    parameters' float leaves (`None` elsewhere)."""
-    return all(
-        (x is None) if not eqx.is_inexact_array(y) else getattr(x, "shape", None) == y.shape
+    parameters' float leaves (`None` elsewhere, and on float leaves an optimizer leaves
+    out, e.g. `optax.masked`), and there is at least one."""
+    return any(x is not None for x in stat_leaves) and all(
+        x is None or (eqx.is_inexact_array(y) and getattr(x, "shape", None) == y.shape)
         for x, y in zip(stat_leaves, leaves)
     )
 
@@ -367,9 +368,9 @@ def teleport_every(
     - `gauge`: a [`gaugejax.Gauge`][] with a continuous site.
     - `loss_fn`: `loss_fn(params, batch)`, the batch passed to `update` as the keyword
       argument `batch=` (through `optax.chain` as an extra argument); the default objective
-      is $\\|\\nabla L\\|^2$ on that batch. It is called on the parameters given to
-      `update`: for an equinox model that the loss calls, pass the model whole, not its
-      `equinox.filter`-ed arrays (whose filtered-out leaves arrive as placeholders).
+      is $\\|\\nabla L\\|^2$ on that batch. It is called on parameters like the ones given
+      to `update`: the model whole, or its `equinox.filter`-ed arrays (`None` where they
+      are filtered out; recombine them in the loss with `equinox.combine`).
     - `inner`: the optimizer (`None`: the identity).
     - `objective`: `objective(params, batch) -> scalar` to maximise instead.
     - `steps`, `lr`: ascent steps per teleport and their length.
@@ -381,10 +382,14 @@ def teleport_every(
 
     def move(p, extra):
         batch = extra.get("batch")
+
+        def as_given(q):  # filtered parameters reach the user's function filtered (None)
+            return jtu.tree_map(lambda x: None if x is _FILTERED else x, q)
+
         if objective is not None:
-            obj = lambda q: objective(q, batch)  # noqa: E731
+            obj = lambda q: objective(as_given(q), batch)  # noqa: E731
         else:
-            obj = grad_norm_squared(lambda q: loss_fn(q, batch))
+            obj = grad_norm_squared(lambda q: loss_fn(as_given(q), batch))
         return teleport(gauge, p, objective=obj, steps=steps, lr=lr)
 
     return _moving(every_k, gauge, inner, move, "teleport_every", state_rules)
