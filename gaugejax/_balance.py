@@ -344,9 +344,9 @@ def degenerate_units(gauge: Gauge, params: PyTree) -> dict[str, Array]:
     """The degenerate neurons of the positive-scaling sites: `{site: bool array}` (shape
     `(*batch, n)`), true where a neuron's incoming weights (and bias) or its outgoing
     weights are all exactly zero, and, in a recurrent gauge (a chain of leaves from a site
-    back to itself), where one of a neuron's nonzero weights lies on no cycle: a group of
-    neurons fed from the inputs that never reaches an output (or the reverse), or two
-    closed groups joined in one direction only.
+    back to itself), every neuron of a strongly connected group whose weights to or from
+    the rest lie on no cycle: a group fed from the inputs that never reaches an output (or
+    the reverse), or two closed groups joined in one direction only (both are flagged).
 
     Their rescaling orbit is not closed: scaling the nonzero side towards zero lowers
     $\\|\\theta\\|^2$ forever, so there is no balanced point. [`gaugejax.balance`][] keeps
@@ -377,8 +377,9 @@ def _fixed_units(gauge: Gauge, params: PyTree) -> dict[str, Array]:
 
 
 def _off_cycle(gauge: Gauge, params: PyTree, dead: dict[str, Array], linked: set[str]):
-    """`(degenerate, pinned)`: `dead` and every neuron with an edge on no cycle, and the
-    lowest-indexed neuron of each closed group.
+    """`(degenerate, pinned)`: `dead` and every neuron of a strongly connected component
+    joined to another one (other than B's), and the lowest-indexed neuron of each closed
+    group.
 
     Balancing is line-sum-symmetric scaling of the neuron graph (an edge from neuron j to
     neuron i wherever a nonzero entry is consumed from j and produced into i; the model's
