@@ -36,7 +36,7 @@ import optimistix as optx
 from jaxtyping import Array, PRNGKeyArray
 
 from ._groups import _linalg
-from .nn._node import NeuralODE, check_grid, is_concrete
+from .nn._node import NeuralODE, check_grid, float_dtype, float_state, is_concrete
 
 
 _HI = jax.lax.Precision.HIGHEST
@@ -62,8 +62,12 @@ class AbstractTimeReparam(eqx.Module):
         t_end = self.tau(T)
         y0 = s * T / t_end
 
+        # the residual relative to 1 + |s|: tau(t) rounds to a few ulps of s, which an
+        # absolute tolerance would not reach for large s (Newton's steps are unchanged)
+        scale = 1 + jnp.abs(s)
+
         def fn(t, _):
-            return self.tau(t) - s
+            return (self.tau(t) - s) / scale
 
         tol = _newton_tol(y0, 1e-13)
         sol = optx.root_find(fn, optx.Newton(rtol=tol, atol=tol), y0, max_steps=64, throw=False)
@@ -300,7 +304,7 @@ class SmoothLiePath(eqx.Module):
         dtype = dtype or jnp.zeros(()).dtype
         shape = (dim,) if diagonal else (dim, dim)
         k1, k2, k3 = jax.random.split(key, 3)
-        norm = 1.0 if diagonal else np.sqrt(dim)
+        norm = 1.0 if diagonal else float(np.sqrt(dim))  # a Python float keeps `dtype`
         coeffs = scale * jax.random.normal(k1, (num_modes, *shape), dtype) / norm
         if boundary_identity:
             return cls(coeffs, T)
@@ -400,8 +404,12 @@ class AbstractDiffeo(eqx.Module):
         continuous family of diffeomorphisms keeps its orientation; a fold flips it, an
         orientation-reversing $\\phi$ does not)."""
 
+        # entrywise relative to 1 + |y| (a diagonal rescaling: Newton's steps are unchanged),
+        # so the tolerance does not fall below the rounding of phi for large states
+        scale = 1 + jnp.abs(y)
+
         def fn(x, _):
-            return self.phi(x, t) - y
+            return (self.phi(x, t) - y) / scale
 
         tol = _newton_tol(y, 1e-12)
         sol = optx.root_find(fn, optx.Newton(rtol=tol, atol=tol), y, max_steps=64, throw=False)
@@ -583,11 +591,22 @@ class TransformedField(eqx.Module):
 
 
 class _PhiAt(eqx.Module):
+    """$\\phi_t$ (or its inverse) applied to states of dimension `dim`, as the embedding's
+    last step or the readout's first; `what` names that end in errors."""
+
     diffeo: AbstractDiffeo
     t: Any
     inverse: bool = eqx.field(static=True)
+    dim: int = eqx.field(static=True)
+    what: str = eqx.field(static=True)
+    dtype: Any = eqx.field(static=True)  # an integer input's float dtype, as the model's field has
 
     def __call__(self, x):
+        x = float_state(x, self.dtype)
+        if x.shape[-1:] != (self.dim,):
+            raise ValueError(
+                f"`{self.what}`: maps the input to dimension {x.shape[-1:]}, but the state dimension is {self.dim}."
+            )
         t = jnp.asarray(self.t, x.dtype)
         return self.diffeo.phi_inverse(x, t) if self.inverse else self.diffeo.phi(x, t)
 
@@ -743,8 +762,9 @@ def transform_node(node: NeuralODE, diffeo: AbstractDiffeo, *, boundary: str = "
         T_new = float(T_new)
     embedding, readout = node.embedding, node.readout
     if boundary == "transform":
-        embedding = Chain(node.embedding, _PhiAt(diffeo, 0.0, False))
-        readout = Chain(_PhiAt(diffeo, T, True), node.readout)
+        state = float_dtype(node.field)
+        embedding = Chain(node.embedding, _PhiAt(diffeo, 0.0, False, node.dim, "embedding", state))
+        readout = Chain(_PhiAt(diffeo, T, True, node.dim, "readout", state), node.readout)
     elif boundary in ("fixed", "warn") and is_concrete(diffeo, T):
         e0, eT, tol = _boundary_errors(diffeo, node.dim, T, dtype)
         for name, err in (("phi_0", float(e0)), ("phi_T", float(eT))):

@@ -612,3 +612,47 @@ def test_connection_transform_at_an_integer_time():
     G = lambda t: jnp.eye(3, dtype=F64) * (1 + t)  # noqa: E731
     f = gj.connection_transform(A, G)
     np.testing.assert_array_equal(f(1), f(1.0))
+
+
+# --------------------------------------------------------------------------------------
+# tolerances that scale with the dtype and the magnitude; integer and mismatched states
+# after a transformation
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("T_end", [0.1, 0.7, 3.3])
+def test_float32_grid_ending_at_T(T_end):
+    """A float32 grid from `linspace` misses T = 0.1, 0.7, 3.3 by an ulp: accepted, and so
+    are times at its last node."""
+    f = ParametricField.random(2, 3, T=T_end, key=jax.random.key(0), dtype=jnp.float32)
+    node = NeuralODE(f, T_end, dt0=T_end / 4, solver=diffrax.Euler(), stepsize_controller=diffrax.ConstantStepSize())
+    assert node.flow(jnp.ones(2, jnp.float32), ts=f.ts[-1:]).shape == (1, 2)
+    with pytest.raises(ValueError, match="must end at T"):
+        NeuralODE(f, T_end * (1 + 1e-5))
+    with pytest.raises(ValueError, match="interval"):
+        node.flow(jnp.ones(2, jnp.float32), ts=jnp.asarray([T_end * (1 + 1e-5)], jnp.float32))
+
+
+def test_newton_inverses_at_large_magnitudes():
+    """The residuals are measured relative to 1 + |s| (|y|): an absolute tolerance sits
+    below the rounding of tau(t) for large s, and a sixth of these solves failed."""
+    w = gj.SineWarp(0.3, 1000.0)
+    s = jnp.linspace(1.0, 999.0, 40, dtype=jnp.float32)
+    ts = jax.jit(jax.vmap(lambda v: w.tau_inverse(v, jnp.asarray(1000.0, jnp.float32))))(s)
+    assert float(jnp.max(jnp.abs(jax.vmap(w.tau)(ts) - s) / s)) <= 1e-6
+    d = gj.Diffeo(lambda x, t: x + 0.1 * t * jnp.sin(x))
+    ys = 1e4 * jax.random.normal(jax.random.key(1), (40, 3), jnp.float32)
+    t = jnp.asarray(0.5, jnp.float32)
+    xs = jax.jit(jax.vmap(lambda y: d.phi_inverse(y, t)))(ys)
+    assert float(jnp.max(jnp.abs(jax.vmap(lambda x: d.phi(x, t))(xs) - ys) / (1 + jnp.abs(ys)))) <= 1e-6
+
+
+def test_transformed_model_takes_integer_and_checks_dimensions(base, getkey):
+    node = base[0]
+    lin = gj.LinearDiffeo(gj.SmoothLiePath.random(3, key=getkey(), dtype=F64, boundary_identity=False))
+    moved = gj.transform_node(node, lin)
+    # phi_0 = G(0) != id acts on the input first: an integer input used to cast G to integers
+    np.testing.assert_array_equal(_model(moved, jnp.asarray([1, 0, 2])), _model(moved, jnp.asarray([1.0, 0.0, 2.0], F64)))
+    short = NeuralODE(node.field, T, embedding=lambda x: x[:2], stepsize_controller=_controller())
+    with pytest.raises(ValueError, match=r"`embedding`: maps the input to dimension \(2,\)"):
+        gj.transform_node(short, lin)(jnp.ones(3, F64))
+    path = gj.SmoothLiePath.random(3, key=getkey(), dtype=jnp.float32)
+    assert path.coeffs.dtype == jnp.float32

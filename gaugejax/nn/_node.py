@@ -40,13 +40,37 @@ def is_concrete(*xs: Any) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(xs))
 
 
+def float_dtype(like: Any) -> Any:
+    """The dtype of the float arrays of `like` (a field), or the default float when they
+    have none or several."""
+    dts = {a.dtype for a in jax.tree_util.tree_leaves(like) if eqx.is_inexact_array(a)}
+    return dts.pop() if len(dts) == 1 else jnp.result_type(float)
+
+
+def float_state(x: Any, dtype: Any) -> Array:
+    """`x` as an array; an integer or boolean state becomes a float one of `dtype` (the
+    solve's times take the state's dtype, and a diffeomorphism's matrices would be cast to
+    it: an integer state would truncate them)."""
+    x = jnp.asarray(x)
+    return x if jnp.issubdtype(x.dtype, jnp.inexact) else x.astype(dtype)
+
+
+def time_tol(dtype: Any, T: float) -> float:
+    """How far a time in `dtype` may stray past an end of $[0, T]$ by rounding alone: a few
+    units in the last place of `T` (a float32 grid's last node misses `T = 0.1` by one)."""
+    dtype = np.dtype(dtype)
+    eps = np.finfo(dtype if np.issubdtype(dtype, np.floating) else np.float64).eps
+    return 8 * float(eps) * max(1.0, abs(T))
+
+
 def check_times(ts: Any, T: Any, what: str) -> None:
     """Eagerly refuse times outside $[0, T]$ (skipped for traced values)."""
     if not is_concrete(ts, T):
         return
-    arr = np.atleast_1d(np.asarray(ts, dtype=np.float64))
+    arr = np.atleast_1d(np.asarray(ts))
     Tf = float(T)
-    tol = 1e-12 * max(1.0, abs(Tf))
+    tol = time_tol(arr.dtype, Tf)
+    arr = arr.astype(np.float64)
     bad = arr[(arr < -tol) | (arr > Tf + tol)]
     if bad.size:
         raise ValueError(
@@ -285,7 +309,7 @@ class NeuralODE(eqx.Module):
         if is_concrete(T) and not float(T) > 0:
             raise ValueError(f"`T` must be positive (the interval is [0, T]); received {float(T)!r}.")
         if isinstance(field, ParametricField) and is_concrete(field.ts, T) and field.num_nodes > 1:
-            if abs(float(field.ts[-1]) - float(T)) > 1e-9 * max(1.0, abs(float(T))):
+            if abs(float(field.ts[-1]) - float(T)) > time_tol(field.ts.dtype, float(T)):
                 raise ValueError(
                     f"`field.ts` must end at T = {float(T):g} (the grid covers [0, T]); received "
                     f"ts[-1] = {float(field.ts[-1]):g}."
@@ -313,21 +337,11 @@ class NeuralODE(eqx.Module):
                 f"must return the state's shape ({self.dim},)."
             )
 
-    def _float_state(self, x: Any) -> Array:
-        """`x` as an array; an integer or boolean state becomes a float one, in the dtype of
-        the field's parameters (the solve's times take the state's dtype: an integer state
-        would truncate `T`)."""
-        x = jnp.asarray(x)
-        if jnp.issubdtype(x.dtype, jnp.inexact):
-            return x
-        dts = {a.dtype for a in jax.tree_util.tree_leaves(self.field) if eqx.is_inexact_array(a)}
-        return x.astype(dts.pop() if len(dts) == 1 else jnp.result_type(float))
-
     def solve(self, x0: Float[Array, " dim"], *, ts: Any = None) -> diffrax.Solution:
         """The diffrax solution from `x0` at time 0 to time `T` (saved at `ts` if given,
         else at `T`). `sol.stats["num_steps"]` and the solver's evaluations per step give
         the number of vector-field evaluations."""
-        x0 = self._float_state(x0)
+        x0 = float_state(x0, float_dtype(self.field))
         self._check_state(x0, "x0")
         if x0.ndim != 1:
             raise ValueError(f"`x0`: solve takes one state of shape ({self.dim},); vmap for batches, received {x0.shape}.")
@@ -352,7 +366,7 @@ class NeuralODE(eqx.Module):
         """$\\Phi_{T \\leftarrow 0}(x_0)$ (or the states at the times `ts`, shape
         `(*batch, len(ts), dim)`; a single time counts as one); any leading batch axes are
         vmapped."""
-        x0 = self._float_state(x0)
+        x0 = float_state(x0, float_dtype(self.field))
         self._check_state(x0, "x0")
         if ts is not None:
             ts = jnp.atleast_1d(jnp.asarray(ts))
