@@ -28,6 +28,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -722,6 +723,24 @@ def validate_diffeo(diffeo: AbstractDiffeo, dim: int, T: Any, dtype: Any = jnp.f
             )
 
 
+def _retimed(controller: Any, dt0: Any, time: AbstractTimeReparam, T: Any, T_new: Any) -> tuple[Any, Any]:
+    """The step-size controller and `dt0` in the new time $t' = \tau(t)$: a
+    `diffrax.ClipStepSizeController`'s `step_ts` / `jump_ts` (original times, e.g. the
+    kinks of a piecewise-linear field) become $\tau(t_i)$, and `dt0` is scaled by
+    $\tau(T) / T$, so that a fixed-step solve takes as many steps as before (when `T'` is
+    known; under tracing `dt0` is static and kept)."""
+    if isinstance(time, IdentityTime):
+        return controller, dt0
+    if isinstance(controller, diffrax.ClipStepSizeController):
+        for name in ("step_ts", "jump_ts"):
+            ts = getattr(controller, name)
+            if ts is not None:
+                controller = eqx.tree_at(lambda c, name=name: getattr(c, name), controller, jax.vmap(time.tau)(ts))
+    if dt0 is not None and isinstance(T_new, float) and is_concrete(T):
+        dt0 = dt0 * T_new / float(T)
+    return controller, dt0
+
+
 def transform_node(node: NeuralODE, diffeo: AbstractDiffeo, *, boundary: str = "transform") -> NeuralODE:
     """Act with a spacetime diffeomorphism on a neural ODE (MATH.md, "Neural ODEs").
 
@@ -748,7 +767,9 @@ def transform_node(node: NeuralODE, diffeo: AbstractDiffeo, *, boundary: str = "
       [`gaugejax.Diffeo`][] (user callables) or any `AbstractDiffeo`.
     - `boundary`: see above.
 
-    **Returns:** the transformed [`gaugejax.nn.NeuralODE`][] (same solver and controller).
+    **Returns:** the transformed [`gaugejax.nn.NeuralODE`][]: the same solver and controller,
+    in the new time (a `diffrax.ClipStepSizeController`'s `step_ts` / `jump_ts` mapped by
+    $\tau$, `dt0` scaled by $\tau(T)/T$ when $\tau(T)$ is known).
     """
     if not isinstance(node, NeuralODE):
         raise TypeError(f"`node`: expected a gaugejax.nn.NeuralODE, received {type(node).__name__}.")
@@ -776,9 +797,10 @@ def transform_node(node: NeuralODE, diffeo: AbstractDiffeo, *, boundary: str = "
     elif boundary in ("fixed", "warn"):  # traced (jit, vmap, grad): checked when the model runs
         embedding = Chain(node.embedding, _BoundaryCheck(diffeo, T, node.dim, boundary))
     field = TransformedField(node.field, diffeo, T)
+    controller, dt0 = _retimed(node.stepsize_controller, node.dt0, diffeo.time, T, T_new)
     return NeuralODE(
         field, T_new, embedding=embedding, readout=readout, solver=node.solver,
-        stepsize_controller=node.stepsize_controller, dt0=node.dt0, max_steps=node.max_steps,
+        stepsize_controller=controller, dt0=dt0, max_steps=node.max_steps,
         adjoint=node.adjoint, dim=node.dim,
     )
 

@@ -656,3 +656,22 @@ def test_transformed_model_takes_integer_and_checks_dimensions(base, getkey):
         gj.transform_node(short, lin)(jnp.ones(3, F64))
     path = gj.SmoothLiePath.random(3, key=getkey(), dtype=jnp.float32)
     assert path.coeffs.dtype == jnp.float32
+
+
+def test_time_reparametrisation_moves_step_times_and_dt0(base, getkey):
+    """The controller lives in the new time: jump_ts at the field's kinks become tau(t_i),
+    and a fixed-step solve keeps its number of steps. Euler on an autonomous field scaled
+    by c with steps h / c makes the very same iterates."""
+    node, x, ref = base
+    warp = gj.SineWarp(0.5, T)
+    ctrl = diffrax.PIDController(rtol=TOL, atol=TOL, jump_ts=node.field.ts)
+    kinked = eqx.tree_at(lambda n: n.stepsize_controller, node, ctrl)
+    new = gj.transform_node(kinked, gj.LinearDiffeo(lambda t: jnp.eye(3, dtype=F64), time=warp), boundary="fixed")
+    np.testing.assert_allclose(new.stepsize_controller.jump_ts, jax.vmap(warp.tau)(node.field.ts), rtol=1e-15)
+    assert _err(_model(new, x), ref) < CMP
+    field = ParametricField.random(3, 4, num_nodes=1, key=getkey(), dtype=F64)
+    euler = NeuralODE(field, 2.0, solver=diffrax.Euler(), stepsize_controller=diffrax.ConstantStepSize(), dt0=0.1)
+    scaled = gj.transform_node(euler, gj.LinearDiffeo(lambda t: jnp.eye(3, dtype=F64), time=gj.TimeScale(2.5)),
+                               boundary="fixed")
+    assert scaled.dt0 == pytest.approx(0.04)
+    assert _err(_model(scaled, x), _model(euler, x)) < 1e-12
