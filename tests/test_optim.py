@@ -134,6 +134,20 @@ def test_errors(getkey):
         tx.update(model, tx.init(model))
 
 
+def test_project_horizontal_keeps_update_dtypes(getkey):
+    model, gauge, loss = _problem(getkey())
+    model = jax.tree.map(lambda x: x.astype(jnp.float32) if eqx.is_inexact_array(x) else x, model)
+    u = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if eqx.is_inexact_array(x) else None,
+                     eqx.filter_grad(loss)(model))
+    tx = gjo.project_horizontal(gauge)
+    out, _ = jax.jit(tx.update)(u, tx.init(model), model)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(u)):
+        assert a.dtype == jnp.bfloat16 and a.shape == b.shape
+    # the projection itself runs in float32: horizontal, up to bfloat16's rounding
+    want = gj.horizontal(gauge, model, u)
+    assert rel(jax.tree.map(lambda x: x.astype(jnp.float32), out), want) <= 1e-2
+
+
 @pytest.mark.parametrize("params_as", ["model", "filtered"])
 def test_transforms_on_an_equinox_mlp(params_as, getkey):
     # eqx.nn.MLP keeps its activation as a leaf: optax sees the filtered model (None there),

@@ -231,6 +231,9 @@ def project_horizontal(gauge: Gauge, *, method: str = "auto") -> optax.GradientT
 
     - `gauge`: a [`gaugejax.Gauge`][] with a continuous site.
     - `method`: see [`gaugejax.vertical_coordinates`][].
+
+    The projection is computed in the parameters' precision and returned in each update's
+    own dtype (bfloat16 updates of float32 parameters stay bfloat16).
     """
     _require_continuous(gauge, "project_horizontal")
 
@@ -240,7 +243,11 @@ def project_horizontal(gauge: Gauge, *, method: str = "auto") -> optax.GradientT
 
     def update(updates, state, params=None):
         _need_params(params, "project_horizontal")
-        return horizontal(gauge, params, updates, method=method), state
+        out = horizontal(gauge, params, updates, method=method)
+        # as optax's transforms do, keep the updates' dtypes (`horizontal` answers in the
+        # parameters' dtype)
+        return jtu.tree_map(lambda h, u: h if h is None or u is None else h.astype(jnp.result_type(u)),
+                            out, updates, is_leaf=_is_none), state
 
     return optax.GradientTransformation(init, update)
 
