@@ -22,6 +22,14 @@ decay ($\\Delta = -\\mathrm{lr}\\,\\lambda\\theta$) contracts it, $\\mu \\to (1 
 \\lambda)^2\\mu$ (in the flow, $\\mu(t) = e^{-2\\lambda t}\\mu(0)$: S19's balancing); Adam's
 update is not horizontal and moves it at first order.
 
+For a gauge with [`gaugejax.Link`][] couplings (ResNets, neural ODEs) the action on a link
+$A$ is affine, $A \\mapsto g_{\\mathrm{out}}Ag_{\\mathrm{in}}^{-1} + (g_{\\mathrm{out}}
+g_{\\mathrm{in}}^{-1} - I)/h$, and the quadratic form of $A$ itself is not conserved. In the
+coordinate $U/h = A + I/h$ the action is linear, $U/h \\mapsto g_{\\mathrm{out}}(U/h)
+g_{\\mathrm{in}}^{-1}$, and the gradient with respect to $U/h$ is the gradient with respect to
+$A$: the charges are the moment map of that linear action at $U/h$ (the link read as a
+weight produced by `out_site` and consumed by `in_site`).
+
 References: Kunin et al., "Neural mechanics" (ICLR 2021); Zhao et al., "Symmetries, flat
 minima, and the conserved quantities of gradient flow" (ICLR 2023).
 """
@@ -34,8 +42,30 @@ import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
 from ._balance import moment_map
+from ._coupling import Consume, Link, Produce
 from ._gauge import Gauge
 from ._horizontal import _check_tangent, _require_continuous, vertical_adjoint
+
+
+def _linear(gauge: Gauge, params: PyTree) -> tuple[Gauge, PyTree]:
+    """The gauge with every link read as a linear coupling of $U/h = A + I/h$, and `params`
+    (completed) with each link so shifted: a linear action whose moment map is conserved.
+    The gauge itself and `params` when there are no links."""
+    params = gauge._complete(params, "`params`")
+    if not any(isinstance(c, Link) for c in gauge.couplings):
+        return gauge, params
+    couplings = []
+    for c in gauge.couplings:
+        if isinstance(c, Link):
+            couplings += [Produce(c.leaf, 0, c.out_site)] if c.out_site is not None else []
+            couplings += [Consume(c.leaf, 1, c.in_site)] if c.in_site is not None else []
+        else:
+            couplings.append(c)
+    shift = {p.index: 1 / p.links[0].h for p in gauge.plans if p.links}
+    leaves = [x + jnp.eye(*x.shape, dtype=x.dtype) * jnp.asarray(shift[i], x.dtype) if i in shift else x
+              for i, x in enumerate(jtu.tree_leaves(params))]
+    params = jtu.tree_unflatten(gauge.treedef, leaves)
+    return Gauge(dict(gauge.sites), couplings, params), params
 
 
 def noether_charges(gauge: Gauge, params: PyTree) -> dict[str, Array]:
@@ -47,11 +77,14 @@ def noether_charges(gauge: Gauge, params: PyTree) -> dict[str, Array]:
     - `gauge`: a [`gaugejax.Gauge`][] with a continuous site (else a `ValueError`).
     - `params`: the parameters.
 
+    For a gauge with links the moment map is taken at $U/h = A + I/h$ (module notes): the
+    quantity gradient flow conserves.
+
     **Returns:** `{site: array}` in the Lie-algebra layout of each site (per-neuron vectors
     for rescalings, `(n, n)` matrices for $GL$ / $O(n)$).
     """
     _require_continuous(gauge, "noether_charges")
-    return moment_map(gauge, params)
+    return moment_map(*_linear(gauge, params))
 
 
 def charge_change(gauge: Gauge, params: PyTree, delta: PyTree) -> dict[str, Array]:
@@ -60,8 +93,9 @@ def charge_change(gauge: Gauge, params: PyTree, delta: PyTree) -> dict[str, Arra
     \\mu(\\Delta)$. The action is linear, so $\\mu(\\theta) = V_\\theta^\\top\\theta$ is a quadratic
     form; its polarisation $V_a^\\top b$ is symmetric in $(a, b)$ for rescalings (the change
     is then $2V_\\theta^\\top\\Delta + \\mu(\\Delta)$) but not for $GL$ / $O(n)$, where
-    $V_\\Delta^\\top\\theta = (V_\\theta^\\top\\Delta)^\\top$. Gauges with links or translations are
-    affine and this holds for their linear sites only.
+    $V_\\Delta^\\top\\theta = (V_\\theta^\\top\\Delta)^\\top$. For a gauge with links the charges
+    are those of [`gaugejax.noether_charges`][] (the links read as $U/h$, where the action
+    is linear), so this is exact for them too.
 
     **Arguments:**
 
@@ -72,6 +106,8 @@ def charge_change(gauge: Gauge, params: PyTree, delta: PyTree) -> dict[str, Arra
     """
     _require_continuous(gauge, "charge_change")
     _check_tangent(gauge, params, delta, "delta")
+    gauge, params = _linear(gauge, params)
+    delta = gauge._complete(delta, "`delta`")
     cross = vertical_adjoint(gauge, params, delta)
     cross_t = vertical_adjoint(gauge, delta, params)
     second = moment_map(gauge, delta)
@@ -103,14 +139,17 @@ class NoetherMonitor(eqx.Module):
     def __init__(self, gauge: Gauge, params: PyTree):
         self.gauge = gauge
         self.reference = noether_charges(gauge, params)
-        self.scale = sum(jnp.sum(x**2) for x in jtu.tree_leaves(params) if eqx.is_inexact_array(x))
+        # the charges' scale: |theta_0|^2 (links read as U/h), or 1 at theta_0 = 0
+        scale = sum(jnp.sum(x**2) for x in jtu.tree_leaves(_linear(gauge, params)[1]) if eqx.is_inexact_array(x))
+        self.scale = jnp.where(scale > 0, scale, 1)
 
     def charges(self, params: PyTree) -> dict[str, Array]:
         """The charges at `params` ([`gaugejax.noether_charges`][])."""
         return noether_charges(self.gauge, params)
 
     def drift(self, params: PyTree) -> dict[str, Array]:
-        """Per site, $\\max|\\mu(\\theta) - \\mu(\\theta_0)| / \\|\\theta_0\\|^2$."""
+        """Per site, $\\max|\\mu(\\theta) - \\mu(\\theta_0)| / \\|\\theta_0\\|^2$ (links read
+        as $U/h$; the absolute drift when $\\theta_0 = 0$)."""
         now = self.charges(params)
         return {k: jnp.max(jnp.abs(now[k] - self.reference[k])) / self.scale for k in now}
 
