@@ -269,8 +269,10 @@ def _writer_stats(model: Transformer) -> Array:
 
 def fold_value_biases(model: Transformer) -> Transformer:
     """Move the value biases into the output bias: $b_O \\mapsto b_O + \\sum_h W_O^h b_V^h$,
-    $b_V \\mapsto 0$. Exact because each row of attention weights sums to one (every query
-    attends to at least itself or one real key).
+    $b_V \\mapsto 0$. Exact because each row of attention weights sums to one, at every query
+    that attends to some key: every query of a bidirectional model with a real token, and
+    every query from the first real token on under a causal mask. A padding query before
+    it attends to nothing; only its own output changes, which no real token reads.
 
     **Returns:** the processed model.
     """
@@ -440,7 +442,9 @@ class ProcessingReport:
         return f"weight processing ({self.dtype}), max rel. error vs the original:{rows}"
 
 
-def _rel_error(a: Array, b: Array) -> float:
+def _rel_error(a: Array, b: Array, mask: Array | None = None) -> float:
+    if mask is not None:  # the real tokens' outputs (a padding position's is nobody's)
+        a, b = a[mask], b[mask]
     return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
@@ -467,13 +471,18 @@ def process_weights(
 
     - `model`: a [`gaugejax.nn.Transformer`][].
     - `tokens`, `mask`: optional `(batch, n)` inputs; when given, the output error of each
-      step against the original model is measured and returned.
+      step against the original model is measured (at the real tokens, where `mask` is
+      True) and returned.
     - `untie`: passed to [`gaugejax.fold_norm_gains`][].
     - `balance`: run [`gaugejax.balance_attention`][].
 
     **Returns:** the processed model, or `(model, ProcessingReport)` when `tokens` is given.
     """
     _check_model(model, "process_weights")
+    if tokens is None and mask is not None:
+        raise ValueError("process_weights: `mask` is given without `tokens`; it only marks the real tokens of `tokens`.")
+    if tokens is not None and jnp.ndim(tokens) != 2:
+        raise ValueError(f"process_weights: `tokens` must be a batch of shape (batch, n), got shape {jnp.shape(tokens)}.")
     steps = []
     if model.norm_position == "pre":
         steps.append(("fold_norm_gains", lambda m: fold_norm_gains(m, untie=untie)))
@@ -491,7 +500,7 @@ def process_weights(
     for name, step in steps:
         new = step(new)
         if fwd is not None:
-            errors.append((name, _rel_error(fwd(new, tokens, mask), y0)))
+            errors.append((name, _rel_error(fwd(new, tokens, mask), y0, mask)))
     if fwd is None:
         return new
     dt = model.token_embedding.dtype

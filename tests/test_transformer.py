@@ -154,6 +154,57 @@ def test_refusals_and_bad_input(getkey):
         gj.center_writing_weights(_model(getkey()))
 
 
+def test_left_padding_under_a_causal_mask(getkey):
+    """A padding query before the first real token has no key to attend to: it attends to
+    nothing (its softmax over -inf alone was NaN, and the next layer spread it to every
+    position). The real tokens' logits equal those of the unpadded sequence."""
+    tokens = jnp.asarray([3, 1, 4, 1, 5])
+    padded = jnp.concatenate([jnp.zeros(2, tokens.dtype), tokens])
+    mask = jnp.asarray([False, False, True, True, True, True, True])
+    # positions shift with the padding: compare with a model without position embeddings
+    flat = Transformer(VOCAB, D, 2, HEADS, MLP, 8, positional=False, key=getkey(), dtype=jnp.float64)
+    out = flat(padded, mask)
+    assert bool(jnp.all(jnp.isfinite(out)))
+    assert rel(out[2:], flat(tokens)) <= 1e-12
+    g = eqx.filter_grad(lambda m: jnp.sum(m(padded, mask)[2:]))(flat)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g))
+    # weight processing keeps the real tokens' logits (a padding query's output may move)
+    _, report = gj.process_weights(flat, padded[None], mask[None])
+    assert all(err <= 1e-10 for _, err in report.steps), report
+    with pytest.raises(ValueError, match="without `tokens`"):
+        gj.process_weights(flat, mask=mask[None])
+    with pytest.raises(ValueError, match=r"\(batch, n\)"):
+        gj.process_weights(flat, padded)
+
+
+def test_bad_tokens_and_masks(getkey):
+    model = _model(getkey())
+    for bad in (jnp.asarray([1, VOCAB, 2]), jnp.asarray([1, -1, 2])):
+        with pytest.raises(Exception, match="vocab_size"):
+            model(bad)
+    with pytest.raises(ValueError, match="`mask` must be a boolean array"):
+        model(jnp.asarray([1, 2, 3]), jnp.asarray([True, True]))
+    with pytest.raises(ValueError, match="`mask` must be a boolean array"):
+        model(jnp.asarray([1, 2, 3]), jnp.ones(3))
+
+
+def test_bfloat16_model_is_bfloat16(getkey):
+    """A norm's gain `1 + draw` was promoted to float32 on the host; rotary angles in
+    bfloat16 made positions 256 and 257 collide."""
+    key = getkey()
+    m = Transformer(VOCAB, D, 1, HEADS, MLP, CTX, key=key, dtype=jnp.bfloat16)
+    traced = eqx.filter_jit(lambda k: Transformer(VOCAB, D, 1, HEADS, MLP, CTX, key=k, dtype=jnp.bfloat16))(key)
+    for a, b in zip(jax.tree.leaves(m), jax.tree.leaves(traced)):
+        assert a.dtype == jnp.bfloat16
+        assert bool(jnp.all(a == b))
+    assert m(jnp.asarray([1, 2, 3])).dtype == jnp.bfloat16
+    x = jnp.ones((1, 300, 4), jnp.bfloat16)
+    r16 = gj.nn._transformer.rotary(x).astype(jnp.float32)
+    r32 = gj.nn._transformer.rotary(x.astype(jnp.float32))
+    assert float(jnp.max(jnp.abs(r16 - r32))) <= 1e-2
+    assert not bool(jnp.all(r16[0, 256] == r16[0, 257]))
+
+
 # ----------------------------------------------------------------------------------------
 # grouped-query attention
 # ----------------------------------------------------------------------------------------

@@ -56,7 +56,11 @@ def build(key: PRNGKeyArray, dtype: Any, fn: Callable[[Draw], Any],
         offset += n
     it = iter(values)
     out = fn(lambda shape, scale=1.0: next(it))
-    return jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, out)
+    # arithmetic in `fn` on the host (`1.0 + draw(...)`, a norm's gain) promotes a NumPy
+    # bfloat16 array to float32 where a traced one stays bfloat16: back to the draw's dtype
+    return jax.tree.map(
+        lambda x: jnp.asarray(x, flat.dtype if np.issubdtype(x.dtype, np.floating) else None)
+        if isinstance(x, np.ndarray) else x, out)
 
 
 def linears(sizes: list[tuple[int, int]], *, use_bias: bool = True, key: PRNGKeyArray,

@@ -57,13 +57,25 @@ class Norm(eqx.Module):
         return x
 
 
+def _masked_softmax(scores: Array, allowed: Array) -> Array:
+    """Softmax over the allowed keys (the last axis). A query with no allowed key (a
+    padding position before the first real token under a causal mask) attends to nothing:
+    a zero row, not the NaN of a softmax over $-\\infty$ alone, which the next layer would
+    spread to every position (and a NaN gradient with it)."""
+    scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
+    return jnp.where(allowed, jax.nn.softmax(scores, axis=-1), 0)
+
+
 def rotary(x: Float[Array, "heads n k"], base: float = 10000.0) -> Float[Array, "heads n k"]:
     """Rotary position embedding (RoFormer): pairs `(2i, 2i+1)` of each query/key vector at
     position $p$ rotated by the angle $p\\,\\mathrm{base}^{-2i/d_k}$."""
     n, dk = x.shape[-2], x.shape[-1]
-    freq = base ** (-jnp.arange(0, dk, 2, dtype=x.dtype) / jnp.asarray(dk, x.dtype))
-    angle = jnp.arange(n, dtype=x.dtype)[:, None] * freq[None, :]
-    cos, sin = jnp.cos(angle)[None], jnp.sin(angle)[None]
+    # angles in float32 at least: in bfloat16 the positions themselves round (256 and 257
+    # collide) and the angles lose all precision
+    wide = x.dtype if jnp.finfo(x.dtype).bits >= 32 else jnp.float32
+    freq = base ** (-jnp.arange(0, dk, 2, dtype=wide) / jnp.asarray(dk, wide))
+    angle = jnp.arange(n, dtype=wide)[:, None] * freq[None, :]
+    cos, sin = jnp.cos(angle)[None].astype(x.dtype), jnp.sin(angle)[None].astype(x.dtype)
     even, odd = x[..., 0::2], x[..., 1::2]
     out = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
     return out.reshape(x.shape)
@@ -98,8 +110,7 @@ class Attention(eqx.Module):
         if use_rotary:
             q, k = rotary(q), rotary(k)
         scores = _einsum("hnk,hmk->hnm", q, k) / jnp.asarray(math.sqrt(q.shape[-1]), x.dtype)
-        scores = jnp.where(allowed[None], scores, -jnp.inf)
-        a = jax.nn.softmax(scores, axis=-1)
+        a = _masked_softmax(scores, allowed[None])
         z = _einsum("hnm,hmv->hnv", a, v)
         return _einsum("dhv,hnv->nd", self.W_O, z) + self.b_O[None, :]
 
@@ -110,8 +121,7 @@ class Attention(eqx.Module):
         if use_rotary:
             q, k = rotary(q), rotary(k)
         scores = _einsum("grnk,gmk->grnm", q, k) / jnp.asarray(math.sqrt(q.shape[-1]), x.dtype)
-        scores = jnp.where(allowed[None, None], scores, -jnp.inf)
-        a = jax.nn.softmax(scores, axis=-1)
+        a = _masked_softmax(scores, allowed[None, None])
         z = _einsum("grnm,gmv->grnv", a, v)
         return _einsum("dgrv,grnv->nd", self.W_O, z) + self.b_O[None, :]
 
@@ -339,6 +349,10 @@ class Transformer(eqx.Module):
     # -- forward -----------------------------------------------------------------------
     def embed(self, tokens: Int[Array, " n"]) -> Float[Array, "n d"]:
         """The residual stream after the embeddings (and `embed_norm`)."""
+        vocab = self.token_embedding.shape[0]
+        # jnp.take would wrap a negative id and fill NaN past the vocabulary
+        tokens = eqx.error_if(jnp.asarray(tokens), (tokens < 0) | (tokens >= vocab),
+                              f"`tokens`: token ids must lie in [0, vocab_size) = [0, {vocab}).")
         x = jnp.take(self.token_embedding, tokens, axis=0)
         if self.position_embedding is not None:
             n = tokens.shape[0]
@@ -363,6 +377,13 @@ class Transformer(eqx.Module):
         """The final residual stream (after the final norm of a pre-norm model)."""
         if tokens.ndim != 1:
             raise ValueError(f"`tokens` must be one sequence of shape (n,), got shape {tokens.shape}; vmap over a batch.")
+        if mask is not None:
+            mask = jnp.asarray(mask)
+            if mask.shape != tokens.shape or mask.dtype != jnp.bool_:
+                raise ValueError(
+                    f"`mask` must be a boolean array of the tokens' shape {tokens.shape} (True at real "
+                    f"tokens), got {mask.dtype} of shape {mask.shape}."
+                )
         x = self.embed(tokens)
         allowed = self._allowed(tokens.shape[0], mask)
         for b in self.blocks:
@@ -381,7 +402,9 @@ class Transformer(eqx.Module):
     ) -> Float[Array, "n out"]:
         """Logits `(n, vocab)`, or the final residual stream `(n, d)` when
         `unembedding="none"`. `mask` marks the real (non-padding) tokens; padding keys are
-        never attended to."""
+        never attended to, and a query with no key to attend to (a padding position before
+        the first real token under a causal mask) attends to nothing. Token ids outside
+        `[0, vocab_size)` raise (an equinox run-time error under `jit`)."""
         x = self.hidden(tokens, mask)
         u = self.unembedding_matrix
         if u is None:
