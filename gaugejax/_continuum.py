@@ -232,9 +232,12 @@ def continuum_tables(
       instead of the same formula vectorised (default; the tests check the two agree to
       1e-12).
     """
-    Ls = [int(L) for L in Ls]
-    if len(Ls) < 2 or any(L < 1 for L in Ls):
-        raise ValueError(f"`Ls`: need at least two positive depths to fit a slope; received {Ls}.")
+    given = list(Ls)
+    if not all(isinstance(L, (int, np.integer)) and not isinstance(L, bool) for L in given):
+        raise TypeError(f"`Ls`: depths must be integers; received {given}.")
+    Ls = [int(L) for L in given]
+    if len(set(Ls)) < 2 or len(set(Ls)) != len(Ls) or any(L < 1 for L in Ls):
+        raise ValueError(f"`Ls`: need at least two distinct positive depths to fit a slope; received {Ls}.")
     return {
         "S12": s12_table(Ls, seed=seed, dim=dim),
         "S13-diagonal": s13_table(Ls, seed=seed, dim=dim, diagonal=True, engine=engine),

@@ -55,7 +55,7 @@ class FactoredMatrix(eqx.Module):
         `R1 R2^T = u S v^T`."""
         q1, r1 = jnp.linalg.qr(self.left)
         q2, r2 = jnp.linalg.qr(_mT(self.right))
-        u, s, vt = jnp.linalg.svd(jnp.matmul(r1, _mT(r2), precision=_HIGHEST))
+        u, s, vt = jnp.linalg.svd(jnp.matmul(r1, _mT(r2), precision=_HIGHEST), full_matrices=False)
         return (
             jnp.matmul(q1, u, precision=_HIGHEST),
             s,

@@ -163,6 +163,17 @@ def test_continuum_tables_and_report_rows(tmp_path):
     assert len(paths) == 3
     with pytest.raises(ValueError, match="at least two"):
         gj.continuum_tables(Ls=(8,))
+    with pytest.raises(ValueError, match="distinct"):  # a slope fitted to one depth
+        gj.continuum_tables(Ls=(8, 8))
+    with pytest.raises(TypeError, match="integers"):  # 8.7 was truncated to 8
+        gj.continuum_tables(Ls=(8.7, 16.2))
+
+
+def test_resnet_refuses_integer_blocks():
+    # an integer h = T / L truncated to 0: the blocks were skipped
+    A = [jnp.ones((2, 2), jnp.int32)]
+    with pytest.raises(TypeError, match=r"`A\[0\]`: the blocks' parameters must be float arrays"):
+        ResNet(A, [jnp.ones((3, 2))], [jnp.ones(3)], [jnp.ones((2, 3))], [jnp.ones(2)], T=0.5)
 
 
 @pytest.mark.slow

@@ -423,6 +423,14 @@ def test_canonical_form_fixes_head_permutations_too(getkey):
 # ----------------------------------------------------------------------------------------
 # observables and orbit dimensions
 # ----------------------------------------------------------------------------------------
+def test_factored_svd_is_thin(getkey):
+    # the inner rank exceeds both sides: full U and Vh did not fit S
+    fm = gj.FactoredMatrix(jax.random.normal(getkey(), (4, 6), jnp.float64), jax.random.normal(getkey(), (6, 5), jnp.float64))
+    u, s, vh = fm.svd()
+    assert (u.shape, s.shape, vh.shape) == ((4, 4), (4,), (4, 5))
+    assert rel((u * s[None, :]) @ vh, fm.dense()) <= 1e-12
+
+
 @pytest.mark.slow  # ~25-75 s on 2 shared cores; the invariance of W_QK is also checked by the canonical-form tests
 def test_factored_observables_are_invariant(getkey):
     model = _model(getkey(), d_k=3, d_v=2)

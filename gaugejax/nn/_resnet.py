@@ -67,6 +67,10 @@ class ResNet(eqx.Module):
     def __init__(self, A, W1, b, W2, c, *, T: float = 1.0, activation: Callable = jnp.tanh,
                  embedding: Callable | None = None, readout: Callable | None = None):
         A, W1, b, W2, c = (tuple(jnp.asarray(a) for a in x) for x in (A, W1, b, W2, c))
+        for name, xs in zip(_KEYS, (A, W1, b, W2, c)):
+            for l, a in enumerate(xs):
+                if not jnp.issubdtype(a.dtype, jnp.inexact):
+                    raise TypeError(f"`{name}[{l}]`: the blocks' parameters must be float arrays, received {a.dtype}.")
         L = len(A)
         if L < 1:
             raise ValueError("a ResNet needs at least one block; received L = 0.")
