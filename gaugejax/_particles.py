@@ -12,6 +12,7 @@ at rate $1/L$.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import diffrax
 import jax
@@ -66,6 +67,8 @@ def particle_gauge_transform(
 
     def at(t):
         t = jnp.asarray(t)
+        if not jnp.issubdtype(t.dtype, jnp.inexact):  # an integer time: jvp needs a float one
+            t = t.astype(jnp.result_type(float))
         g, gd = jax.jvp(path, (t,), (jnp.ones_like(t),))
         gi = inv(g)
         mm = lambda a, b: jnp.matmul(a, b, precision=_HIGHEST)  # noqa: E731
@@ -75,6 +78,21 @@ def particle_gauge_transform(
         return mm(gi.T, mm(b, gi)), mm(g, mm(v, gi)), mm(g, mm(c, gi)) + mm(gd, gi)
 
     return at
+
+
+def _particles(x0: Any, coeffs: Callable, what: str) -> Array:
+    """`x0` as float `(n, d)` particles with the coefficients' `d` (an integer array becomes
+    the coefficients' float dtype), else a `ValueError` naming `x0`."""
+    x0 = jnp.asarray(x0)
+    B = jax.eval_shape(lambda: coeffs(jnp.zeros((), jnp.result_type(float)))[0])
+    if not jnp.issubdtype(x0.dtype, jnp.inexact):
+        x0 = x0.astype(B.dtype if jnp.issubdtype(B.dtype, jnp.inexact) else jnp.result_type(float))
+    if x0.ndim != 2 or x0.shape[1] != B.shape[-1]:
+        raise ValueError(
+            f"{what}: `x0` must be (n, d) particles with d = {B.shape[-1]} (the coefficients' size); "
+            f"received shape {x0.shape}."
+        )
+    return x0
 
 
 def particle_coefficients(B: Array, V: Array, C: Array) -> Callable[[Array], tuple[Array, Array, Array]]:
@@ -105,11 +123,15 @@ def particle_flow(
     **Returns:** `(n, d)`, the particles at time `T`.
     """
 
+    x0 = _particles(x0, coeffs, "particle_flow")
+
     def f(t, x, args):
         return particle_velocity(*coeffs(t), x)
 
+    # the times in the particles' dtype (Python floats would make a float32 solve float64)
+    t1 = jnp.asarray(T, x0.dtype)
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(f), diffrax.Tsit5(), 0.0, T, T / 100, x0,
+        diffrax.ODETerm(f), diffrax.Tsit5(), jnp.zeros((), x0.dtype), t1, t1 / 100, x0,
         stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol, dtmin=None),
         max_steps=100_000,
     )
@@ -129,6 +151,9 @@ def particle_residual_stack(
 
     **Returns:** `(n, d)`, the particles after $L$ layers.
     """
+    x0 = _particles(x0, coeffs, "particle_residual_stack")
+    if not isinstance(L, jax.core.Tracer) and not (int(L) == L and L >= 1):
+        raise ValueError(f"particle_residual_stack: `L` must be a positive integer number of layers; received {L!r}.")
     h = jnp.asarray(T, x0.dtype) / jnp.asarray(L, x0.dtype)  # L may be traced: one compilation
 
     def step(l, x):

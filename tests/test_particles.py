@@ -55,3 +55,26 @@ def test_bad_input():
                                      lambda t: jnp.eye(2) * (1.0 + t))
     with pytest.raises(ValueError, match="path"):
         at(jnp.asarray(0.5))
+    B, V, C, x0 = _system(jax.random.key(0))
+    coeffs = gj.particle_coefficients(B, V, C)
+    for bad in (x0[0], jnp.ones((N, D + 1))):  # a raw einsum error before
+        with pytest.raises(ValueError, match=r"`x0` must be \(n, d\) particles with d = 3"):
+            gj.particle_flow(coeffs, bad, T)
+        with pytest.raises(ValueError, match=r"`x0` must be \(n, d\)"):
+            gj.particle_residual_stack(coeffs, bad, T, 4)
+    for L in (0, -3):  # returned x0 unchanged
+        with pytest.raises(ValueError, match="`L` must be a positive integer"):
+            gj.particle_residual_stack(coeffs, x0, T, L)
+
+
+def test_integer_inputs_and_float32():
+    B, V, C, x0 = _system(jax.random.key(1))
+    coeffs = gj.particle_coefficients(B, V, C)
+    ints = jnp.asarray([[1, 0, 2], [0, 1, 1]])
+    np.testing.assert_array_equal(gj.particle_residual_stack(coeffs, ints, T, 4),
+                                  gj.particle_residual_stack(coeffs, ints.astype(jnp.float64), T, 4))
+    path = gj.SmoothLiePath.random(D, key=jax.random.key(2), dtype=jnp.float64)
+    at = gj.particle_gauge_transform(B, V, C, path)
+    np.testing.assert_array_equal(at(1)[2], at(1.0)[2])  # an integer time failed in jax.jvp
+    f32 = gj.particle_coefficients(*(m.astype(jnp.float32) for m in (B, V, C)))
+    assert gj.particle_flow(f32, x0.astype(jnp.float32), T, rtol=1e-5, atol=1e-5).dtype == jnp.float32
