@@ -19,6 +19,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 from jaxtyping import Array, PyTree
 
 from ._gauge import Gauge
@@ -35,15 +36,20 @@ def _check_scalar(fn: Callable, params: PyTree, name: str) -> None:
         raise ValueError(f"`{name}` must return a real scalar (shape ()), got {got}.")
 
 
+class _GradNormSquared(eqx.Module):
+    # a Module, not a closure: two objectives of one loss compare equal, so a jitted
+    # teleport called again with the same loss reuses its compilation
+    loss_fn: Callable[[PyTree], Array]
+
+    def __call__(self, params):
+        g = eqx.filter_grad(self.loss_fn)(params)
+        return sum(jnp.sum(x**2) for x in jtu.tree_leaves(g) if eqx.is_inexact_array(x))
+
+
 def grad_norm_squared(loss_fn: Callable[[PyTree], Array]) -> Callable[[PyTree], Array]:
     """The objective $\\theta \\mapsto \\|\\nabla L(\\theta)\\|^2$ of Zhao et al.: teleporting
     to where the gradient is larger speeds up the next descent steps."""
-
-    def objective(params):
-        g = eqx.filter_grad(loss_fn)(params)
-        return sum(jnp.sum(x**2) for x in jtu.tree_leaves(g) if eqx.is_inexact_array(x))
-
-    return objective
+    return _GradNormSquared(loss_fn)
 
 
 def teleport(
@@ -86,9 +92,10 @@ def teleport(
     if not callable(objective):
         raise TypeError(f"`objective` must be a callable params -> scalar, got {type(objective).__name__}.")
     _check_scalar(objective, params, "objective")
-    if not (isinstance(steps, int) and steps >= 0):
+    if not (isinstance(steps, (int, np.integer)) and not isinstance(steps, bool) and steps >= 0):
         raise ValueError(f"`steps` must be a non-negative int, got {steps!r}.")
-    return _teleport(gauge, params, objective, steps, lr, normalize)
+    # lr as an array: a new step length is not a new compilation
+    return _teleport(gauge, params, objective, int(steps), jnp.asarray(lr), normalize)
 
 
 @eqx.filter_jit
@@ -106,7 +113,7 @@ def _teleport(gauge, params, objective, steps, lr, normalize):
         if normalize:
             norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jtu.tree_leaves(xi)))
             xi = jtu.tree_map(lambda x: x / jnp.maximum(norm, jnp.finfo(dtype).tiny), xi)
-        h = gauge.exp(jtu.tree_map(lambda x: jnp.asarray(lr, dtype) * x, xi), dtype)
+        h = gauge.exp(jtu.tree_map(lambda x: lr.astype(dtype) * x, xi), dtype)
         moved = eqx.filter(gauge.act(h, p, check=False), eqx.is_array)
         return (moved, gauge.compose(h, g)), None
 

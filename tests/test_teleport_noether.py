@@ -30,6 +30,13 @@ def test_teleport_increases_grad_norm_keeps_loss(getkey):
     assert _gn2(loss, new) > 1.1 * _gn2(loss, model)
     assert rel(gauge.act(g, model), new) <= 1e-12
     assert rel(new, model) > 1e-2  # it moved
+    # called again with the same loss (another step length, NumPy steps): no new compilation
+    from gaugejax import _teleport
+
+    before = _teleport._teleport._cached._cache_size()
+    again, _ = gj.teleport(gauge, model, loss, steps=np.int64(10), lr=0.3)
+    assert _teleport._teleport._cached._cache_size() == before
+    assert _gn2(loss, again) > _gn2(loss, model)
 
 
 def test_teleport_user_objective_and_general_gauge(getkey):
