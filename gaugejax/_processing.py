@@ -315,10 +315,14 @@ def balanced_factors(left: Array, right: Array) -> tuple[Array, Array]:
     Concrete (non-traced) inputs are factorised on the host with NumPy: batched LAPACK
     custom calls inside XLA:CPU programs can stall or deadlock on small machines (see
     `gaugejax/_groups/_linalg.py`), and processing is a one-off host-side step. Under `jax.jit`
-    the same algorithm runs with `jax.numpy`.
+    the same algorithm runs with `jax.numpy`. Half-precision factors (bfloat16, float16,
+    which neither LAPACK path takes) are factorised in float32 and the result cast back.
     """
+    dtype = jnp.result_type(left, right)
+    if jnp.finfo(dtype).bits < 32:
+        lo, ro = balanced_factors(jnp.asarray(left, jnp.float32), jnp.asarray(right, jnp.float32))
+        return lo.astype(dtype), ro.astype(dtype)
     if _is_concrete(left, right):
-        dtype = jnp.result_type(left, right)
         a, b = np.asarray(left), np.asarray(right)
         q1, r1 = np.linalg.qr(a)
         q2, r2 = np.linalg.qr(np.swapaxes(b, -1, -2))

@@ -293,6 +293,18 @@ def test_group_laws_and_semidirect_product(getkey):
 # ----------------------------------------------------------------------------------------
 # weight processing
 # ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_processing_in_half_precision(dtype, getkey):
+    """QR/SVD have no half-precision LAPACK path (eager or under jit): the balanced
+    factors are computed in float32 and cast back; each step costs a few epsilons."""
+    model = _model(getkey(), dtype=dtype)
+    new, report = gj.process_weights(model, _tokens(getkey()))
+    assert {x.dtype for x in jax.tree.leaves(new)} == {jnp.dtype(dtype)}
+    assert all(err <= 8 * report.eps for _, err in report.steps), report
+    jitted = jax.jit(gj.balance_attention)(gj.fold_value_biases(model))
+    assert {x.dtype for x in jax.tree.leaves(jitted)} == {jnp.dtype(dtype)}
+
+
 _F32_SLOW = pytest.mark.slow
 
 PROCESSING = [
