@@ -218,8 +218,10 @@ def _center_writers(model: Transformer) -> Transformer:
 def layernorm_to_rmsnorm(model: Transformer, *, rtol: float | None = None) -> Transformer:
     """Replace every LayerNorm by an RMSNorm (same gain, bias and epsilon). On a centered
     stream they are the same function; the stream is centered when every writer is
-    (checked: a writer whose mean over the stream axis exceeds `rtol` times its largest
-    entry raises, naming the leaf; default `rtol` 100 machine epsilons). Under `jit` the
+    (checked: a writer with a vector along the stream axis whose mean exceeds `rtol` times
+    that vector's largest entry raises, naming the leaf; default `rtol` 100 machine
+    epsilons. Vector by vector, so that one large writer vector cannot hide an
+    uncentered small one). Under `jit` the
     check runs with the program (an `equinox` run-time error naming the leaf).
 
     **Returns:** the processed model.
@@ -233,18 +235,17 @@ def layernorm_to_rmsnorm(model: Transformer, *, rtol: float | None = None) -> Tr
     writers, error = _writers(model), None
     if _is_concrete(*jax.tree.leaves(model)):
         stats = np.asarray(_writer_stats(model))
-        for (path, _, _), (mean, scale) in zip(writers, stats):
-            if mean > rtol * max(scale, 1e-300):
+        for (path, _, _), ratio in zip(writers, stats):
+            if ratio > rtol:
                 raise ValueError(
-                    f"layernorm_to_rmsnorm: leaf {path!r} writes a non-centered stream (max |mean "
-                    f"over the stream axis| = {mean:.2e}, expected <= {rtol * scale:.2e}); run "
-                    "gaugejax.center_writing_weights(model) first."
+                    f"layernorm_to_rmsnorm: leaf {path!r} writes a non-centered stream (a vector along "
+                    f"the stream axis has |mean| = {ratio:.2e} x its largest entry, expected <= "
+                    f"{rtol:.2e}); run gaugejax.center_writing_weights(model) first."
                 )
     else:  # under a user's `jit`: the same check, raised when the program runs
-        stats = _writer_stats(model)
-        bad = stats[:, 0] > rtol * jnp.maximum(stats[:, 1], jnp.finfo(stats.dtype).tiny)
-        messages = [f"layernorm_to_rmsnorm: leaf {path!r} writes a non-centered stream (max |mean over the "
-                    f"stream axis| > {rtol:.0e} x its largest entry); run gaugejax.center_writing_weights("
+        bad = _writer_stats(model) > rtol
+        messages = [f"layernorm_to_rmsnorm: leaf {path!r} writes a non-centered stream (a vector along the "
+                    f"stream axis has |mean| > {rtol:.0e} x its largest entry); run gaugejax.center_writing_weights("
                     "model) first." for path, _, _ in writers]
         error = (jnp.any(bad), jnp.argmax(bad), messages)
     blocks = tuple(
@@ -262,9 +263,15 @@ def layernorm_to_rmsnorm(model: Transformer, *, rtol: float | None = None) -> Tr
 
 @eqx.filter_jit
 def _writer_stats(model: Transformer) -> Array:
-    """`(max |mean over the stream axis|, max |entry|)` of every stream writer."""
-    return jnp.stack([jnp.stack([jnp.max(jnp.abs(jnp.mean(w, axis=axis))), jnp.max(jnp.abs(w))])
-                      for w, axis in ((get(model), axis) for _, get, axis in _writers(model))])
+    """Per stream writer, the largest `|mean| / max |entry|` of its vectors along the
+    stream axis (0 for a zero vector)."""
+
+    def worst(w, axis):
+        mean = jnp.abs(jnp.mean(w, axis=axis))
+        scale = jnp.max(jnp.abs(w), axis=axis)
+        return jnp.max(mean / jnp.maximum(scale, jnp.finfo(w.dtype).tiny))
+
+    return jnp.stack([worst(get(model), axis) for _, get, axis in _writers(model)])
 
 
 def fold_value_biases(model: Transformer) -> Transformer:

@@ -293,6 +293,15 @@ def test_group_laws_and_semidirect_product(getkey):
 # ----------------------------------------------------------------------------------------
 # weight processing
 # ----------------------------------------------------------------------------------------
+def test_layernorm_to_rmsnorm_checks_each_writer_vector(getkey):
+    # one large centered embedding row hid an uncentered small one (a leaf-wide tolerance)
+    m = gj.center_writing_weights(gj.fold_norm_gains(_model(getkey(), dtype=jnp.float32)))
+    E = m.token_embedding.at[1].multiply(1e5).at[2].add(0.5)
+    with pytest.raises(ValueError, match="'token_embedding' writes a non-centered stream"):
+        gj.layernorm_to_rmsnorm(eqx.tree_at(lambda t: t.token_embedding, m, E))
+    gj.layernorm_to_rmsnorm(eqx.tree_at(lambda t: t.token_embedding, m, m.token_embedding.at[1].multiply(1e5)))
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_processing_in_half_precision(dtype, getkey):
     """QR/SVD have no half-precision LAPACK path (eager or under jit): the balanced
