@@ -146,6 +146,8 @@ def transformer_orbit_dim(
     """
     from ._transformer_gauge import rotation_obstruction
 
+    if not isinstance(model, Transformer):
+        raise TypeError(f"transformer_orbit_dim expects a gaugejax.nn.Transformer, got {type(model).__name__}.")
     L, H, dk, dv, d, m = model.n_layers, model.n_heads, model.d_k, model.d_v, model.d_model, model.d_mlp
     H = model.n_kv_heads if model.grouped else H  # one GL(d_k), GL(d_v), key shift per key/value head
     qk = qk and not model.rotary

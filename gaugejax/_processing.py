@@ -361,6 +361,8 @@ def head_order(model: Transformer, layer: int) -> Array:
     **Returns:** an `(H,)` integer permutation (new head `i` is old head `order[i]`).
     """
     _check_model(model, "head_order")
+    if not (isinstance(layer, int) and -model.n_layers <= layer < model.n_layers):
+        raise ValueError(f"head_order: layer {layer!r} is out of range for a model with {model.n_layers} layers.")
     a = model.blocks[layer].attn
     aq = jnp.concatenate([a.W_Q, a.b_Q[..., None]], axis=-1)  # (H, dk, d+1)
     ak = jnp.concatenate([a.W_K, a.b_K[..., None]], axis=-1)

@@ -121,6 +121,11 @@ def transformer_gauge(
             f"{type(model).__name__}. A subclass may change the forward pass, so declare its "
             "gauge with gaugejax.Gauge(sites, couplings, params)."
         )
+    if mlp_group is not None and (isinstance(mlp_group, AbstractGroup) or not callable(mlp_group)):
+        raise TypeError(
+            f"`mlp_group`: expected a group class (e.g. gaugejax.Permutation) or a function width -> "
+            f"group, one group per layer's MLP; received {mlp_group!r}."
+        )
     unknown = set(type(model).__dataclass_fields__) - KNOWN_FIELDS
     if unknown:  # pragma: no cover - guards a future field added without a gauge rule
         raise ValueError(f"Transformer has fields {sorted(unknown)} that the gauge derivation does not understand.")

@@ -152,6 +152,15 @@ def test_refusals_and_bad_input(getkey):
         gj.fold_norm_gains(_model(getkey()), untie=False)
     with pytest.raises(ValueError, match="tied"):
         gj.center_writing_weights(_model(getkey()))
+    for bad in (dict(d_k=0), dict(d_v=-2), dict(d_k=2.5), dict(eps=-1.0)):
+        with pytest.raises(ValueError, match=f"`{next(iter(bad))}`"):
+            _model(getkey(), **bad)
+    with pytest.raises(ValueError, match="layer 3 is out of range"):
+        gj.head_order(_model(getkey()), 3)
+    with pytest.raises(TypeError, match="`mlp_group`: expected a group class"):
+        gj.transformer_gauge(_model(getkey()), mlp_group=gj.Permutation(MLP))
+    with pytest.raises(TypeError, match="expects a gaugejax.nn.Transformer"):
+        gj.transformer_orbit_dim(gj.nn.MLP((2, 3, 1), jax.nn.relu, key=getkey()))
 
 
 def test_left_padding_under_a_causal_mask(getkey):

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ._init import build
@@ -236,6 +237,11 @@ class Transformer(eqx.Module):
             )
         d_k = d_model // n_heads if d_k is None else d_k
         d_v = d_model // n_heads if d_v is None else d_v
+        for name, val in (("d_k", d_k), ("d_v", d_v)):
+            if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {val!r}.")
+        if not (isinstance(eps, (int, float, np.floating)) and eps > 0):
+            raise ValueError(f"`eps` (the norms' epsilon) must be a positive number, got {eps!r}.")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
         if norm not in ("layer", "rms"):
