@@ -39,6 +39,7 @@ from __future__ import annotations
 from typing import Any
 
 import equinox as eqx
+import jax
 
 from . import _activations
 from ._coupling import Consume, Link, Produce
@@ -183,7 +184,8 @@ def node_gauge(
         return _constant_node_gauge(node, stream_group, group, boundary, unsafe)
     if N < 1:
         raise ValueError("`node.field` has one grid node; its gauge needs at least two (a constant field has no link).")
-    if not is_concrete(field.ts):
+    if isinstance(field.ts, jax.ShapeDtypeStruct) or not is_concrete(field.ts):
+        # (a model from equinox.filter_eval_shape has no grid values either)
         raise ValueError("`node.field.ts` must be concrete to build the gauge (the steps h_i are static).")
     ts = [float(t) for t in field.ts]
     absorb_in, absorb_out = _boundary_sites(node, boundary, "NeuralODE")

@@ -3,8 +3,9 @@
 For a loss invariant under a continuous site, the gradient is horizontal:
 $V_\\theta^\\top\\nabla L = 0$. The moment map $\\mu(\\theta) = V_\\theta^\\top\\theta$ (for a
 linear action it is a quadratic form in $\\theta$) therefore changes along a flow
-$\\dot\\theta = u$ at the rate $\\dot\\mu = 2V_\\theta^\\top u$, which vanishes for gradient
-flow: $\\mu$ is conserved. Per site:
+$\\dot\\theta = u$ at the rate $\\dot\\mu = V_\\theta^\\top u + V_u^\\top\\theta$ ($2V_\\theta^\\top u$
+for rescalings; for $GL$ the second term is the transpose of the first), which vanishes for
+gradient flow: $\\mu$ is conserved. Per site:
 
 - positive rescalings: per neuron $\\|\\mathrm{in}_i\\|^2 - \\|\\mathrm{out}_i\\|^2$;
 - $GL(n)$: the symmetric matrix $\\sum XX^\\top - \\sum YY^\\top$ (produced minus consumed

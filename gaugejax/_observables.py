@@ -103,7 +103,9 @@ def _layer(model: Transformer, layer: int):
 
 def qk_circuit(model: Transformer, layer: int, *, bias: bool = False) -> FactoredMatrix:
     """Per-head $W_{QK}^h = W_Q^{hT} W_K^h$ of a layer, shape `(H, d, d)`, as a
-    [`gaugejax.FactoredMatrix`][]; scores are $x_i^T W_{QK} x_j / \\sqrt{d_k}$.
+    [`gaugejax.FactoredMatrix`][]; scores are $x_i^T W_{QK} x_j / \\sqrt{d_k}$ (without
+    rotary embeddings; with them the scores rotate queries and keys by position first, and
+    $W_{QK}$ is invariant only under the rotation-commuting part of $GL(d_k)$).
 
     With `bias=True`, the bias-augmented form $[W_Q\\,b_Q]^T [W_K\\,b_K]$ of shape
     `(H, d+1, d+1)` (invariant under $GL(d_k)$ but not under the key shift).

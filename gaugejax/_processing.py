@@ -494,6 +494,11 @@ def process_weights(
     _check_model(model, "process_weights")
     if tokens is None and mask is not None:
         raise ValueError("process_weights: `mask` is given without `tokens`; it only marks the real tokens of `tokens`.")
+    if tokens is not None and not _is_concrete(*jax.tree.leaves(model), tokens):
+        raise ValueError(
+            "process_weights: with `tokens` it measures each step's error on the host, eagerly; "
+            "call it outside `jit`, or without `tokens` (the steps themselves work under `jit`)."
+        )
     if tokens is not None and jnp.ndim(tokens) != 2:
         raise ValueError(f"process_weights: `tokens` must be a batch of shape (batch, n), got shape {jnp.shape(tokens)}.")
     steps = []

@@ -112,7 +112,14 @@ def gram_apply(gauge: Gauge, leaves: list[Array], xi: Mapping[str, Array],
 
 def gram_diagonal(gauge: Gauge, leaves: list[Array],
                   sites: Sequence[str] | None = None) -> dict[str, Array]:
-    """The diagonal of $G$: $\\|\\mathrm{in}_i\\|^2 + \\|\\mathrm{out}_i\\|^2$ per neuron."""
+    """The diagonal of $G$: $\\|\\mathrm{in}_i\\|^2 + \\|\\mathrm{out}_i\\|^2$ per neuron.
+
+    For a leaf coupled to one site on two axes ($A \\mapsto DAD^{-1}$, a time-independent
+    neural-ODE gauge) the entry $A_{ii}$, which the action leaves alone, is counted twice:
+    the result exceeds the true diagonal by $2A_{ii}^2$. It serves as the Jacobi
+    preconditioner (which the excess weakens) and as the mask of units with no weight at
+    all (a unit whose only weight is such an $A_{ii}$ stays in the solve, a null direction
+    CG tolerates); the solutions do not otherwise depend on it."""
     sites = gauge.continuous_sites if sites is None else tuple(sites)
     dtype = next(x.dtype for x in leaves if eqx.is_inexact_array(x))
     out = _zeros(gauge, sites, dtype)

@@ -675,3 +675,11 @@ def test_time_reparametrisation_moves_step_times_and_dt0(base, getkey):
                                boundary="fixed")
     assert scaled.dt0 == pytest.approx(0.04)
     assert _err(_model(scaled, x), _model(euler, x)) < 1e-12
+
+
+def test_node_gauge_of_an_abstract_model(base):
+    # a model from filter_eval_shape has no grid values: a clear error, not a TypeError
+    node = base[0]
+    shell = eqx.filter_eval_shape(lambda: node)
+    with pytest.raises(ValueError, match="must be concrete"):
+        gj.node_gauge(shell)

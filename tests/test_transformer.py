@@ -184,6 +184,8 @@ def test_left_padding_under_a_causal_mask(getkey):
         gj.process_weights(flat, mask=mask[None])
     with pytest.raises(ValueError, match=r"\(batch, n\)"):
         gj.process_weights(flat, padded)
+    with pytest.raises(ValueError, match="outside `jit`"):
+        eqx.filter_jit(gj.process_weights)(flat, padded[None], mask[None])
 
 
 def test_bad_tokens_and_masks(getkey):
