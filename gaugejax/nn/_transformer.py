@@ -62,9 +62,14 @@ def _masked_softmax(scores: Array, allowed: Array) -> Array:
     """Softmax over the allowed keys (the last axis). A query with no allowed key (a
     padding position before the first real token under a causal mask) attends to nothing:
     a zero row, not the NaN of a softmax over $-\\infty$ alone, which the next layer would
-    spread to every position (and a NaN gradient with it)."""
-    scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
-    return jnp.where(allowed, jax.nn.softmax(scores, axis=-1), 0)
+    spread to every position (and a NaN gradient with it).
+
+    The mask is an additive $-\\infty$ fill, so that a key-bias shift stays visibly constant
+    along the keys (gauge inference follows it through the softmax); such a query gets no
+    fill, a finite softmax, and then the zero row."""
+    some = jnp.any(allowed, axis=-1, keepdims=True)
+    fill = jnp.where(allowed | ~some, 0.0, -jnp.inf).astype(scores.dtype)
+    return jnp.where(allowed, jax.nn.softmax(scores + fill, axis=-1), 0)
 
 
 def rotary(x: Float[Array, "heads n k"], base: float = 10000.0) -> Float[Array, "heads n k"]:
