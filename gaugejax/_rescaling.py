@@ -114,18 +114,23 @@ def gram_diagonal(gauge: Gauge, leaves: list[Array],
                   sites: Sequence[str] | None = None) -> dict[str, Array]:
     """The diagonal of $G$: $\\|\\mathrm{in}_i\\|^2 + \\|\\mathrm{out}_i\\|^2$ per neuron.
 
-    For a leaf coupled to one site on two axes ($A \\mapsto DAD^{-1}$, a time-independent
-    neural-ODE gauge) the entry $A_{ii}$, which the action leaves alone, is counted twice:
-    the result exceeds the true diagonal by $2A_{ii}^2$. It serves as the Jacobi
-    preconditioner (which the excess weakens) and as the mask of units with no weight at
-    all (a unit whose only weight is such an $A_{ii}$ stays in the solve, a null direction
-    CG tolerates); the solutions do not otherwise depend on it."""
+    A leaf coupled to one site on two axes ($A \\mapsto DAD^{-1}$, a time-independent
+    neural-ODE gauge) has entries $A_{ii}$ that the action leaves alone; they are taken out
+    again (when neither coupling is batched; a batched self-coupling keeps them, which
+    only weakens the Jacobi preconditioner this serves)."""
     sites = gauge.continuous_sites if sites is None else tuple(sites)
     dtype = next(x.dtype for x in leaves if eqx.is_inexact_array(x))
     out = _zeros(gauge, sites, dtype)
     for plan, cs in couplings(gauge, sites):
+        sq = leaves[plan.index] ** 2
         for site, dims, _ in cs:
-            out[site] = out[site] + reduce_to(leaves[plan.index] ** 2, dims)
+            out[site] = out[site] + reduce_to(sq, dims)
+        for k, (site, dims, sign) in enumerate(cs):
+            for site2, dims2, sign2 in cs[k + 1:]:
+                if site2 == site and len(dims) == len(dims2) == 1:
+                    # d s / d xi_i = sign + sign2 on the entries where both axes index i
+                    diag = jnp.diagonal(sq, axis1=dims[0], axis2=dims2[0])  # diagonal axis last
+                    out[site] = out[site] + 2 * sign * sign2 * jnp.sum(diag, axis=tuple(range(diag.ndim - 1)))
     return out
 
 

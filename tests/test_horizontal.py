@@ -7,7 +7,7 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import CASE_IDS, CASES
+from helpers import CASE_IDS, CASES, rel
 
 import gaugejax as gj
 
@@ -221,3 +221,23 @@ def test_none_fields_in_params(getkey):
     with pytest.raises(ValueError, match=r"leaf '.layers\[0\].bias' is an array of shape \(5,\); the parameters hold None"):
         gj.horizontal(gauge, model, eqx.tree_at(lambda m: m.layers[0].bias, grad, jnp.zeros(5),
                                                 is_leaf=lambda x: x is None))
+
+
+def test_gram_diagonal_of_a_self_coupled_leaf(getkey):
+    """A -> D A D^-1 leaves A_ii alone: the Gram diagonal (the Jacobi preconditioner) is
+    the dense Gram matrix's, not 2 A_ii^2 more; the three projections agree."""
+    from gaugejax import _rescaling
+
+    k = jax.random.split(getkey(), 3)
+    n = 4
+    params = {"A": jax.random.normal(k[0], (n, n), jnp.float64) * jnp.asarray([1.0, 1, 1, 1e3])[:, None],
+              "W": jax.random.normal(k[1], (2, n), jnp.float64), "b": jax.random.normal(k[2], (n,), jnp.float64)}
+    gauge = gj.Gauge({"s": gj.PositiveDiagonal(n)}, [gj.Produce("A", 0, "s"), gj.Consume("A", 1, "s"),
+                                                    gj.Consume("W", 1, "s"), gj.Produce("b", 0, "s")], params)
+    leaves = jax.tree.leaves(params)
+    dense, _ = _rescaling.gram_dense(gauge, leaves)
+    np.testing.assert_allclose(_rescaling.gram_diagonal(gauge, leaves)["s"], jnp.diagonal(dense), rtol=1e-12)
+    v = jax.tree.map(lambda a: jax.random.normal(getkey(), a.shape, a.dtype), params)
+    ref = gj.horizontal(gauge, params, v, method="dense")
+    for method in ("structured", "cg"):
+        assert rel(gj.horizontal(gauge, params, v, method=method), ref) <= 1e-9
