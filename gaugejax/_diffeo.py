@@ -724,10 +724,10 @@ def validate_diffeo(diffeo: AbstractDiffeo, dim: int, T: Any, dtype: Any = jnp.f
 
 
 def _retimed(controller: Any, dt0: Any, time: AbstractTimeReparam, T: Any, T_new: Any) -> tuple[Any, Any]:
-    """The step-size controller and `dt0` in the new time $t' = \tau(t)$: a
+    """The step-size controller and `dt0` in the new time $t' = \\tau(t)$: a
     `diffrax.ClipStepSizeController`'s `step_ts` / `jump_ts` (original times, e.g. the
-    kinks of a piecewise-linear field) become $\tau(t_i)$, and `dt0` is scaled by
-    $\tau(T) / T$, so that a fixed-step solve takes as many steps as before (when `T'` is
+    kinks of a piecewise-linear field) become $\\tau(t_i)$, and `dt0` is scaled by
+    $\\tau(T) / T$, so that a fixed-step solve takes as many steps as before (when `T'` is
     known; under tracing `dt0` is static and kept)."""
     if isinstance(time, IdentityTime):
         return controller, dt0
@@ -769,7 +769,7 @@ def transform_node(node: NeuralODE, diffeo: AbstractDiffeo, *, boundary: str = "
 
     **Returns:** the transformed [`gaugejax.nn.NeuralODE`][]: the same solver and controller,
     in the new time (a `diffrax.ClipStepSizeController`'s `step_ts` / `jump_ts` mapped by
-    $\tau$, `dt0` scaled by $\tau(T)/T$ when $\tau(T)$ is known).
+    $\\tau$, `dt0` scaled by $\\tau(T)/T$ when $\\tau(T)$ is known).
     """
     if not isinstance(node, NeuralODE):
         raise TypeError(f"`node`: expected a gaugejax.nn.NeuralODE, received {type(node).__name__}.")

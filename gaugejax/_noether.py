@@ -85,6 +85,13 @@ def noether_charges(gauge: Gauge, params: PyTree) -> dict[str, Array]:
     for rescalings, `(n, n)` matrices for $GL$ / $O(n)$).
     """
     _require_continuous(gauge, "noether_charges")
+    return _charges(gauge, params)
+
+
+@eqx.filter_jit
+def _charges(gauge: Gauge, params: PyTree) -> dict[str, Array]:
+    # under jit the linear gauge is built and the links shifted once per trace, not on
+    # every call of a training loop's monitor
     return moment_map(*_linear(gauge, params))
 
 

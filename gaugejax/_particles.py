@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._groups._linalg import inv
+from .nn._node import float_state
 
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -66,9 +67,7 @@ def particle_gauge_transform(
     at_t = lambda c, t: c(t) if callable(c) else c  # noqa: E731
 
     def at(t):
-        t = jnp.asarray(t)
-        if not jnp.issubdtype(t.dtype, jnp.inexact):  # an integer time: jvp needs a float one
-            t = t.astype(jnp.result_type(float))
+        t = float_state(t, jnp.result_type(float))  # an integer time: jvp needs a float one
         g, gd = jax.jvp(path, (t,), (jnp.ones_like(t),))
         gi = inv(g)
         mm = lambda a, b: jnp.matmul(a, b, precision=_HIGHEST)  # noqa: E731
@@ -83,10 +82,8 @@ def particle_gauge_transform(
 def _particles(x0: Any, coeffs: Callable, what: str) -> Array:
     """`x0` as float `(n, d)` particles with the coefficients' `d` (an integer array becomes
     the coefficients' float dtype), else a `ValueError` naming `x0`."""
-    x0 = jnp.asarray(x0)
     B = jax.eval_shape(lambda: coeffs(jnp.zeros((), jnp.result_type(float)))[0])
-    if not jnp.issubdtype(x0.dtype, jnp.inexact):
-        x0 = x0.astype(B.dtype if jnp.issubdtype(B.dtype, jnp.inexact) else jnp.result_type(float))
+    x0 = float_state(x0, B.dtype if jnp.issubdtype(B.dtype, jnp.inexact) else jnp.result_type(float))
     if x0.ndim != 2 or x0.shape[1] != B.shape[-1]:
         raise ValueError(
             f"{what}: `x0` must be (n, d) particles with d = {B.shape[-1]} (the coefficients' size); "

@@ -18,7 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._node import NeuralODE, ParametricField, _apply, is_concrete, random_blocks, vector_field
+from ._node import (
+    NeuralODE,
+    ParametricField,
+    _apply,
+    float_state,
+    is_concrete,
+    random_blocks,
+    vector_field,
+)
 
 
 _KEYS = ("A", "W1", "b", "W2", "c")
@@ -124,9 +132,7 @@ class ResNet(eqx.Module):
     def flow(self, x: Float[Array, "*batch dim"]) -> Array:
         """The residual stream after the $L$ blocks (no $E$, $R$); an integer state becomes
         a float one in the blocks' dtype."""
-        x = jnp.asarray(x)
-        if not jnp.issubdtype(x.dtype, jnp.inexact):
-            x = x.astype(self.A[0].dtype)
+        x = float_state(x, self.A[0].dtype)
         if x.shape[-1:] != (self.dim,):
             raise ValueError(f"`x`: expected a state of dimension {self.dim} on the last axis, received shape {x.shape}.")
         return euler_flow(self.stacked(), x, jnp.asarray(self.h, x.dtype), self.activation)
