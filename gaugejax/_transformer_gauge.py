@@ -11,8 +11,8 @@ Per layer $l$ (with $H$ heads):
 | `mlp{l}` | by activation | $W_{in}, b_{in}$ produce; $W_{out}$ consumes |
 
 With grouped-query attention (`n_kv_heads=G`), `heads{l}` permutes the $G$ key/value
-groups, a `qheads{l}` site $S_{H/G}$ the query heads within the groups (one permutation
-shared by all groups), and `qk{l}`, `ov{l}`, `key_shift{l}` are batched over the $G$
+groups, a `qheads{l}` site $S_{H/G}^G$ the query heads within each group (one
+permutation per group, batched on the groups axis that `heads{l}` permutes), and `qk{l}`, `ov{l}`, `key_shift{l}` are batched over the $G$
 groups: one $GL(d_k)$ and one $GL(d_v)$ per key/value head, shared by its query heads.
 
 and, when every norm is a scale-free RMSNorm and the model has an unembedding, one
@@ -163,16 +163,16 @@ def transformer_gauge(
         if model.grouped:
             # grouped-query attention: W_Q (G, r, dk, d), W_O (d, G, r, dv). `heads{l}`
             # permutes the key/value groups (with their query heads), `qheads{l}` the query
-            # heads within the groups (one permutation shared by all groups: the engine has
-            # no batched permutations, so this is a subgroup of S_r^G); the per-head GLs are
+            # heads within each group (S_r^G: a permutation per group, batched on the groups
+            # axis, which `heads{l}` permutes in a semidirect product); the per-head GLs are
             # shared by the query heads of a group
             if heads:
                 sites[f"heads{l}"] = Permutation(G)
                 couplings += [Produce(f"{a}.{w}", 0, f"heads{l}") for w in ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V")]
                 couplings.append(Produce(f"{a}.W_O", 1, f"heads{l}"))
-                sites[f"qheads{l}"] = Permutation(H // G)
-                couplings += [Produce(f"{a}.W_Q", 1, f"qheads{l}"), Produce(f"{a}.b_Q", 1, f"qheads{l}"),
-                              Produce(f"{a}.W_O", 2, f"qheads{l}")]
+                sites[f"qheads{l}"] = Permutation(H // G, (G,))
+                couplings += [Produce(f"{a}.W_Q", 1, f"qheads{l}", (0,)), Produce(f"{a}.b_Q", 1, f"qheads{l}", (0,)),
+                              Produce(f"{a}.W_O", 2, f"qheads{l}", (1,))]
             if qk:
                 s = f"qk{l}"
                 sites[s] = GL(dk, (G,))

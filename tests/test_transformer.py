@@ -245,11 +245,19 @@ def test_grouped_query_attention_gauge(getkey):
     gauge = gj.derive_gauge(model)
     assert set(gauge.site_groups) == {"heads0", "qheads0", "qk0", "ov0", "key_shift0", "mlp0", "stream"}
     assert gauge.orbit_dim == gj.transformer_orbit_dim(model) == 2 * (4 + 4) + 2 * 2 + 8 * 7 // 2  # GELU MLP: no continuous part
+    assert gauge.site_groups["qheads0"] == gj.Permutation(2, (2,))  # S_r^G: one per group
     g = cheap_sample(gauge, getkey())
-    g["heads0"], g["qheads0"] = jnp.asarray([1, 0], g["heads0"].dtype), jnp.asarray([1, 0], g["qheads0"].dtype)
-    moved = eqx.filter_jit(gauge.act)(g, model)
+    # swap the groups, and the query heads of one group only
+    g["heads0"], g["qheads0"] = jnp.asarray([1, 0], jnp.int32), jnp.asarray([[1, 0], [0, 1]], jnp.int32)
+    act = eqx.filter_jit(gauge.act)
+    moved = act(g, model)
     assert rel(moved, model) > 1e-2
     assert rel(fwd(moved, tokens), fwd(model, tokens)) <= 1e-10
+    # the group law of the semidirect product S_r^G x| S_G: heads0 re-indexes qheads0's groups
+    h = cheap_sample(gauge, getkey())
+    h["heads0"], h["qheads0"] = jnp.asarray([0, 1], jnp.int32), jnp.asarray([[0, 1], [1, 0]], jnp.int32)
+    assert rel(act(gauge.compose(g, h), model), act(g, act(h, model))) <= 1e-12
+    assert rel(act(gauge.inverse(g), moved), model) <= 1e-12
     # negative control: moving query heads to another key/value group (without their keys
     # and values) is not a symmetry
     bad = gj.Gauge({"x": gj.Permutation(2)}, [gj.Produce("blocks[0].attn.W_Q", 0, "x"),
