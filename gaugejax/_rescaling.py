@@ -114,10 +114,9 @@ def gram_diagonal(gauge: Gauge, leaves: list[Array],
                   sites: Sequence[str] | None = None) -> dict[str, Array]:
     """The diagonal of $G$: $\\|\\mathrm{in}_i\\|^2 + \\|\\mathrm{out}_i\\|^2$ per neuron.
 
-    A leaf coupled to one site on two axes ($A \\mapsto DAD^{-1}$, a time-independent
-    neural-ODE gauge) has entries $A_{ii}$ that the action leaves alone; they are taken out
-    again (when neither coupling is batched; a batched self-coupling keeps them, which
-    only weakens the Jacobi preconditioner this serves)."""
+    A leaf coupled to one site on two axes ($A \\mapsto DAD^{-1}$, a neural-ODE gauge,
+    batched over the time grid or not) has entries $A_{ii}$ that the action leaves alone;
+    they are taken out again, so this is exactly the diagonal of `gram_dense`."""
     sites = gauge.continuous_sites if sites is None else tuple(sites)
     dtype = next(x.dtype for x in leaves if eqx.is_inexact_array(x))
     out = _zeros(gauge, sites, dtype)
@@ -127,10 +126,16 @@ def gram_diagonal(gauge: Gauge, leaves: list[Array],
             out[site] = out[site] + reduce_to(sq, dims)
         for k, (site, dims, sign) in enumerate(cs):
             for site2, dims2, sign2 in cs[k + 1:]:
-                if site2 == site and len(dims) == len(dims2) == 1:
-                    # d s / d xi_i = sign + sign2 on the entries where both axes index i
-                    diag = jnp.diagonal(sq, axis1=dims[0], axis2=dims2[0])  # diagonal axis last
-                    out[site] = out[site] + 2 * sign * sign2 * jnp.sum(diag, axis=tuple(range(diag.ndim - 1)))
+                if site2 != site:
+                    continue
+                # d s / d xi_j = sign + sign2 on the entries that both couplings index by j
+                # (every batch index and the site index equal): the cross term 2 sign sign2
+                both = jnp.ones((1,) * sq.ndim, bool)
+                for d1, d2 in zip(dims, dims2):
+                    if d1 != d2:
+                        both = both & (jax.lax.broadcasted_iota(jnp.int32, sq.shape, d1)
+                                       == jax.lax.broadcasted_iota(jnp.int32, sq.shape, d2))
+                out[site] = out[site] + 2 * sign * sign2 * reduce_to(jnp.where(both, sq, 0), dims)
     return out
 
 

@@ -223,20 +223,26 @@ def test_none_fields_in_params(getkey):
                                                 is_leaf=lambda x: x is None))
 
 
-def test_gram_diagonal_of_a_self_coupled_leaf(getkey):
+@pytest.mark.parametrize("T", [None, 3])
+def test_gram_diagonal_of_a_self_coupled_leaf(getkey, T):
     """A -> D A D^-1 leaves A_ii alone: the Gram diagonal (the Jacobi preconditioner) is
-    the dense Gram matrix's, not 2 A_ii^2 more; the three projections agree."""
+    the dense Gram matrix's, not 2 A_ii^2 more; also with one D per time (a site batched
+    on the grid axis); the three projections agree."""
     from gaugejax import _rescaling
 
     k = jax.random.split(getkey(), 3)
     n = 4
-    params = {"A": jax.random.normal(k[0], (n, n), jnp.float64) * jnp.asarray([1.0, 1, 1, 1e3])[:, None],
-              "W": jax.random.normal(k[1], (2, n), jnp.float64), "b": jax.random.normal(k[2], (n,), jnp.float64)}
-    gauge = gj.Gauge({"s": gj.PositiveDiagonal(n)}, [gj.Produce("A", 0, "s"), gj.Consume("A", 1, "s"),
-                                                    gj.Consume("W", 1, "s"), gj.Produce("b", 0, "s")], params)
+    t = () if T is None else (T,)
+    bt = () if T is None else (0,)
+    o = len(t)
+    params = {"A": jax.random.normal(k[0], (*t, n, n), jnp.float64) * jnp.asarray([1.0, 1, 1, 1e3]).reshape(*(1,) * o, n, 1),
+              "W": jax.random.normal(k[1], (*t, 2, n), jnp.float64), "b": jax.random.normal(k[2], (*t, n), jnp.float64)}
+    gauge = gj.Gauge({"s": gj.PositiveDiagonal(n, t)},
+                     [gj.Produce("A", o, "s", bt), gj.Consume("A", o + 1, "s", bt),
+                      gj.Consume("W", o + 1, "s", bt), gj.Produce("b", o, "s", bt)], params)
     leaves = jax.tree.leaves(params)
     dense, _ = _rescaling.gram_dense(gauge, leaves)
-    np.testing.assert_allclose(_rescaling.gram_diagonal(gauge, leaves)["s"], jnp.diagonal(dense), rtol=1e-12)
+    np.testing.assert_allclose(_rescaling.gram_diagonal(gauge, leaves)["s"].ravel(), jnp.diagonal(dense), rtol=1e-12)
     v = jax.tree.map(lambda a: jax.random.normal(getkey(), a.shape, a.dtype), params)
     ref = gj.horizontal(gauge, params, v, method="dense")
     for method in ("structured", "cg"):
