@@ -114,7 +114,9 @@ def particle_flow(
     - `coeffs`: `t -> (B, V, C)` (see [`gaugejax.particle_coefficients`][],
       [`gaugejax.particle_gauge_transform`][]).
     - `x0`: `(n, d)` initial particles (tokens).
-    - `T`: the final time.
+    - `T`: the final time. `T = 0` returns `x0`; a negative `T` solves backward in time,
+      from 0 down to `T` (with time-independent coefficients, the inverse of the flow to
+      `-T`).
     - `rtol`, `atol`: the step-size controller's tolerances.
 
     **Returns:** `(n, d)`, the particles at time `T`.
