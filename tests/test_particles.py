@@ -37,6 +37,16 @@ def test_s18_time_dependent_gauge_preserves_the_flow_map(getkey):
     assert float(jnp.max(jnp.abs(y_open - y))) > 1e-2
 
 
+def test_zero_and_negative_times(getkey):
+    """T = 0 is the identity; a negative T solves backward, the inverse of the flow to -T."""
+    B, V, C, x0 = _system(getkey())
+    c = gj.particle_coefficients(B, V, C)
+    assert float(jnp.max(jnp.abs(gj.particle_flow(c, x0, 0.0) - x0))) == 0.0
+    y = gj.particle_flow(c, x0, T)
+    assert float(jnp.max(jnp.abs(y - x0))) > 1e-1
+    assert float(jnp.max(jnp.abs(gj.particle_flow(c, y, -T) - x0))) <= 1e-8
+
+
 def test_residual_stack_converges_at_rate_one_over_L(getkey):
     B, V, C, x0 = _system(getkey())
     const = gj.particle_coefficients(B, V, C)
