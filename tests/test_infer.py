@@ -629,6 +629,114 @@ def test_layer_mixing_two_hidden_axes(getkey):
 
 
 # ----------------------------------------------------------------------------------------
+# what an axis is combined with: scalars, windows, constants, links, argmax, barriers
+# ----------------------------------------------------------------------------------------
+def _two_layer(key, n=4):
+    rng = _rng(key)
+    return {"W1": _normal(rng, (n, 3)), "W2": _normal(rng, (2, n))}, _normal(rng, (5, 3))
+
+
+def test_scalars_and_constants_along_the_axis_restrict_to_permutations(getkey):
+    """h + c with c a scalar (a literal or a rank-0 leaf), concatenated or padded with a
+    nonzero constant, keeps only permutations: a ReLU layer is not PositiveMonomial, a
+    linear one not GL. Zeros and ReLU's own 0 restrict nothing."""
+    p, x = _two_layer(getkey())
+    relu = jax.nn.relu
+    cases = {
+        "literal": (lambda p, x: relu(x @ p["W1"].T + 1.0) @ p["W2"].T, p),
+        "scalar leaf": (lambda p, x: relu(x @ p["W1"].T + p["s"]) @ p["W2"].T, dict(p, s=jnp.zeros(()))),
+        "concatenate": (lambda p, x: jnp.concatenate([x @ p["W1"].T, jnp.ones((1, 4))], 0) @ p["W2"].T, p),
+        "pad": (lambda p, x: jnp.pad(x @ p["W1"].T, ((0, 1), (0, 0)), constant_values=1.0) @ p["W2"].T, p),
+    }
+    for name, (fn, params) in cases.items():
+        assert _groups(infer_gauge(fn, params, x, certify=False)) == {"['W1']:0": "Permutation"}, name
+    zeros = {
+        "relu": (lambda p, x: relu(x @ p["W1"].T) @ p["W2"].T, "PositiveMonomial"),
+        "max with zeros_like": (lambda p, x: jnp.maximum(x @ p["W1"].T, jnp.zeros((5, 4))) @ p["W2"].T,
+                                "PositiveMonomial"),
+        "+ 0": (lambda p, x: (x @ p["W1"].T + 0.0) @ p["W2"].T, "GL"),
+        "pad with 0": (lambda p, x: jnp.pad(x @ p["W1"].T, ((0, 1), (0, 0))) @ p["W2"].T, "GL"),
+    }
+    for name, (fn, fam) in zeros.items():
+        assert _groups(infer_gauge(fn, p, x, certify=False)) == {"['W1']:0": fam}, name
+
+
+def test_a_window_of_a_table_varies_along_the_axis(getkey):
+    """A per-example window of a parameter table (vmap of dynamic_slice: a gather taking part
+    of the axis) added to or multiplying a hidden layer fixes it: with a zero or ones table
+    a wrong group would certify, and break once the table is trained."""
+    p, x = _two_layer(getkey())
+    start = jnp.arange(5)
+
+    def window(t, s):
+        return jax.vmap(lambda i: jax.lax.dynamic_slice(t, (i,), (4,)))(s)
+
+    add = lambda p, x, s: jax.nn.relu(x @ p["W1"].T + window(p["T"], s)) @ p["W2"].T  # noqa: E731
+    mul = lambda p, x, s: ((x @ p["W1"].T) * window(p["T"], s)) @ p["W2"].T  # noqa: E731
+    for fn, t in ((add, jnp.zeros(8)), (mul, jnp.ones(8))):
+        assert not infer_gauge(fn, dict(p, T=t), x, start, certify=False).gauge.sites
+
+
+def _residual(key, step):
+    rng = _rng(key)
+    p = {"E": _normal(rng, (4, 3)), "A": _normal(rng, (4, 4), 0.3), "R": _normal(rng, (2, 4))}
+
+    def fn(p, x):
+        return step(x @ p["E"].T, p["A"]) @ p["R"].T
+
+    return fn, p, _normal(rng, (6, 3))
+
+
+@pytest.mark.parametrize("name", ["2A", "-A", "skew", "read twice", "two steps"])
+def test_links_only_for_a_leaf_read_once(name, getkey):
+    """A residual step's matrix is a Link's U - I only when it is the leaf itself, read once:
+    2A, -A, A - A^T, a leaf read twice in a step or shared by two steps tie the streams
+    (the true symmetry), and the result certifies (they raised before)."""
+    steps = {
+        "2A": (lambda h, A: h + 0.5 * (h @ (2.0 * A).T), "GL"),
+        "-A": (lambda h, A: h + 0.5 * (h @ (-A).T), "GL"),
+        "skew": (lambda h, A: h + 0.5 * (h @ (A - A.T).T), "Orthogonal"),
+        "read twice": (lambda h, A: h + 0.5 * (h @ A.T + jnp.tanh(h) @ A.T), "SignedPermutation"),
+        "two steps": (lambda h, A: (h + 0.5 * (h @ A.T)) + 0.5 * ((h + 0.5 * (h @ A.T)) @ A.T), "GL"),
+    }
+    step, fam = steps[name]
+    fn, p, x = _residual(getkey(), step)
+    inferred = infer_gauge(fn, p, x, key=getkey(), num_samples=4)
+    assert inferred.certified
+    assert not any(isinstance(c, gj.Link) for c in inferred.gauge.couplings)
+    assert sorted(_groups(inferred).values()) == [fam]
+    # control: the leaf itself, read once, is a Link between two stream sites
+    fn, p, x = _residual(getkey(), lambda h, A: h + 0.5 * (h @ A.T))
+    links = [c for c in infer_gauge(fn, p, x, certify=False).gauge.couplings if isinstance(c, gj.Link)]
+    assert len(links) == 1 and links[0].leaf == "['A']"
+
+
+def test_argmax_barrier_and_misaligned_shift(getkey):
+    p, x = _two_layer(getkey(), 6)
+    # argmax returns a position on the axis: no permutation survives
+    am = lambda p, x: jax.nn.one_hot(jnp.argmax(x @ p["W1"].T, -1), 6) @ p["W2"].T  # noqa: E731
+    assert not infer_gauge(am, p, x, certify=False).gauge.sites
+    # an optimization barrier over two values is the identity on each (not one elementwise op)
+    rng = _rng(getkey())
+    q = dict(p, V1=_normal(rng, (4, 3)), V2=_normal(rng, (2, 4)))
+
+    def barrier(p, x):
+        h, g = jax.lax.optimization_barrier((x @ p["W1"].T, x @ p["V1"].T))
+        return h @ p["W2"].T + g @ p["V2"].T
+
+    assert _groups(infer_gauge(barrier, q, x, certify=False)) == {"['W1']:0": "GL", "['V1']:0": "GL"}
+    # s - max(s) with the max broadcast back along the other axis does not cancel a shift
+    r = {"W": _normal(rng, (3, 5)), "b": _normal(rng, (5,))}
+
+    def misaligned(p, x):
+        s = x @ p["W"] + p["b"][:, None]
+        return jnp.exp(s - jnp.max(s, axis=1)[None, :]).sum(1)
+
+    inferred = infer_gauge(misaligned, r, _normal(rng, (5, 3)), certify=False)
+    assert not any(isinstance(c, gj.Translate) for c in inferred.gauge.couplings)
+
+
+# ----------------------------------------------------------------------------------------
 # editing and certification failures
 # ----------------------------------------------------------------------------------------
 def test_edit_and_certification_failure_names_the_site(getkey):
@@ -647,6 +755,11 @@ def test_edit_and_certification_failure_names_the_site(getkey):
     dropped = err.value.inferred.drop(site)
     assert site not in dropped.sites and "dropped" in str(dropped)
     assert dropped.certify(key=getkey()).certified  # nothing left: trivially certified
+    # the sites of a failing gauge are swept alone in one program, not one per site
+    before = gj._infer._per_site_errors._cached._cache_size()
+    with pytest.raises(GaugeCertificationError):
+        bad.certify(key=getkey(), num_samples=4)
+    assert gj._infer._per_site_errors._cached._cache_size() == before
     with pytest.raises(ValueError, match="no site"):
         inferred.drop("nope")
 
@@ -672,6 +785,11 @@ def test_bad_input_errors(getkey):
     shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
     with pytest.raises(InferenceError, match="certify=False"):
         infer_gauge(fn, shapes, jnp.ones((2, 3)))
+    with pytest.raises(InferenceError, match="jax.jit"):
+        jax.jit(lambda p: infer_gauge(fn, p, jnp.ones((2, 3))).gauge.orbit_dim)(params)
+    mixed = {"a": jnp.ones((4, 3), jnp.float64), "b": jnp.ones((2, 4), jnp.float32)}
+    with pytest.raises(InferenceError, match="mix float dtypes"):
+        infer_gauge(lambda p, x: (x @ p["a"].T).astype(jnp.float32) @ p["b"].T, mixed, jnp.ones((2, 3)))
     from_shapes = infer_gauge(fn, shapes, jax.ShapeDtypeStruct((2, 3), jnp.float64), certify=False)
     assert same_gauge(from_shapes.gauge, gj.derive_gauge(model))
 
