@@ -234,19 +234,28 @@ def _objective(a_leaves, b_leaves) -> Array:
     return sum(jnp.vdot(x, y) for x, y in zip(a_leaves, b_leaves) if eqx.is_inexact_array(x))
 
 
+def _site_step(gauge: Gauge, a_leaves, b, k: dict, site: str, solver: str, dtype) -> dict:
+    """`k` with `site`'s element replaced by the one maximising <a, k . b> with the other
+    sites held (exact when the site touches each leaf on one axis)."""
+    group = gauge.site_groups[site]
+    held = dict(k)
+    held[site] = group.identity(dtype)
+    b_minus = jtu.tree_leaves(gauge.act(held, b, check=False))
+    m = _correlation(gauge, a_leaves, b_minus, site)
+    # row i of m pairs a's block i with b's block p[i] (the action gathers whole blocks by
+    # an outer permutation p, e.g. heads, after acting on each block in b's own order): the
+    # element found for row i belongs to b's block p[i]
+    elem = _element_from(group, _match_kind(group), m, solver, dtype)
+    return {**k, site: gauge._reindex(site, elem, k, invert=True)}
+
+
 def _descent(gauge: Gauge, a, b, k0: dict, solver: str, max_sweeps: int, dtype):
-    groups = gauge.site_groups
     sites = _matched_sites(gauge)
     a_leaves = jtu.tree_leaves(a)
 
     def sweep(k):
         for site in sites:
-            held = dict(k)
-            held[site] = groups[site].identity(dtype)
-            b_minus = jtu.tree_leaves(gauge.act(held, b, check=False))
-            m = _correlation(gauge, a_leaves, b_minus, site)
-            k = dict(k)
-            k[site] = _element_from(groups[site], _match_kind(groups[site]), m, solver, dtype)
+            k = _site_step(gauge, a_leaves, b, k, site, solver, dtype)
         return k
 
     def cond(carry):

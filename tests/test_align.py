@@ -234,3 +234,33 @@ def test_same_model_written_twice():
         gj.interpolate(make(), make(), 0.5)
     a = gj.nn.MLP([3, 4, 1], jax.nn.relu, key=jax.random.key(0))
     assert gj.loss_barrier(lambda p: jnp.sum(p.layers[0].weight), a, a, num=np.int64(3))["loss"].shape == (3,)
+
+
+@pytest.mark.parametrize("site", ["qk", "ov"])
+def test_per_head_step_with_the_heads_permuted(site, getkey):
+    """A per-head site's matching step, taken while the heads are permuted, is the exact
+    maximiser of <a, k . b> over that site: its element for a's head i goes to b's head
+    p[i], which the action moves there (it went to b's head i, and could lower the
+    objective)."""
+    from gaugejax import _align
+
+    case = CASES[CASE_IDS.index("attention")]
+    a, gauge, _, _ = case.build(getkey(), jnp.float64)
+    b, _, _, _ = case.build(getkey(), jnp.float64)
+    a_leaves = jax.tree.leaves(a)
+
+    def objective(k):
+        return float(_align._objective(a_leaves, jax.tree.leaves(gauge.act(k, b, check=False))))
+
+    k = gauge.identity(jnp.float64)
+    k["heads"] = jnp.asarray([2, 0, 1], jnp.int32)
+    stepped = _align._site_step(gauge, a_leaves, b, k, site, "scipy", jnp.float64)
+    # the optimum over the site's rotations (what matching looks for): no other rotation
+    # per head does better
+    best = objective(stepped)
+    assert best >= objective(k) - 1e-12
+    group = gauge.site_groups[site]
+    for _ in range(5):
+        q = gj.Orthogonal(group.n, group.batch).sample(getkey(), 0.3, jnp.float64)
+        other = {**stepped, site: gauge.site_groups[site].compose(q, stepped[site])}
+        assert objective(other) <= best + 1e-9
