@@ -24,7 +24,9 @@ fixing part of the group and leaving the rest to the next:
 5. **Signs** (sign flips, signed permutations, and the basis vectors of rotation sites):
    the sign making the entry of largest magnitude of the neuron's produced weights
    positive. Sites are visited in dependency order (a feedforward net: first hidden layer
-   first), so that the weights read are already in canonical coordinates.
+   first), so that the weights read are already in canonical coordinates. A neuron whose
+   produced weights are all zero (pruned) is read past by the later sites and then decided
+   by its largest consumed weight, once every other sign is fixed.
 
 Ties (equal norms, equal eigenvalues, an entry of largest magnitude shared) are
 non-generic; at them the canonical form is not unique.
@@ -45,7 +47,7 @@ import numpy as np
 from jaxtyping import Array, PyTree
 
 from ._balance import balance, degenerate_units, moment_map
-from ._gauge import Gauge, without_views
+from ._gauge import Gauge, _expand, without_views
 from ._groups import (
     GL,
     Monomial,
@@ -365,21 +367,49 @@ def _sign_order(gauge: Gauge) -> list[tuple[str, str]]:
 
 
 def _sign_stage(gauge, params, g_total, dtype):
+    """Each sign site, in dependency order, from its deciding leaves (`_sign_order`). A neuron
+    whose deciding weights are all zero (a pruned neuron: its incoming weights and bias
+    zero) has no sign to read there; it is left undecided, other sites read past its
+    entries (whose sign is not fixed yet), and a second pass decides it from its other
+    side, once every other sign is fixed (one more action for the whole gauge)."""
     groups = gauge.site_groups
-    for name, kind in _sign_order(gauge):
-        group = groups[name]
+    sign_sites = set(_sign_sites(gauge))
+    order = _sign_order(gauge)
+    undecided: dict[str, Array] = {}
+
+    def decide(params, name, kind, done_only):
         leaves = jtu.tree_leaves(params)
-        own_views = []
-        for plan, lin, x in _site_views(gauge, leaves, name, kind):
+        views = []
+        for plan, lin, _ in _site_views(gauge, leaves, name, kind):
             own = {*lin.batch_axes, lin.axis}
             others = [o for o in plan.linear if o.axis not in own]
-            if all(o.site not in _sign_sites(gauge) or _sign_done(o.site, name, gauge) for o in others):
-                own_views.append(x)
-        z = jnp.concatenate(own_views, axis=-1)
+            if done_only and not all(o.site not in sign_sites or _sign_done(o.site, name, gauge) for o in others):
+                continue
+            x = leaves[plan.index]
+            for o in others:  # entries on another site's undecided neurons are read as zero
+                if o.site in undecided:
+                    x = jnp.where(_expand(undecided[o.site], (*o.batch_axes, o.axis), x.ndim), 0, x)
+            views.append(_matricise(x, lin.batch_axes, lin.axis))
+        if not views:
+            return None, None
+        z = jnp.concatenate(views, axis=-1)
         idx = jnp.argmax(jnp.abs(z), axis=-1)
         pick = jnp.take_along_axis(z, idx[..., None], axis=-1)[..., 0]
-        sign = jnp.where(pick < 0, -1, 1).astype(dtype)
-        params, g_total = _apply(gauge, params, g_total, _with(gauge, dtype, **{name: _sign_elem(group, sign, dtype)}))
+        return jnp.where(pick < 0, -1, 1).astype(dtype), pick == 0
+
+    for name, kind in order:
+        sign, none = decide(params, name, kind, True)
+        undecided[name] = none
+        params, g_total = _apply(gauge, params, g_total, _with(gauge, dtype, **{name: _sign_elem(groups[name], sign, dtype)}))
+    # every other sign is fixed now, except undecided ones, whose entries stay masked: the
+    # second-pass signs do not depend on each other, so they are applied in one step
+    second = {}
+    for name, kind in order:
+        sign, _ = decide(params, name, "consume" if kind == "produce" else "produce", False)
+        if sign is not None:
+            second[name] = _sign_elem(groups[name], jnp.where(undecided[name], sign, jnp.ones_like(sign)), dtype)
+    if second:
+        params, g_total = _apply(gauge, params, g_total, _with(gauge, dtype, **second))
     return params, g_total
 
 

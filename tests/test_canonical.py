@@ -92,3 +92,24 @@ def test_errors(getkey):
     params, gauge, _, _ = CASES[CASE_IDS.index("linear-resnet-links")].build(getkey(), jnp.float64)
     with pytest.raises(NotImplementedError, match="Link"):
         gj.canonicalize(gauge, params)
+
+
+def test_pruned_odd_neurons_get_a_sign_from_their_outgoing_weights(getkey):
+    """A tanh neuron whose incoming weights and bias are zero has no produced entry to read
+    its sign from: it is decided from its outgoing weights once every other sign is fixed,
+    and the next layer reads past its column (the largest entries of W2's rows sit there,
+    with a sign the convention has not fixed yet). The form is then invariant."""
+    k = jax.random.split(getkey(), 6)
+    w1 = jax.random.normal(k[0], (5, 3), jnp.float64).at[0].set(0.0)
+    b1 = jax.random.normal(k[1], (5,), jnp.float64).at[0].set(0.0)
+    w2 = jax.random.normal(k[2], (4, 5), jnp.float64).at[:, 0].multiply(10.0).at[1].set(0.0)
+    b2 = jax.random.normal(k[3], (4,), jnp.float64).at[1].set(0.0)
+    p = [(w1, b1), (w2, b2), (jax.random.normal(k[4], (2, 4), jnp.float64), jnp.zeros(2, jnp.float64))]
+    gauge = gj.feedforward_gauge(p, jnp.tanh)
+    canon, _ = gj.canonicalize(gauge, p)
+    for _ in range(4):
+        h = gauge.sample(getkey(), dtype=jnp.float64)
+        moved = gauge.act(h, p)
+        assert rel(gj.canonicalize(gauge, moved)[0], canon) <= 1e-12
+    # the pruned neurons' outgoing weights were read: the largest is positive
+    assert canon[1][0][jnp.argmax(jnp.abs(canon[1][0][:, 0])), 0] > 0
