@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +51,9 @@ def register_activation(fn: Callable, family: Family) -> None:
     """Declare which symmetry family an activation belongs to.
 
     An activation gaugejax does not know gets `"elementwise"` (permutations only), which
-    is always safe. Declare more only when it is true for every input:
+    is safe for a function applied entry by entry, the same function on every unit (one
+    holding per-unit parameters, such as a PReLU's slopes, raises instead). Declare more
+    only when it is true for every input:
 
     - `"positive_homogeneous"`: $\\sigma(c z) = c\\,\\sigma(z)$ for all $c > 0$ (positive
       monomial matrices);
@@ -101,6 +103,36 @@ def _lookup(fn: Callable) -> str | None:
     return None
 
 
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray)) and np.ndim(x) > 0
+
+
+def _held_array(fn: Callable) -> tuple[str, Any] | None:
+    """An array (ndim > 0) `fn` carries, and where: a pytree leaf (an equinox Module's
+    field, a `jax.tree_util.Partial`'s argument), a closure cell, a default argument, or a
+    module-level global its code names."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(fn)[0]:
+        if leaf is not fn and _is_array(leaf):
+            return f"as its field {jax.tree_util.keystr(path)!r}", leaf
+    code = getattr(fn, "__code__", None)
+    for name, cell in zip(getattr(code, "co_freevars", ()), getattr(fn, "__closure__", None) or ()):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if _is_array(value):
+            return f"in its closure as {name!r}", value
+    defaults = [*(getattr(fn, "__defaults__", None) or ()), *(getattr(fn, "__kwdefaults__", None) or {}).values()]
+    for value in defaults:
+        if _is_array(value):
+            return "as a default argument", value
+    namespace = getattr(fn, "__globals__", None) or {}
+    for name in getattr(code, "co_names", ()):
+        if _is_array(namespace.get(name)):
+            return f"as the global {name!r}", namespace[name]
+    return None
+
+
 def activation_family(fn: Callable) -> str:
     """The symmetry family of `fn` (see [`gaugejax.register_activation`][]).
 
@@ -109,12 +141,30 @@ def activation_family(fn: Callable) -> str:
     every unit), or a scalar `negative_slope` (leaky ReLU). Other scalar arguments make it
     `"elementwise"` (binding `shift=0.7` into a registered odd function makes it not odd),
     and an array argument (per-unit parameters, e.g. a PReLU's slopes) raises: the units
-    are no longer interchangeable, and those parameters would have to transform too."""
+    are no longer interchangeable, and those parameters would have to transform too. So
+    does an unregistered callable holding an array (an `equinox.nn.PReLU` with one slope
+    per unit, an equinox Module with array fields, a function closing over an array)."""
+    if not callable(fn):
+        raise TypeError(
+            f"an activation must be a callable (e.g. jax.nn.relu or an equinox Module), got "
+            f"{fn!r} of type {type(fn).__name__}."
+        )
     family = _lookup(fn)
     if family is not None:
         return family
     inner = _unwrap(fn)
     if inner is fn:
+        held = _held_array(fn)
+        if held is not None:
+            where, value = held
+            name = getattr(fn, "__name__", type(fn).__name__)
+            raise ValueError(
+                f"activation {name!r} holds an array of shape {tuple(np.shape(value))} {where} "
+                "(per-unit parameters, e.g. a PReLU's slopes): its units are not "
+                "interchangeable and those parameters must transform too, so no gauge is "
+                "derived from it; declare the gauge with gaugejax.Gauge (or, if the array is "
+                "the same for every unit, register_activation() the activation)."
+            )
         return "elementwise"
     args, kwargs = _bound(fn)
     arrays = [k for k, v in [*enumerate(args), *kwargs.items()] if np.ndim(v) > 0]
@@ -127,7 +177,7 @@ def activation_family(fn: Callable) -> str:
         )
     family = _lookup(inner)
     if family is None:
-        return "elementwise"
+        return activation_family(inner)  # an unregistered inner function: checked as above
     if family == "elementwise" or (not args and set(kwargs) <= _FAMILY_KEEPING):
         return family
     return "elementwise"

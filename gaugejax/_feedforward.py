@@ -40,25 +40,49 @@ def _make_group(spec: Any, n: int) -> AbstractGroup:
     return group
 
 
-def _detect_layers(params: Any) -> tuple[list[str], list[str | None], str]:
+#: the conventional weight names whose layout is known: equinox / PyTorch write `(out, in)`,
+#: flax `(in, out)`. Haiku's `"w"` is `(in, out)`, but hand-written code often names an
+#: `(out, in)` matrix `w` too, so that name decides only inside haiku's own tree structure.
+_OUT_IN_NAMES = ("weight", "W")
+_IN_OUT_NAMES = ("kernel",)
+_LAYOUTS = {"out_in": "(out, in), y = W x", "in_out": "(in, out), y = x W"}
+_AXES = {"out_in": "(out, in)", "in_out": "(in, out)"}
+
+
+def _hint_of_key(key: str) -> str | None:
+    if key in _OUT_IN_NAMES:
+        return "out_in"
+    if key in _IN_OUT_NAMES:
+        return "in_out"
+    return None  # "w" and anything else: the shapes decide
+
+
+def _one(hints: list[str | None]) -> str | None:
+    return hints[0] if hints and all(h == hints[0] for h in hints) else None
+
+
+def _detect_layers(params: Any) -> tuple[list[str], list[str | None], str | None, str]:
     """Weight and bias paths of a list of `(W, b)` pairs, a list of dicts, a flax-style
     `{"params": {"Dense_0": {"kernel", "bias"}, ...}}` tree or a haiku-style
-    `{"mlp/~/linear_0": {"w", "b"}, ...}` one."""
+    `{"mlp/~/linear_0": {"w", "b"}, ...}` one; the layout the convention implies (`None`
+    where only the shapes can tell), and the convention's name for error messages."""
     if isinstance(params, (list, tuple)) and params and all(isinstance(p, (list, tuple)) for p in params):
         ws = [f"[{i}][0]" for i in range(len(params))]
-        bs = [f"[{i}][1]" if len(p) > 1 else None for i, p in enumerate(params)]
-        return ws, bs, "out_in"
+        # a missing bias may be written as `(W,)` or `(W, None)`
+        bs = [f"[{i}][1]" if len(p) > 1 and p[1] is not None else None for i, p in enumerate(params)]
+        return ws, bs, "out_in", "a list of (W, b) pairs"
     if isinstance(params, (list, tuple)) and params and all(isinstance(p, dict) for p in params):
-        ws, bs = [], []
+        ws, bs, hints = [], [], []
         for i, p in enumerate(params):
             wk = next((k for k in ("weight", "W", "w", "kernel") if k in p), None)
             if wk is None:
                 raise ValueError(f"layer {i}: no weight key among {list(p)} (expected 'weight', 'W', 'w' or 'kernel').")
             ws.append(f"[{i}][{wk!r}]")
-            bk = next((k for k in ("bias", "b") if k in p), None)
+            hints.append(_hint_of_key(wk))
+            bk = next((k for k in ("bias", "b") if k in p and p[k] is not None), None)
             bs.append(f"[{i}][{bk!r}]" if bk else None)
-        layout = "in_out" if "kernel" in params[0] else "out_in"
-        return ws, bs, layout
+        keys = sorted({w.split("'")[1] for w in ws})
+        return ws, bs, _one(hints), f"the weight keys {keys} of a list of dicts"
     if isinstance(params, dict):
         tree = params.get("params", params)
         prefix = "['params']" if "params" in params else ""
@@ -80,17 +104,121 @@ def _detect_layers(params: Any) -> tuple[list[str], list[str | None], str]:
         dense = ordered(dense)
         if dense:
             ws = [f"{prefix}[{k!r}]['kernel']" for k in dense]
-            bs = [f"{prefix}[{k!r}]['bias']" if "bias" in tree[k] else None for k in dense]
-            return ws, bs, "in_out"
+            bs = [f"{prefix}[{k!r}]['bias']" if tree[k].get("bias") is not None else None for k in dense]
+            return ws, bs, "in_out", "a flax parameter dict"
         # haiku: {"mlp/~/linear_0": {"w": (in, out), "b": (out,)}, ...}
         linear = ordered([k for k in params if isinstance(params[k], dict) and "w" in params[k]])
         if linear:
             ws = [f"[{k!r}]['w']" for k in linear]
-            bs = [f"[{k!r}]['b']" if "b" in params[k] else None for k in linear]
-            return ws, bs, "in_out"
+            bs = [f"[{k!r}]['b']" if params[k].get("b") is not None else None for k in linear]
+            return ws, bs, "in_out", "a haiku parameter dict"
     raise ValueError(
         "could not find the layers of these parameters; pass `weights=` and `biases=` (leaf "
         "paths, first layer first) and `layout=`."
+    )
+
+
+def _key_name(key: Any) -> Any:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return getattr(key, attr)
+    return key
+
+
+def _check_only_dense_layers(params: Any, weights: list[str], biases: list[str | None]) -> None:
+    """Refuse to guess when the tree holds arrays outside the detected dense layers: a
+    LayerNorm or BatchNorm between them changes which rescalings are symmetries."""
+    covered = {_paths.normalise(p) for p in [*weights, *biases] if p is not None}
+    extra = [
+        path for path, leaf in _paths.flatten(params)[0]
+        if _paths.is_arraylike(leaf) and path not in covered
+    ]
+    if extra:
+        shown = ", ".join(extra[:6]) + (f" and {len(extra) - 6} more" if len(extra) > 6 else "")
+        raise ValueError(
+            "these parameters hold leaves outside the dense layers found automatically "
+            f"(weights {', '.join(w for w in weights)}): {shown}. A "
+            "normalisation or other layer between the dense layers can break their symmetry "
+            "(a LayerNorm undoes rescalings), so no feedforward gauge is guessed. If these "
+            "leaves take no part in the network between the layers, pass `weights=` and "
+            "`biases=` (and `layout=`); otherwise declare the gauge with gaugejax.Gauge, or "
+            "find it with gaugejax.infer_gauge."
+        )
+
+
+def _named_layout(params: Any, key_paths: list[tuple]) -> str | None:
+    """The layout the weights' own names imply, as auto-detection reads them."""
+    hints = []
+    for path in key_paths:
+        name = _key_name(path[-1]) if path else None
+        hint = _hint_of_key(name) if isinstance(name, str) else None
+        if name == "w" and isinstance(params, dict) and len(path) == 2 and all(
+            isinstance(k, jtu.DictKey) for k in path
+        ):
+            hint = "in_out"  # haiku's {"module": {"w": (in, out), "b": ...}}
+        hints.append(hint)
+    return _one(hints)
+
+
+def _sibling_biases(key_paths: list[tuple], all_paths: dict[tuple, int]) -> list[str | None]:
+    """For each weight, the bias leaf beside it: same parent, named `bias` / `b` (with the
+    weight name's suffix: `w1` -> `b1`), or the second entry of a `(W, b)` pair."""
+    biases: list[str | None] = []
+    for path in key_paths:
+        parent, last = path[:-1], _key_name(path[-1]) if path else None
+        found = []
+        if isinstance(last, str):
+            m = re.fullmatch(r"(weight|kernel|W|w)(.*)", last)
+            if m:
+                wanted = {f"bias{m.group(2)}", f"b{m.group(2)}"}
+                found = [p for p in all_paths if p[:-1] == parent and len(p) == len(path) and _key_name(p[-1]) in wanted]
+        elif last == 0 and isinstance(path[-1], jtu.SequenceKey):
+            pair = [p for p in all_paths if p[:-1] == parent and len(p) == len(path)]
+            found = [p for p in pair if _key_name(p[-1]) == 1] if len(pair) == 2 else []
+        if len(found) > 1:
+            raise ValueError(
+                f"weight {_paths.canonical(path)!r} has more than one bias beside it "
+                f"({', '.join(repr(_paths.canonical(p)) for p in found)}); pass `biases=`."
+            )
+        biases.append(_paths.canonical(found[0]) if found else None)
+    return biases
+
+
+def _fits(layout: str, w_shapes: list[tuple], b_shapes: list[tuple | None]) -> bool:
+    """Whether the weights chain (each layer reads the width the last one wrote) and each
+    bias has its layer's output width, read in `layout`."""
+    if any(len(s) != 2 for s in w_shapes) or any(b is not None and len(b) == 0 for b in b_shapes):
+        return False
+    out_axis, in_axis = (0, 1) if layout == "out_in" else (1, 0)
+    chained = all(a[out_axis] == b[in_axis] for a, b in zip(w_shapes[:-1], w_shapes[1:]))
+    return chained and all(b is None or b[0] == w[out_axis] for w, b in zip(w_shapes, b_shapes))
+
+
+def _resolve_layout(
+    hint: str | None, source: str, weights: list[str], w_shapes: list[tuple], b_shapes: list[tuple | None],
+) -> str:
+    """The layout the convention (`hint`) says, checked against the shapes; the shapes
+    alone where there is no convention; an error where neither decides."""
+    fits = [lay for lay in ("out_in", "in_out") if _fits(lay, w_shapes, b_shapes)]
+    shapes = ", ".join(f"{w!r} {tuple(s)}" for w, s in zip(weights, w_shapes))
+    if hint is not None:
+        if hint in fits or not fits:  # no fit either way: the Gauge names the widths that disagree
+            return hint
+        other = fits[0]
+        raise ValueError(
+            f"by the convention of {source} the weights are {_LAYOUTS[hint]}, but the weights "
+            f"({shapes}) and biases only fit together as {_LAYOUTS[other]}: the weights look "
+            f"{_AXES[other]}; pass layout={other!r}."
+        )
+    if len(fits) == 1:
+        return fits[0]
+    if not fits or len(weights) == 1:  # nothing to decide / the Gauge names the widths that disagree
+        return "out_in"
+    raise ValueError(
+        f"cannot tell the layout of the weights ({shapes}): {source} do not say it (haiku's "
+        "'w' is (in, out), a hand-written 'w' is often (out, in)) and the shapes fit both "
+        "ways; pass layout='out_in' (y = W x, equinox and PyTorch) or layout='in_out' "
+        "(y = x W, flax and haiku)."
     )
 
 
@@ -104,20 +232,37 @@ def feedforward_gauge(
     group: Any = None,
     unsafe: bool = False,
 ) -> Gauge:
-    """The gauge of a feedforward network $x_l = \\sigma(W_l x_{l-1} + b_l)$ (last layer
+    r"""The gauge of a feedforward network $x_l = \sigma(W_l x_{l-1} + b_l)$ (last layer
     linear) whose parameters are any pytree.
 
-    Sites `"h1" .. "h{L-1}"` are the hidden layers. Layers are found automatically in a
-    list of `(W, b)` pairs, a list of dicts, flax's `{"params": {"Dense_i": {"kernel",
-    "bias"}}}` and haiku's `{"mlp/~/linear_i": {"w", "b"}}` (ordered by the index ending
-    each name; names without one, such as `"output"`, raise); otherwise name them.
+    Sites `"h1" .. "h{L-1}"` are the hidden layers. Layers are found automatically in:
+
+    - a list of `(W, b)` pairs (`(W,)` or `(W, None)` for no bias), weights `(out, in)`;
+    - a list of dicts, with the weight under `"weight"` or `"W"` (`(out, in)`), `"kernel"`
+      (`(in, out)`) or `"w"` (either: the shapes decide, and square ones raise), and the
+      bias under `"bias"` or `"b"`;
+    - flax's `{"params": {"Dense_i": {"kernel", "bias"}}}` and haiku's
+      `{"mlp/~/linear_i": {"w", "b"}}`, both `(in, out)`, ordered by the index ending each
+      name (names without one, such as `"output"`, raise).
+
+    A detected tree holding other arrays (a LayerNorm or BatchNorm between the layers, whose
+    symmetry is not the dense layers') raises rather than ignore them. Otherwise name the
+    layers with `weights=`.
 
     **Arguments:**
 
     - `params`: the parameter pytree (or its `jax.eval_shape`).
-    - `activation`: the hidden activation, or one per hidden layer.
-    - `weights`, `biases`: leaf paths of each layer's weight and bias (`None` for no bias).
-    - `layout`: `"out_in"` (equinox, `y = W x`) or `"in_out"` (flax kernels, `y = x W`).
+    - `activation`: the hidden activation (a callable), or a list of them, one per hidden
+      layer.
+    - `weights`: leaf paths of each layer's weight, first layer first.
+    - `biases`: leaf paths of each layer's bias (`None` for no bias). By default, with
+      `weights=`, the leaf beside each weight named `bias` or `b` (`w1` -> `b1`, and the
+      second entry of a `(W, b)` pair); pass `[None] * L` for a network without biases.
+    - `layout`: `"out_in"` (equinox, `y = W x`) or `"in_out"` (flax kernels, `y = x W`). By
+      default the weights' names decide (`"weight"`, `"W"`: `(out, in)`; `"kernel"` and
+      haiku's `"w"`: `(in, out)`), checked against the shapes; without such a name the
+      shapes decide, and where they fit both ways (square layers) a `ValueError` asks for
+      it.
     - `group`: a group class or a callable `width -> group` for every hidden site, or a list
       of them, one per site; `None` picks the largest group each activation admits
       ([`gaugejax.default_group`][]).
@@ -126,36 +271,72 @@ def feedforward_gauge(
 
     **Returns:** a [`gaugejax.Gauge`][].
     """
+    table = _paths.lookup_table(params)
+    with_path, _ = jtu.tree_flatten_with_path(params)
+    leaves = [leaf for _, leaf in with_path]
     if weights is None:
-        weights, auto_biases, auto_layout = _detect_layers(params)
+        weights, auto_biases, hint, source = _detect_layers(params)
+        _check_only_dense_layers(params, weights, auto_biases)
         biases = auto_biases if biases is None else biases
-        layout = auto_layout if layout is None else layout
-    layout = layout or "out_in"
-    if layout not in ("out_in", "in_out"):
-        raise ValueError(f"layout must be 'out_in' or 'in_out', got {layout!r}.")
+    else:
+        weights = list(weights)
+        for i, w in enumerate(weights):
+            if _paths.normalise(w) not in table:
+                raise ValueError(f"`weights[{i}]`: no leaf at path {w!r}.{_paths.close_matches(_paths.normalise(w), list(table))}")
+        key_paths = [with_path[table[_paths.normalise(w)]][0] for w in weights]
+        names = sorted({str(_key_name(p[-1])) for p in key_paths if p})
+        hint, source = _named_layout(params, key_paths), f"the weights' names {names}"
+        try:  # the weights auto-detection finds keep its convention (a list of pairs: (out, in))
+            auto_ws, _, auto_hint, auto_source = _detect_layers(params)
+        except ValueError:
+            auto_ws = []
+        if auto_ws and [table.get(_paths.normalise(w)) for w in auto_ws] == [table[_paths.normalise(w)] for w in weights]:
+            hint, source = auto_hint, auto_source
+        if biases is None:
+            biases = _sibling_biases(key_paths, {p: i for i, (p, _) in enumerate(with_path)})
     weights = list(weights)
     biases = [None] * len(weights) if biases is None else list(biases)
     if len(biases) != len(weights):
         raise ValueError(f"got {len(weights)} weights but {len(biases)} biases.")
     n_hidden = len(weights) - 1
+    if not isinstance(activation, (list, tuple)) and not callable(activation):
+        raise TypeError(
+            "`activation` must be a callable (e.g. jax.nn.relu) or a list of callables, one "
+            f"per hidden layer; got {activation!r} of type {type(activation).__name__}."
+        )
     activations = list(activation) if isinstance(activation, (list, tuple)) else [activation] * n_hidden
+    for i, act in enumerate(activations):
+        if not callable(act):
+            raise TypeError(
+                f"`activation[{i}]` must be a callable (e.g. jax.nn.relu), got {act!r} of type "
+                f"{type(act).__name__}."
+            )
     if len(activations) != n_hidden:
         raise ValueError(f"got {len(activations)} activations for {n_hidden} hidden layers.")
     groups = list(group) if isinstance(group, (list, tuple)) else [group] * n_hidden
     if len(groups) != n_hidden:
         raise ValueError(f"got {len(groups)} groups for {n_hidden} hidden layers.")
 
-    table = _paths.lookup_table(params)
-    leaves = jtu.tree_leaves(params)
+    def shape_of(path: str | None, what: str) -> tuple | None:
+        if path is None:
+            return None
+        if _paths.normalise(path) not in table:
+            raise ValueError(f"{what}: no leaf at path {path!r}.{_paths.close_matches(_paths.normalise(path), list(table))}")
+        return tuple(leaves[table[_paths.normalise(path)]].shape)
+
+    w_shapes = [shape_of(w, f"weight of layer {l + 1}") for l, w in enumerate(weights)]
+    b_shapes = [shape_of(b, f"bias of layer {l + 1}") for l, b in enumerate(biases)]
+    if layout is None:
+        layout = _resolve_layout(hint, source, weights, w_shapes, b_shapes)
+    if layout not in ("out_in", "in_out"):
+        raise ValueError(f"layout must be 'out_in' or 'in_out', got {layout!r}.")
+
     out_axis, in_axis = (0, 1) if layout == "out_in" else (1, 0)
     sites: dict[str, AbstractGroup] = {}
     couplings = []
     for l in range(1, n_hidden + 1):
         name = f"h{l}"
-        w_path = _paths.normalise(weights[l - 1])
-        if w_path not in table:
-            raise ValueError(f"weight of layer {l}: no leaf at path {weights[l - 1]!r}.{_paths.close_matches(w_path, list(table))}")
-        width = leaves[table[w_path]].shape[out_axis]
+        width = w_shapes[l - 1][out_axis]
         spec, act = groups[l - 1], activations[l - 1]
         site_group = _activations.default_group(act, width) if spec is None else _make_group(spec, width)
         if not _activations.admits(act, site_group) and not unsafe:

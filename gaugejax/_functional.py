@@ -55,6 +55,10 @@ def functional_dimension(
       each input has few outputs: one reverse pass per output of one input, instead of
       one forward pass of the whole batch per parameter. Only for models that treat their
       inputs independently (no batch statistics).
+
+    The Jacobian is compiled once per `fn` object (it is a static argument of
+    `equinox.filter_jit`): a new `lambda` or `functools.partial` on every call recompiles
+    every time. Pass the same function object to reuse the compilation.
     """
     jac = np.asarray(_jacobian(fn, params, inputs, per_example))
     eps = np.finfo(jac.dtype).eps  # the rank threshold follows the model's dtype

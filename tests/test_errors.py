@@ -181,3 +181,29 @@ def test_coupling_axis_and_link_step():
         with pytest.raises(ValueError, match="step h must be a positive finite float"):
             gj.Gauge({"s": gj.GL(3)}, [gj.Link("['A'][0]", "s", None, h), gj.Link("['A'][1]", None, "s", h)], A)
     gj.Gauge({"s": gj.GL(3)}, [gj.Link("['A'][0]", "s", None, np.float32(0.5)), gj.Link("['A'][1]", None, "s", 0.5)], A)
+
+
+def test_in_out_pairs_ask_for_layout():
+    """(W, b) pairs written (in, out) got a site-dimension error that never said layout."""
+    pairs = [(jnp.ones((4, 6)), jnp.zeros(6)), (jnp.ones((6, 3)), jnp.zeros(3))]
+    with pytest.raises(ValueError, match=r"list of \(W, b\) pairs.*'\[0\]\[0\]' \(4, 6\).*look \(in, out\); pass layout='in_out'"):
+        gj.feedforward_gauge(pairs, jax.nn.relu)
+    assert gj.feedforward_gauge(pairs, jax.nn.relu, layout="in_out").couplings[0].axis == 1
+
+
+def test_activation_must_be_callable():
+    """A string activation ("relu") was accepted and silently gave Permutation sites."""
+    with pytest.raises(TypeError, match=r"`activation` must be a callable.*got 'relu' of type str"):
+        gj.feedforward_gauge(_pairs(), "relu")
+    with pytest.raises(TypeError, match=r"`activation\[0\]` must be a callable.*got 'relu'"):
+        gj.feedforward_gauge(_pairs(), ["relu"])
+    with pytest.raises(TypeError, match="an activation must be a callable.*'tanh'"):
+        gj.activation_family("tanh")
+
+
+@pytest.mark.parametrize("bad", [6.7, 6.0, True, "6"])
+def test_mlp_sizes_must_be_integers(bad):
+    """gaugejax.nn.MLP([4, 6.7, 3]) truncated the width to 6."""
+    with pytest.raises(ValueError, match=rf"`sizes\[1\]` must be an integer layer width, got {bad!r}"):
+        gj.nn.MLP([4, bad, 3], key=jax.random.key(0))
+    assert gj.nn.MLP([4, np.int64(6), 3], key=jax.random.key(0)).sizes == [4, 6, 3]

@@ -225,3 +225,153 @@ def test_flax_layers_without_an_index_are_refused():
     params = {"params": {"Dense_10": layer(6, 6), "Dense_2": layer(4, 6), "Dense_11": layer(6, 3)}}
     gauge = gj.feedforward_gauge(params, jax.nn.relu)
     assert [c.leaf for c in gauge.couplings if isinstance(c, gj.Produce) and "kernel" in c.leaf][0] == "['params']['Dense_2']['kernel']"
+
+
+def _invariant(fn, gauge, params, n_in, key):
+    x = jax.random.normal(key, (8, n_in), jnp.float64)
+    return gj.check_invariance(fn, gauge, params, x, key=key, num_samples=8).max_rel_error <= 1e-12
+
+
+def _normals(key, *shapes):
+    return [jax.random.normal(k, s, jnp.float64) for k, s in zip(jax.random.split(key, len(shapes)), shapes)]
+
+
+def test_named_weights_find_the_bias_beside_them(getkey):
+    """With `weights=` and no `biases=`, the biases were dropped ([None] * L): the hidden
+    biases never transformed and the gauge was not a symmetry (relative error O(1))."""
+    w0, b0, w1, b1 = _normals(getkey(), (6, 4), (6,), (3, 6), (3,))
+    params = {"l0": {"W": w0, "b": b0}, "l1": {"W": w1, "b": b1}}
+
+    def fn(p, x):
+        return jax.nn.relu(x @ p["l0"]["W"].T + p["l0"]["b"][None]) @ p["l1"]["W"].T + p["l1"]["b"][None]
+
+    gauge = gj.feedforward_gauge(params, jax.nn.relu, weights=["l0/W", "l1/W"])
+    assert [c.leaf for c in gauge.couplings] == ["l0/W", "['l0']['b']", "l1/W"]
+    assert _invariant(fn, gauge, params, 4, getkey())
+    # a numbered name keeps its number (w1 -> b1), and an explicit None still means no bias
+    flat = {"w1": w0, "b1": b0, "w2": w1, "b2": b1}
+    gauge = gj.feedforward_gauge(flat, jax.nn.relu, weights=["w1", "w2"])
+    assert "['b1']" in [c.leaf for c in gauge.couplings]
+    gauge = gj.feedforward_gauge(flat, jax.nn.relu, weights=["w1", "w2"], biases=[None, None])
+    assert [c.leaf for c in gauge.couplings] == ["w1", "w2"]
+
+
+def test_named_weights_take_their_layout_from_their_names(getkey):
+    """Flax kernels named with `weights=` and no `layout=` were read as (out, in): square
+    kernels then gave a wrong gauge (relative error ~9) instead of flax's (in, out)."""
+    n = 5
+    ws = _normals(getkey(), *[(n, n)] * 3)
+    bs = _normals(getkey(), *[(n,)] * 3)
+    params = {"params": {f"Dense_{i}": {"kernel": ws[i], "bias": bs[i]} for i in range(3)}}
+
+    def fn(p, x):
+        for i in range(3):
+            x = x @ p["params"][f"Dense_{i}"]["kernel"] + p["params"][f"Dense_{i}"]["bias"][None]
+            x = jax.nn.relu(x) if i < 2 else x
+        return x
+
+    gauge = gj.feedforward_gauge(params, jax.nn.relu, weights=[f"params/Dense_{i}/kernel" for i in range(3)],
+                                 biases=[f"params/Dense_{i}/bias" for i in range(3)])
+    assert gauge.couplings[0].axis == 1
+    assert _invariant(fn, gauge, params, n, getkey())
+    # names that say nothing: non-square shapes decide, square ones ask for layout=
+    plain = {"a": jnp.ones((4, 6)), "c": jnp.ones((6, 3))}
+    assert gj.feedforward_gauge(plain, jax.nn.relu, weights=["a", "c"]).couplings[0].axis == 1
+    square = {"a": jnp.ones((6, 6)), "c": jnp.ones((6, 6))}
+    with pytest.raises(ValueError, match=r"cannot tell the layout of the weights.*'a' \(6, 6\).*pass layout="):
+        gj.feedforward_gauge(square, jax.nn.relu, weights=["a", "c"])
+
+
+@pytest.mark.parametrize("norm", ["LayerNorm_0", "BatchNorm_0"])
+def test_flax_and_haiku_trees_with_a_norm_layer_are_refused(norm):
+    """A LayerNorm between flax Dense layers was silently ignored and a ReLU
+    PositiveMonomial gauge returned, though the norm undoes rescalings (error ~1.2)."""
+    dense = lambda a, b, w="kernel", bias="bias": {w: jnp.ones((a, b)), bias: jnp.ones(b)}  # noqa: E731
+    params = {"params": {"Dense_0": dense(4, 6), norm: {"scale": jnp.ones(6), "bias": jnp.zeros(6)},
+                         "Dense_1": dense(6, 3)}}
+    with pytest.raises(ValueError, match=rf"outside the dense layers.*\['params'\]\['{norm}'\]\['scale'\].*gaugejax.Gauge.*infer_gauge"):
+        gj.feedforward_gauge(params, jax.nn.relu)
+    haiku = {"mlp/~/linear_0": dense(4, 6, "w", "b"), "layer_norm": {"scale": jnp.ones(6), "offset": jnp.zeros(6)},
+             "mlp/~/linear_1": dense(6, 3, "w", "b")}
+    with pytest.raises(ValueError, match=r"outside the dense layers.*layer_norm.*pass `weights=`"):
+        gj.feedforward_gauge(haiku, jax.nn.relu)
+    # naming the layers is the way to say the norm takes no part
+    gj.feedforward_gauge(params, jax.nn.relu, weights=["params/Dense_0/kernel", "params/Dense_1/kernel"])
+
+
+def test_w_in_a_list_of_dicts_is_read_as_the_shapes_say(getkey):
+    """{"w", "b"} dicts in a list were read (out, in), haiku's dict form (in, out): a list of
+    haiku-style square layers got a wrong gauge (error ~10)."""
+    ws = _normals(getkey(), (4, 6), (6, 3))
+    bs = _normals(getkey(), (6,), (3,))
+    params = [{"w": w, "b": b} for w, b in zip(ws, bs)]
+
+    def fn(p, x):
+        return jax.nn.relu(x @ p[0]["w"] + p[0]["b"][None]) @ p[1]["w"] + p[1]["b"][None]
+
+    gauge = gj.feedforward_gauge(params, jax.nn.relu)
+    assert [c.axis for c in gauge.couplings] == [1, 0, 0]
+    assert _invariant(fn, gauge, params, 4, getkey())
+    transposed = [{"w": w.T, "b": b} for w, b in zip(ws, bs)]
+    assert [c.axis for c in gj.feedforward_gauge(transposed, jax.nn.relu).couplings] == [0, 0, 1]
+    square = [{"w": jnp.ones((5, 5)), "b": jnp.ones(5)} for _ in range(3)]
+    with pytest.raises(ValueError, match=r"cannot tell the layout.*\['w'\] of a list of dicts.*pass layout="):
+        gj.feedforward_gauge(square, jax.nn.relu)
+    assert gj.feedforward_gauge(square, jax.nn.relu, layout="in_out").couplings[0].axis == 1
+    # haiku's own dict form stays (in, out), square or not
+    haiku = {f"mlp/~/linear_{i}": layer for i, layer in enumerate(square)}
+    assert gj.feedforward_gauge(haiku, jax.nn.relu).couplings[0].axis == 1
+
+
+def test_activations_holding_per_unit_arrays_are_refused(getkey):
+    """An eqx.nn.PReLU with one slope per unit (or a function closing over such an array)
+    was filed "elementwise" and got Permutation sites, which are not a symmetry."""
+    import equinox as eqx
+
+    slopes = jnp.linspace(-1.0, 1.0, 6)
+    prelu = eqx.nn.PReLU(init_alpha=slopes)
+    with pytest.raises(ValueError, match=r"'PReLU' holds an array of shape \(6,\).*gaugejax.Gauge"):
+        gj.activation_family(prelu)
+    params = [tuple(_normals(getkey(), (6, 4), (6,))), tuple(_normals(getkey(), (3, 6), (3,)))]
+    with pytest.raises(ValueError, match="holds an array"):
+        gj.feedforward_gauge(params, prelu)
+
+    def closure(z):
+        return jnp.where(z > 0, z, slopes * z)
+
+    with pytest.raises(ValueError, match=r"'closure' holds an array of shape \(6,\) in its closure as 'slopes'"):
+        gj.activation_family(closure)
+    # one scalar slope is the same function on every unit
+    assert gj.activation_family(eqx.nn.PReLU(0.1)) == "elementwise"
+
+
+def test_a_none_bias_means_no_bias(getkey):
+    """(W, None) in a list, or {"W": ..., "b": None}, raised "no leaf at path '[0][1]'"."""
+    w0, w1, b1 = _normals(getkey(), (6, 4), (3, 6), (3,))
+
+    def fn(p, x):
+        return jax.nn.relu(x @ p[0][0].T) @ p[1][0].T + p[1][1][None]
+
+    pairs = [(w0, None), (w1, b1)]
+    gauge = gj.feedforward_gauge(pairs, jax.nn.relu)
+    assert [c.leaf for c in gauge.couplings] == ["[0][0]", "[1][0]"]
+    assert _invariant(fn, gauge, pairs, 4, getkey())
+    dicts = [{"W": w0, "b": None}, {"W": w1, "b": b1}]
+    assert [c.leaf for c in gj.feedforward_gauge(dicts, jax.nn.relu).couplings] == ["[0]['W']", "[1]['W']"]
+
+
+def test_functional_dimension_documents_its_compilation_per_fn():
+    """Every new `fn` object recompiles (it is static to filter_jit): the docstring says so."""
+    doc = " ".join(gj.functional_dimension.__doc__.split())
+    assert "recompiles every time" in doc and "same function object" in doc
+
+
+def test_concepts_page_prints_the_couplings_as_they_are():
+    """docs/concepts.md printed the couplings without their `view=None` field."""
+    import pathlib
+
+    page = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "concepts.md").read_text()
+    start = page.index("print(ff_gauge.couplings)\n") + len("print(ff_gauge.couplings)\n")
+    printed = " ".join(line[2:].strip() for line in page[start:].split("```")[0].splitlines() if line.startswith("#"))
+    params = [(jnp.ones((64, 32)), jnp.ones(64)), (jnp.ones((10, 64)), jnp.ones(10))]
+    assert printed == repr(gj.feedforward_gauge(params, jax.nn.relu).couplings).replace(",  ", ", ")

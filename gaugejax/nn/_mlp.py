@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -11,6 +12,18 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._init import linears
+
+
+def _width(size: Any, i: int) -> int:
+    """A layer width: an integer (a bool or a float such as 6.7 is refused, not truncated)."""
+    if not isinstance(size, bool):
+        try:
+            return operator.index(size)
+        except TypeError:
+            pass
+    raise ValueError(
+        f"`sizes[{i}]` must be an integer layer width, got {size!r} of type {type(size).__name__}."
+    )
 
 
 class MLP(eqx.Module):
@@ -42,7 +55,7 @@ class MLP(eqx.Module):
         dtype: Any = None,
         use_bias: bool = True,
     ):
-        sizes = [int(s) for s in sizes]
+        sizes = [_width(s, i) for i, s in enumerate(sizes)]
         if len(sizes) < 2 or any(s <= 0 for s in sizes):
             raise ValueError(f"`sizes` needs at least two positive widths, got {sizes}.")
         # equinox's initialisation, all layers from one draw (one compilation, not one per
