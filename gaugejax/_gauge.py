@@ -430,9 +430,25 @@ class Gauge(eqx.Module):
                     )
                 translate[i] = c.site
 
-        for i in links:
+        for i, lps in links.items():
             if i in translate:
                 raise ValueError(f"leaf {paths[i]!r} cannot be both a Link and translated.")
+            # A' = g_out A g_in^-1 + (g_out g_in^-1 - I)/h needs every site acting on A in the
+            # one link's affine term: a second link, or a Produce / Consume beside it, would
+            # act on A linearly only (not a group action)
+            if len(lps) > 1:
+                raise ValueError(
+                    f"leaf {paths[i]!r} carries {len(lps)} Links; a link leaf carries one, "
+                    "Link(leaf, out_site, in_site, h), with both ends in it (None holds an end "
+                    "at the identity)."
+                )
+            if len(linear.get(i, [])) > (lps[0].out_site is not None) + (lps[0].in_site is not None):
+                others = [o.site for o in linear[i] if o.site not in (lps[0].out_site, lps[0].in_site)]
+                raise ValueError(
+                    f"leaf {paths[i]!r} is a Link's A (U = I + hA) and is also coupled to "
+                    f"{others}: a link leaf takes no other coupling (put the sites on the "
+                    "Link's ends)."
+                )
 
         # Every site's couplings must agree on its dimension.
         for site, entries in sizes.items():

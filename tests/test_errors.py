@@ -181,6 +181,13 @@ def test_coupling_axis_and_link_step():
         with pytest.raises(ValueError, match="step h must be a positive finite float"):
             gj.Gauge({"s": gj.GL(3)}, [gj.Link("['A'][0]", "s", None, h), gj.Link("['A'][1]", None, "s", h)], A)
     gj.Gauge({"s": gj.GL(3)}, [gj.Link("['A'][0]", "s", None, np.float32(0.5)), gj.Link("['A'][1]", None, "s", 0.5)], A)
+    # a link's affine term must see every site acting on its leaf: a second Link, or a
+    # Produce beside it, acted on A linearly only (the group law failed by O(1))
+    sites = {"s0": gj.GL(3), "s1": gj.GL(3)}
+    with pytest.raises(ValueError, match="carries 2 Links"):
+        gj.Gauge(sites, [gj.Link("['A'][0]", "s1", None, 0.1), gj.Link("['A'][0]", None, "s0", 0.1)], A)
+    with pytest.raises(ValueError, match=r"also coupled to \['s1'\]"):
+        gj.Gauge(sites, [gj.Link("['A'][0]", None, "s0", 0.1), gj.Produce("['A'][0]", 0, "s1")], A)
 
 
 def test_in_out_pairs_ask_for_layout():
