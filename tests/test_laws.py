@@ -173,6 +173,16 @@ def test_haar_orthogonal(getkey):
     dets = jax.vmap(lambda k: jnp.linalg.det(group.sample(k, None, jnp.float64)))(jax.random.split(getkey(), 200))
     # Haar on O(n) covers both components
     assert jnp.any(dets < 0) and jnp.any(dets > 0)
+    # drawn without LAPACK (concurrent batched LAPACK calls deadlock XLA:CPU on two cores:
+    # a sweep over six batched O(8) sites hung), as the Q of QR with R's diagonal positive
+    batched = gj.Orthogonal(6, (3,))
+    key = getkey()
+    hlo = jax.jit(lambda k: batched.sample(k, None, jnp.float64)).lower(key).as_text()
+    assert "custom_call" not in hlo, "a LAPACK custom call in the Haar sampler"
+    x = jax.random.normal(key, (3, 6, 6), jnp.float64)
+    q, r = jnp.linalg.qr(x)
+    ref = q * jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))[..., None, :]
+    assert jnp.allclose(gj._groups._linalg.haar_orthogonal(x), ref, atol=1e-12)
 
 
 @pytest.mark.parametrize("n", [4, 200], ids=["rank-sampler", "sort-sampler"])

@@ -6,8 +6,9 @@ two such calls concurrently (independent per-layer $GL$ sites of one sampled ele
 in an invariance sweep over a 6-layer, 12-head model) on a machine with two pool threads,
 both threads wait for work that neither can run and the program hangs (observed with jax
 0.10.2 on 2 cores). The matrix groups therefore invert small matrices by Gauss-Jordan
-elimination and exponentiate by scaling and squaring of a Taylor polynomial, written in
-ordinary XLA ops; only matrices larger than `PURE_MAX_N` use LAPACK.
+elimination, exponentiate by scaling and squaring of a Taylor polynomial and draw Haar
+rotations by Gram-Schmidt, written in ordinary XLA ops; only matrices larger than
+`PURE_MAX_N` use LAPACK.
 """
 
 from __future__ import annotations
@@ -117,3 +118,31 @@ def expm(x: Array) -> Array:
     $0.5^{17}/17! \\approx 2\\times10^{-20}$, below float64 rounding). Differentiable in
     both modes."""
     return _batched(_expm_one, x)
+
+
+def _gram_schmidt(x: Array) -> Array:
+    """The Q of `x = QR` with R's diagonal positive: classical Gram-Schmidt with one
+    reorthogonalisation per column ("twice is enough": orthogonal to rounding for any
+    numerically nonsingular `x`)."""
+    n = x.shape[-1]
+    cols = jnp.arange(n)
+
+    def step(k, q):
+        v = q[:, k]
+        done = cols < k
+        for _ in range(2):
+            v = v - jnp.matmul(q, jnp.where(done, jnp.matmul(v, q, precision=_HIGHEST), 0), precision=_HIGHEST)
+        return q.at[:, k].set(v / jnp.linalg.norm(v))
+
+    return jax.lax.fori_loop(0, n, step, x)
+
+
+def haar_orthogonal(x: Array) -> Array:
+    """Batched $Q$ of $X = QR$ with $R$'s diagonal positive: for a Gaussian $X$ a draw
+    from the Haar measure on $O(n)$ (reflections included). Gram-Schmidt up to
+    `PURE_MAX_N`, LAPACK's QR with the sign fix above."""
+    if x.shape[-1] > PURE_MAX_N:
+        q, r = jnp.linalg.qr(x)
+        d = jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))
+        return q * jnp.where(d == 0, 1, d).astype(x.dtype)[..., None, :]
+    return _batched(_gram_schmidt, x)

@@ -136,10 +136,7 @@ class Orthogonal(_AbstractMatrixGroup):
         x = normals.reshape(*self.batch, self.n, self.n).astype(dtype)
         if scale is not None:  # exp(s K / sqrt(n)), K = (X - X^T) / sqrt(2): `sample_algebra`'s law
             return self.exp(scale / (2 * self.n) ** 0.5 * (x - _mT(x)))
-        q, r = jnp.linalg.qr(x)
-        d = jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))
-        d = jnp.where(d == 0, 1, d).astype(dtype)
-        return q * d[..., None, :]
+        return _linalg.haar_orthogonal(x)
 
     def inverse(self, g: Array) -> Array:
         return _mT(g)
