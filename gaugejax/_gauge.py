@@ -31,7 +31,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from . import _paths
 from ._coupling import Consume, Coupling, Link, Produce, Translate
-from ._groups.base import AbstractGroup, invert_permutation, split_draws
+from ._groups.base import AbstractGroup, default_float, invert_permutation, split_draws
 from ._groups.permutation import Permutation
 from ._groups.translation import Translation
 
@@ -953,6 +953,8 @@ class Gauge(eqx.Module):
         if dtype is None:
             dts = _float_dtypes(dict(xi))
             dtype = dts.pop() if len(dts) == 1 else None
+        else:  # the element in the dtype asked for, whatever xi's
+            xi = {n: x.astype(default_float(dtype)) if eqx.is_inexact_array(x) else x for n, x in xi.items()}
         out = {}
         for name, group in self.sites:
             out[name] = group.exp(xi[name], dtype) if name in xi else group.identity(dtype)
@@ -987,12 +989,18 @@ class Gauge(eqx.Module):
     def orbit_rank(self, params: PyTree, *, rtol: float | None = None) -> int:
         """Numerical rank of the vertical map $\\xi \\mapsto$ `vertical(params, xi)` at
         `params`: the dimension of the orbit through this point (equal to
-        [`gaugejax.Gauge.orbit_dim`][] unless `params` has a non-trivial stabiliser)."""
+        [`gaugejax.Gauge.orbit_dim`][] unless `params` has a non-trivial stabiliser).
+        Half-precision parameters are ranked in float32, which holds their values exactly."""
         dts = _float_dtypes(params)
         dtype = dts.pop() if len(dts) == 1 else jnp.zeros(()).dtype
         zeros = self.algebra_zeros(dtype)
         if not zeros:
             return 0
+        if jnp.finfo(dtype).bits < 32:
+            # half precision: the rank at these parameter values, computed in float32 (which
+            # holds them exactly); rounding at bfloat16's epsilon would hide real directions
+            params = jtu.tree_map(lambda x: x.astype(jnp.float32) if eqx.is_inexact_array(x) else x, params)
+            zeros = self.algebra_zeros(jnp.float32)
         jac = _vertical_jacobian(self, params, zeros)
         s = np.linalg.svd(np.asarray(jac), compute_uv=False)
         if rtol is None:

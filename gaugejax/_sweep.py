@@ -157,12 +157,17 @@ def _sweep_block(fn, gauge, params, args, key, block, per_block, total, scale, s
     inputs, and the errors of block `block` (a traced index, so every block shares the
     program) of the `total` keys split from `key`."""
     y0 = fn(params, *args)
-    for path, y in jtu.tree_flatten_with_path(y0)[0]:
+    outputs = jtu.tree_flatten_with_path(y0)[0]
+    if not outputs:
+        raise ValueError(f"fn returned no arrays ({y0!r}): there is nothing to compare.")
+    for path, y in outputs:
         if not eqx.is_inexact_array(y):
             raise TypeError(
                 f"fn's output{jtu.keystr(path)} is {getattr(y, 'dtype', type(y).__name__)}; an "
                 "invariance check compares floating-point outputs (return floats)."
             )
+        if y.size == 0:
+            raise ValueError(f"fn's output{jtu.keystr(path)} has shape {y.shape}, with no entries to compare.")
     flags = (
         [jnp.all(jnp.isfinite(x)) if eqx.is_inexact_array(x) else None for x in jtu.tree_leaves(params)],
         [_finite(a) for a in args],

@@ -156,6 +156,10 @@ def test_sweep_arguments():
         run(lambda p, x: {"y": jnp.int32(1), "z": mlp(p, x)})
     with pytest.raises(ValueError, match="structure this gauge was built for"):
         gj.check_invariance(lambda p, x: x, gauge, params[:1], x, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="fn returned no arrays"):
+        run(lambda p, x: {})
+    with pytest.raises(ValueError, match=r"fn's output\['y'\] has shape \(0,\)"):
+        run(lambda p, x: {"y": jnp.zeros((0,)), "z": mlp(p, x)})
     assert run(chunk_size=np.int64(3)).passed  # NumPy integers are integers
     rep = run(sites="h", per_site=True)  # one site's name
     assert rep.passed and list(rep.per_site) == ["h"]
@@ -169,6 +173,16 @@ def test_element_and_algebra_dtypes_and_shapes():
     for f in (gauge.exp, lambda xi: gauge.vertical(params, xi)):
         with pytest.raises(ValueError, match=r"site 'h'.*Lie-algebra element of shape \(5,\), got \(4,\)"):
             f({"h": jnp.ones(4)})
+    # exp(xi, dtype=...) is in that dtype whatever xi's, so it acts on such parameters
+    half = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    g = gauge.exp({"h": jnp.ones(5, jnp.float32)}, dtype=jnp.bfloat16)
+    assert g["h"].dtype == jnp.bfloat16
+    gauge.act(g, half)
+    # half-precision parameters are ranked in float32 (NumPy's SVD refused bfloat16)
+    gl = gj.Gauge({"h": gj.GL(5)}, [gj.Produce("[0][0]", 0, "h"), gj.Produce("[0][1]", 0, "h"),
+                                   gj.Consume("[1][0]", 1, "h")], params)
+    assert gl.orbit_rank(jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)) == gl.orbit_rank(
+        jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(jnp.float32), params))
 
 
 def test_coupling_axis_and_link_step():
