@@ -255,7 +255,10 @@ def check_invariance(
     - `per_site`: also sweep every site (every site of `sites`, when given) alone and
       report each.
     - `rtol`: the tolerance on the max relative error; default per dtype
-      (`1e-5` float32, `1e-10` float64).
+      (`1e-5` float32, `1e-10` float64, `2e-2` float16, `1e-1` bfloat16). The
+      half-precision ones are set by rounding (a dense $GL$ transform of a bfloat16 MLP
+      errs by 3e-2), so a broken symmetry sampled near the identity (`scale=0.1`) can pass
+      them: verify symmetries in float32 or float64.
     - `raise_on_failure`: raise [`gaugejax.InvarianceError`][] instead of returning a
       failing report.
     - `chunk_size`: group elements per vmapped chunk (default: adaptive, see
