@@ -51,39 +51,62 @@ def main(argv: list[str] | None = None) -> int:
                             "compiles with --xla_backend_optimization_level=0: its programs run once "
                             "or a few times, so compiling them is most of its time)")
     args = parser.parse_args(argv)
+    # bad output paths fail now, not after the run (exit 2: a usage error, not a failed check)
+    which = {"report": rep, "continuum": con}.get(args.command, parser)
+    for flag, path, is_dir in (("--json", getattr(args, "json", None), False), ("--plot", getattr(args, "plot", None), True)):
+        problem = _unwritable(path, is_dir)
+        if problem:
+            which.error(f"{flag} {path}: {problem}")
     if not args.xla_optimize:
         _fast_compile()
     if args.command == "continuum":
         if args.max_depth < 16:
-            parser.error(f"--max-depth must be at least 16 (two depths to fit a slope), got {args.max_depth}")
+            con.error(f"--max-depth must be at least 16 (two depths to fit a slope), got {args.max_depth}")
         import jax
 
         jax.config.update("jax_enable_x64", True)
         return _continuum(args)
     if args.command == "report":
         if args.samples <= 0:
-            parser.error(f"--samples must be positive, got {args.samples}")
+            rep.error(f"--samples must be positive, got {args.samples}")
         import jax
 
         jax.config.update("jax_enable_x64", True)
-        from ._report import run_report
-        from ._report_transformer import transformer_rows_ok
+        from ._report import report_ok, run_report
 
         result = run_report(num_samples=args.samples, seed=args.seed, json_path=args.json, plot_dir=args.plot,
                             model=args.model)
-        rows = [*result["models"], result["node"]]
-        ok = all(s["passed"] for m in rows for s in m["sweeps"]) and all(
-            c["broke_as_predicted"] for m in rows for c in m["controls"])
-        ok = ok and transformer_rows_ok(result["transformers"]) and all(r["agrees"] for r in result["inference"])
-        return 0 if ok else 1
+        return 0 if report_ok(result) else 1
     return 2
 
 
+def _unwritable(path: str | None, is_dir: bool) -> str | None:
+    """Why `path` cannot be written (as a directory when `is_dir`), or None: checked before
+    a minute of computation rather than after it."""
+    import pathlib
+
+    if path is None:
+        return None
+    p = pathlib.Path(path)
+    if is_dir and p.exists() and not p.is_dir():
+        return "is a file, not a directory"
+    if not is_dir and p.is_dir():
+        return "is a directory, not a file"
+    parent = p if is_dir else p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, not a directory"
+    if not os.access(parent, os.W_OK):
+        return f"{parent} is not writable"
+    return None
+
+
 def _continuum(args) -> int:
-    import json
     import pathlib
 
     from ._continuum import continuum_tables, format_table, plot_tables
+    from ._report import json_text
 
     depths = []
     L = 8
@@ -96,7 +119,7 @@ def _continuum(args) -> int:
     if args.json:
         path = pathlib.Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(tables, indent=2, default=float))
+        path.write_text(json_text(tables))
         print(f"wrote {path}")
     if args.plot:
         for p in plot_tables(tables, args.plot):

@@ -67,7 +67,9 @@ def functional_dimension(
     n_out = jac.shape[0]
     flat_size = jac.shape[1]
     s = np.linalg.svd(jac, compute_uv=False)
-    rtol = max(jac.shape) * eps if rtol is None else rtol
+    if rtol is not None and not (np.ndim(rtol) == 0 and 0 <= float(rtol) < 1):
+        raise ValueError(f"`rtol` must be a number in [0, 1) (relative to the largest singular value), got {rtol!r}.")
+    rtol = max(jac.shape) * eps if rtol is None else float(rtol)
     tol = float(rtol * s[0]) if s.size else 0.0
     rank = int(np.sum(s > tol))
     gap = float(s[rank - 1] / s[rank]) if 0 < rank < s.size and s[rank] > 0 else float("inf")
@@ -104,6 +106,11 @@ def probe_inputs(key: Any, num: int, dim: int, *, dtype: Any = None, max_scale: 
     """
     import jax.numpy as jnp
 
+    if not (np.ndim(max_scale) == 0 and float(max_scale) >= 1):  # NaN fails too
+        raise ValueError(f"`max_scale` must be a number >= 1 (the largest radius), got {max_scale!r}.")
+    for name, v in (("num", num), ("dim", dim)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
+            raise ValueError(f"`{name}` must be a positive integer, got {v!r}.")
     k_r, k_x = jax.random.split(key)
     dtype = jnp.zeros(()).dtype if dtype is None else dtype
     radii = jnp.exp(jax.random.uniform(k_r, (num, 1), dtype, 0.0, float(np.log(max_scale))))

@@ -28,7 +28,12 @@ class FactoredMatrix(eqx.Module):
     """A (batched) low-rank matrix kept as the product `left @ right` of its factors,
     `left: (..., m, r)`, `right: (..., r, n)`, never formed unless asked (`dense()`).
 
-    The factors are not gauge-invariant; everything this class computes from them is.
+    The factors are not gauge-invariant. For `qk_circuit` and `ov_circuit`, the product
+    and everything computed from it are invariant under the per-head $GL$ parts of the
+    transformer's gauge (and the key shift and MLP sites); a `heads` permutation reorders
+    the per-head results, and a `stream` rotation $Q$ conjugates the product
+    ($W \\mapsto Q W Q^T$: its singular values and eigenvalues are invariant, `dense()` and
+    the singular vectors are not).
     """
 
     left: Float[Array, "*batch m r"]
@@ -67,9 +72,9 @@ class FactoredMatrix(eqx.Module):
         return self.svd()[1]
 
     def eigenvalues(self) -> Array:
-        """The non-trivial eigenvalues of a square product: those of `right @ left`
-        (`r x r`), which equal the nonzero eigenvalues of `left @ right`. Complex, sorted
-        by descending magnitude."""
+        """The `r` eigenvalues of `right @ left` (`r x r`) for a square product: its nonzero
+        eigenvalues are those of `left @ right`, and the rest are zeros (all of them when
+        `r > m`: `r - m` zeros at least). Complex, sorted by descending magnitude."""
         if self.shape[-1] != self.shape[-2]:
             raise ValueError(f"eigenvalues need a square product, got shape {self.shape}.")
         small = jnp.matmul(self.right, self.left, precision=_HIGHEST)

@@ -48,6 +48,56 @@ SWEEP_CHUNK = 1
 #: at most this many Jacobian rows (outputs x inputs) for the functional dimension
 FD_MAX_ROWS = 8192
 
+#: S4 (float64): the balanced model's moment-map residual, and its change of function
+BALANCE_RESIDUAL_TOL = 1e-8
+BALANCE_FUNCTION_TOL = 1e-10
+
+
+def json_text(result: Any) -> str:
+    """`result` as strict JSON: non-finite numbers (a functional dimension's gap of `inf`
+    at full rank, a NaN error) become `null`, since `Infinity` and `NaN` are not JSON."""
+
+    def clean(x):
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        if isinstance(x, (np.generic, np.ndarray)) and np.ndim(x) == 0:
+            x = x.item()
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        return x
+
+    return json.dumps(clean(result), indent=2, default=float, allow_nan=False)
+
+
+def checks_of(m: dict[str, Any]) -> dict[str, bool]:
+    """The verdicts of one model row besides its sweeps and controls: the orbit's numerical
+    rank equals its dimension, the functional dimension is at most params - orbit (below it
+    is allowed: some shapes fall short; above it contradicts the gauge), and S4 (the
+    balanced point has a zero moment map and computes the same function)."""
+    out = {"orbit_rank_equals_orbit_dim": m["orbit_rank"] == m["orbit_dim"],
+           "functional_dim_within_bound": m["functional_dim"] <= m["params_minus_orbit"]}
+    bal = m.get("balance")
+    if bal:
+        out["balance"] = (bal["residual_after"] <= BALANCE_RESIDUAL_TOL
+                          and bal["function_rel_change"] <= BALANCE_FUNCTION_TOL)
+    return out
+
+
+def report_ok(result: dict[str, Any]) -> bool:
+    """Whether every verdict of a report passed: every sweep, every control broke, every
+    row's `checks`, the transformer rows (sweeps, processing, the orbit formula against the
+    engine) and gauge inference agreeing with the declared gauges."""
+    from ._report_transformer import transformer_rows_ok
+
+    rows = [*result["models"], result["node"]]
+    return (all(s["passed"] for m in rows for s in m["sweeps"])
+            and all(c["broke_as_predicted"] for m in rows for c in m["controls"])
+            and all(all(m["checks"].values()) for m in result["models"])
+            and transformer_rows_ok(result["transformers"])
+            and all(r["agrees"] for r in result["inference"]))
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelCase:
@@ -205,6 +255,7 @@ def run_case(case: ModelCase, *, num_samples: int, seed: int) -> tuple[dict[str,
                          "broke_as_predicted": rep.median_rel_error >= CONTROL_MIN_ERROR})
     out["controls"] = controls
     lap("controls")
+    out["checks"] = checks_of(out)
     out["seconds"] = timings
     return out, errors
 
@@ -272,17 +323,26 @@ def run_report(*, num_samples: int = 2048, seed: int = 0, json_path: str | None 
             return f"{s['max_rel_error']:.1e} ({s['max_eps']:.0f} eps) {mark}"
 
         eq = m["functional_equals_params_minus_orbit"]
+        checks = m["checks"]
         bal = m.get("balance")
         bal_s = (f"residual {bal['residual_before']:.1e} -> {bal['residual_after']:.1e}, "
-                 f"|θ|² {bal['norm2_before']:.1f} -> {bal['norm2_after']:.1f}") if bal else "-"
+                 f"|θ|² {bal['norm2_before']:.1f} -> {bal['norm2_after']:.1f}, "
+                 f"function {bal['function_rel_change']:.0e} "
+                 + ("[green]ok[/green]" if checks["balance"] else "[red]FAIL[/red]")) if bal else "-"
+        if eq:
+            fd_s = "[green]yes[/green]"
+        elif checks["functional_dim_within_bound"]:
+            fd_s = f"[yellow]no[/yellow] (below {m['params_minus_orbit']})"
+        else:
+            fd_s = f"[red]FAIL[/red] (above {m['params_minus_orbit']})"
+        orbit_s = f"{m['orbit_dim']} (rank {m['orbit_rank']})" + (
+            "" if checks["orbit_rank_equals_orbit_dim"] else " [red]FAIL[/red]")
         ctrl = "; ".join(
             f"{c['name']}: {c['max_rel_error']:.1e} "
             + ("[green]broke[/green]" if c["broke_as_predicted"] else "[red]did not break[/red]")
             for c in m["controls"]) or "-"
         table.add_row(
-            m["name"], str(m["params"]), groups, f"{m['orbit_dim']} (rank {m['orbit_rank']})",
-            str(m["functional_dim"]),
-            ("[green]yes[/green]" if eq else f"[yellow]no[/yellow] ({m['params_minus_orbit']})"),
+            m["name"], str(m["params"]), groups, orbit_s, str(m["functional_dim"]), fd_s,
             fmt(sw["float32"]), fmt(sw["float64"]), bal_s, ctrl)
     console.print(table)
     console.print(_node_table(node))
@@ -291,12 +351,13 @@ def run_report(*, num_samples: int = 2048, seed: int = 0, json_path: str | None 
     elapsed = time.perf_counter() - start
     result = {"models": models, "node": node, "transformers": transformers, "inference": inference, "num_samples": num_samples, "seed": seed,
               "devices": [str(d) for d in jax.devices()], "seconds": elapsed}
-    console.print(f"[dim]{len(models) + 1 + len(transformers)} models, {num_samples} group elements per sweep, "
-                  f"{elapsed:.1f} s on {jax.devices()[0].platform}[/dim]")
+    console.print(f"[dim]{len(models) + 1 + len(transformers)} models; up to {num_samples} group elements "
+                  "per sweep (the MLP and ResNet rows; fewer where a table says so: the transformer "
+                  f"parts, the neural ODE, the controls); {elapsed:.1f} s on {jax.devices()[0].platform}[/dim]")
     if json_path:
         path = pathlib.Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2, default=float))
+        path.write_text(json_text(result))
         console.print(f"wrote {path}")
     if plot_dir:
         _plot(errors, pathlib.Path(plot_dir))
@@ -360,6 +421,19 @@ def _inference_table(rows: list[dict[str, Any]]):
     return table
 
 
+#: the histograms' bins, in machine epsilons
+HIST_BINS = np.logspace(-3, 4, 50)
+
+
+def _hist_values(e: np.ndarray, eps: float) -> tuple[np.ndarray, int]:
+    """Errors in units of `eps`, clipped into the end bins (a broken symmetry's errors,
+    above 1e4 eps, and NaNs, drawn in the top bin, are the ones that matter), and how many
+    were not finite."""
+    e = np.asarray(e, np.float64)
+    shown = np.clip(np.where(np.isfinite(e), e, np.inf) / eps, HIST_BINS[0], HIST_BINS[-1])
+    return shown, int(np.sum(~np.isfinite(e)))
+
+
 def _plot(errors: dict, out: pathlib.Path) -> None:
     import matplotlib
 
@@ -374,9 +448,9 @@ def _plot(errors: dict, out: pathlib.Path) -> None:
             e = errors.get((name, dtype))
             if e is None:
                 continue
-            eps = float(np.finfo(dtype).eps)
-            ax.hist(np.maximum(e, 1e-3 * eps) / eps, bins=np.logspace(-3, 4, 50), color=color,
-                    alpha=0.7, label=dtype)
+            shown, bad = _hist_values(e, float(np.finfo(dtype).eps))
+            ax.hist(shown, bins=HIST_BINS, color=color, alpha=0.7,
+                    label=dtype + (f" ({bad} not finite)" if bad else ""))
         ax.set_xscale("log")
         ax.set_title(name)
         ax.set_xlabel("relative output error / machine eps")

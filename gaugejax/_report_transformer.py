@@ -294,9 +294,12 @@ def run_minilm_case(*, num_samples: int = 8, seed: int = 0) -> dict[str, Any]:
 
 def transformer_rows_ok(rows: list[dict[str, Any]]) -> bool:
     """Every sweep passed, every processing step stayed within 100 eps (and the rotation
-    it enables held), the golden check passed, and every control broke."""
+    it enables held), the golden check passed, every control broke, and the orbit
+    dimension by formula equals the engine's (and its numerical rank, where measured)."""
     for r in rows:
         if not all(s["passed"] for s in r["sweeps"]):
+            return False
+        if r["orbit_dim"] != r["orbit_dim_engine"] or r.get("orbit_rank") not in (None, r["orbit_dim"]):
             return False
         if not all(c["broke_as_predicted"] for c in r["controls"]):
             return False

@@ -91,3 +91,60 @@ def test_continuum_with_full_xla_optimisation(tmp_path):
     )
     assert res.returncode in (0, 1), res.stderr  # 1: a two-point slope outside the band
     assert json.loads(out.read_text())["S12"]["L"] == [8, 16]
+
+
+def _result(**row):
+    m = {"name": "m", "params": 10, "orbit_dim": 4, "orbit_rank": 4, "functional_dim": 6,
+         "params_minus_orbit": 6, "sweeps": [{"passed": True}], "controls": [{"broke_as_predicted": True}],
+         "balance": {"residual_after": 1e-15, "function_rel_change": 1e-16}}
+    m.update(row)
+    from gaugejax._report import checks_of
+
+    m["checks"] = checks_of(m)
+    return {"models": [m], "node": {"sweeps": [], "controls": []}, "inference": [{"agrees": True}],
+            "transformers": [{"sweeps": [], "controls": [], "orbit_dim": 4, "orbit_dim_engine": 4}]}
+
+
+def test_report_verdicts_cover_every_check():
+    """The exit code follows every verdict the report prints: the orbit's numerical rank,
+    the functional dimension above its bound (below it is allowed), S4, and the
+    transformer orbit formula against the engine (each exited 0 before)."""
+    from gaugejax._report import report_ok
+
+    assert report_ok(_result())
+    assert report_ok(_result(functional_dim=5))  # below params - orbit: some shapes fall short
+    assert not report_ok(_result(orbit_rank=3))
+    assert not report_ok(_result(functional_dim=7))
+    assert not report_ok(_result(balance={"residual_after": 0.9, "function_rel_change": 1e-16}))
+    assert not report_ok(_result(balance={"residual_after": 1e-15, "function_rel_change": 0.7}))
+    bad = _result()
+    bad["transformers"][0]["orbit_dim_engine"] = 3
+    assert not report_ok(bad)
+
+
+def test_json_is_strict_and_histograms_keep_every_error():
+    """`Infinity` / `NaN` are not JSON (a full-rank Jacobian's gap is inf): written as null.
+    The histograms clip errors into their end bins instead of dropping the broken ones."""
+    import numpy as np
+
+    from gaugejax._report import HIST_BINS, _hist_values, json_text
+
+    text = json_text({"gap": float("inf"), "e": [np.float64("nan"), 1.0], "n": np.int64(3)})
+    assert json.loads(text) == {"gap": None, "e": [None, 1.0], "n": 3}
+    shown, bad = _hist_values(np.array([1e-20, 1e-10, 1.0, np.nan, np.inf]), 1e-10)
+    assert bad == 2 and shown.size == 5
+    assert np.all((shown >= HIST_BINS[0]) & (shown <= HIST_BINS[-1]))
+    assert np.sum(shown == HIST_BINS[-1]) == 3  # the broken one and both non-finite
+
+
+def test_bad_output_paths_fail_before_the_run(tmp_path):
+    """An unusable --json or --plot path is a usage error (exit 2) at once, not a traceback
+    (exit 1, like a failed check) after the whole run."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for args in (["report", "--json", str(afile / "r.json")], ["report", "--plot", str(afile)],
+                 ["report", "--json", str(tmp_path)], ["continuum", "--plot", str(afile)]):
+        res = subprocess.run([sys.executable, "-m", "gaugejax", *args], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2, (args, res.stderr)
+        assert "is a file" in res.stderr or "is a directory" in res.stderr
+        assert f"usage: gaugejax {args[0]}" in res.stderr

@@ -228,3 +228,18 @@ def test_mlp_sizes_must_be_integers(bad):
     with pytest.raises(ValueError, match=rf"`sizes\[1\]` must be an integer layer width, got {bad!r}"):
         gj.nn.MLP([4, bad, 3], key=jax.random.key(0))
     assert gj.nn.MLP([4, np.int64(6), 3], key=jax.random.key(0)).sizes == [4, 6, 3]
+
+
+def test_functional_dimension_and_probe_arguments():
+    """rtol = -1 counted every singular value (a rank above params - orbit), NaN or 2 none;
+    max_scale = -5 gave NaN inputs: each refused by name."""
+    m = gj.nn.MLP([2, 3, 1], jax.nn.relu, key=jax.random.key(0))
+    x = gj.probe_inputs(jax.random.key(1), 8, 2)
+    for rtol in (-1.0, float("nan"), 2.0):
+        with pytest.raises(ValueError, match="`rtol` must be a number in"):
+            gj.functional_dimension(lambda p, x: p(x), m, x, rtol=rtol)
+    for kw, match in ((dict(max_scale=-5.0), "max_scale"), (dict(max_scale=float("nan")), "max_scale"),
+                      (dict(num=0), "`num`"), (dict(dim=2.0), "`dim`")):
+        args = {"num": 8, "dim": 2, **kw}
+        with pytest.raises(ValueError, match=match):
+            gj.probe_inputs(jax.random.key(1), args.pop("num"), args.pop("dim"), **args)
