@@ -25,6 +25,7 @@ def test_report_json_and_plot(tmp_path):
         assert {s["dtype"] for s in m["sweeps"]} == {"float32", "float64"}
         assert all(s["passed"] for s in m["sweeps"])
         assert all(c["broke_as_predicted"] for c in m["controls"])
+        assert all(m["checks"].values()), m["checks"]
         for s in m["sweeps"]:
             assert set(s) >= {"dtype", "num_samples", "max_rel_error"}
     node = data["node"]
