@@ -104,13 +104,16 @@ def _lookup(fn: Callable) -> str | None:
 
 
 def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray)) and np.ndim(x) > 0
+    return isinstance(x, (jax.Array, np.ndarray)) and np.size(x) > 1
 
 
 def _held_array(fn: Callable) -> tuple[str, Any] | None:
-    """An array (ndim > 0) `fn` carries, and where: a pytree leaf (an equinox Module's
-    field, a `jax.tree_util.Partial`'s argument), a closure cell, a default argument, or a
-    module-level global its code names."""
+    """An array of more than one entry that `fn` carries, and where: a pytree leaf (an
+    equinox Module's field, a `jax.tree_util.Partial`'s argument), a closure cell or a
+    default argument. A bound method is judged by its function (its instance, say a model
+    whose method is the activation, holds the model's weights, not the activation's)."""
+    if hasattr(fn, "__self__") and hasattr(fn, "__func__"):
+        return _held_array(fn.__func__)
     for path, leaf in jax.tree_util.tree_flatten_with_path(fn)[0]:
         if leaf is not fn and _is_array(leaf):
             return f"as its field {jax.tree_util.keystr(path)!r}", leaf
@@ -126,10 +129,6 @@ def _held_array(fn: Callable) -> tuple[str, Any] | None:
     for value in defaults:
         if _is_array(value):
             return "as a default argument", value
-    namespace = getattr(fn, "__globals__", None) or {}
-    for name in getattr(code, "co_names", ()):
-        if _is_array(namespace.get(name)):
-            return f"as the global {name!r}", namespace[name]
     return None
 
 

@@ -111,11 +111,20 @@ def _detect_layers(params: Any) -> tuple[list[str], list[str | None], str | None
         if linear:
             ws = [f"[{k!r}]['w']" for k in linear]
             bs = [f"[{k!r}]['b']" if params[k].get("b") is not None else None for k in linear]
-            return ws, bs, "in_out", "a haiku parameter dict"
+            if all(_haiku_module_name(k) for k in linear):
+                return ws, bs, "in_out", "a haiku parameter dict"
+            # a hand-written {"layer": {"w", "b"}} dict: "w" may be (out, in) there
+            return ws, bs, None, "the weight key 'w' of a dict of layers"
     raise ValueError(
         "could not find the layers of these parameters; pass `weights=` and `biases=` (leaf "
         "paths, first layer first) and `layout=`."
     )
+
+
+def _haiku_module_name(name: Any) -> bool:
+    """Whether a dict key reads as a haiku module path (`"mlp/~/linear_0"`, `"linear_1"`),
+    where `"w"` is haiku's `(in, out)` weight."""
+    return isinstance(name, str) and ("/~/" in name or re.fullmatch(r"linear(_\d+)?", name) is not None)
 
 
 def _key_name(key: Any) -> Any:
@@ -154,8 +163,8 @@ def _named_layout(params: Any, key_paths: list[tuple]) -> str | None:
         hint = _hint_of_key(name) if isinstance(name, str) else None
         if name == "w" and isinstance(params, dict) and len(path) == 2 and all(
             isinstance(k, jtu.DictKey) for k in path
-        ):
-            hint = "in_out"  # haiku's {"module": {"w": (in, out), "b": ...}}
+        ) and _haiku_module_name(_key_name(path[0])):
+            hint = "in_out"  # haiku's {"mlp/~/linear_0": {"w": (in, out), "b": ...}}
         hints.append(hint)
     return _one(hints)
 
@@ -168,9 +177,11 @@ def _sibling_biases(key_paths: list[tuple], all_paths: dict[tuple, int]) -> list
         parent, last = path[:-1], _key_name(path[-1]) if path else None
         found = []
         if isinstance(last, str):
-            m = re.fullmatch(r"(weight|kernel|W|w)(.*)", last)
+            # "weight", "w1", "weights_2", and PyTorch state-dict keys "fc1.weight" -> "fc1.bias"
+            m = re.fullmatch(r"(.*[./])?(weights?|kernel|W|w)(.*)", last)
             if m:
-                wanted = {f"bias{m.group(2)}", f"b{m.group(2)}"}
+                pre, suf = m.group(1) or "", m.group(3)
+                wanted = {f"{pre}{b}{suf}" for b in ("bias", "biases", "b")}
                 found = [p for p in all_paths if p[:-1] == parent and len(p) == len(path) and _key_name(p[-1]) in wanted]
         elif last == 0 and isinstance(path[-1], jtu.SequenceKey):
             pair = [p for p in all_paths if p[:-1] == parent and len(p) == len(path)]

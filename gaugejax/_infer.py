@@ -1091,6 +1091,13 @@ def _analyse(flat: _Flat, leaf_vals: dict[int, int], input_vals: list[tuple[int,
                         cls.restrict(dx[i], "Identity", p, f"{p} returns an index into the axis", w)
                     else:
                         cls.restrict(dx[i], "Permutation", p, f"{p} over the axis", w)
+            # the kept axes: a max over another axis commutes with positive scalings and
+            # permutations of them, not with sums (max_b (g h_b) != g max_b h_b); a product
+            # over another axis only with permutations
+            kept = "Permutation" if p in ("reduce_prod", "reduce_and", "reduce_or") else "PositiveMonomial"
+            for i, n in enumerate(dx):
+                if i not in axes and n is not None:
+                    cls.restrict(n, kept, p, f"{p} over another axis", w)
             a.dims[e.outs[0]] = tuple(n for i, n in enumerate(dx) if i not in axes)
             a.reductions.append((dx, frozenset(axes)))
         elif p == "transpose":

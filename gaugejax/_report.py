@@ -62,7 +62,7 @@ def json_text(result: Any) -> str:
             return {k: clean(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
             return [clean(v) for v in x]
-        if isinstance(x, (np.generic, np.ndarray)) and np.ndim(x) == 0:
+        if hasattr(x, "item") and not isinstance(x, str) and np.ndim(x) == 0:  # NumPy or JAX scalars
             x = x.item()
         if isinstance(x, float) and not math.isfinite(x):
             return None

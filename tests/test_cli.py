@@ -126,12 +126,13 @@ def test_report_verdicts_cover_every_check():
 def test_json_is_strict_and_histograms_keep_every_error():
     """`Infinity` / `NaN` are not JSON (a full-rank Jacobian's gap is inf): written as null.
     The histograms clip errors into their end bins instead of dropping the broken ones."""
+    import jax.numpy as jnp
     import numpy as np
 
     from gaugejax._report import HIST_BINS, _hist_values, json_text
 
-    text = json_text({"gap": float("inf"), "e": [np.float64("nan"), 1.0], "n": np.int64(3)})
-    assert json.loads(text) == {"gap": None, "e": [None, 1.0], "n": 3}
+    text = json_text({"gap": float("inf"), "e": [np.float64("nan"), 1.0], "n": np.int64(3), "j": jnp.asarray(jnp.inf)})
+    assert json.loads(text) == {"gap": None, "e": [None, 1.0], "n": 3, "j": None}
     shown, bad = _hist_values(np.array([1e-20, 1e-10, 1.0, np.nan, np.inf]), 1e-10)
     assert bad == 2 and shown.size == 5
     assert np.all((shown >= HIST_BINS[0]) & (shown <= HIST_BINS[-1]))

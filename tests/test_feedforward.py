@@ -254,6 +254,38 @@ def test_named_weights_find_the_bias_beside_them(getkey):
     assert "['b1']" in [c.leaf for c in gauge.couplings]
     gauge = gj.feedforward_gauge(flat, jax.nn.relu, weights=["w1", "w2"], biases=[None, None])
     assert [c.leaf for c in gauge.couplings] == ["w1", "w2"]
+    # PyTorch state-dict names: fc1.weight -> fc1.bias
+    sd = {"fc1.weight": w0, "fc1.bias": b0, "fc2.weight": w1, "fc2.bias": b1}
+    gauge = gj.feedforward_gauge(sd, jax.nn.relu, weights=["['fc1.weight']", "['fc2.weight']"])
+    assert "['fc1.bias']" in [c.leaf for c in gauge.couplings]
+    # a hand-written {"layer": {"w", "b"}} dict is not haiku's: its "w" is read as the
+    # shapes say ((out, in) here), not as haiku's (in, out) (refused, or a wrong gauge)
+    hand = {"hidden": {"w": w0, "b": b0}, "out": {"w": w1, "b": b1}}
+
+    def hand_fn(p, x):
+        return jax.nn.relu(x @ p["hidden"]["w"].T + p["hidden"]["b"][None]) @ p["out"]["w"].T + p["out"]["b"][None]
+
+    gauge = gj.feedforward_gauge(hand, jax.nn.relu, weights=["hidden/w", "out/w"], biases=["hidden/b", "out/b"])
+    assert gauge.couplings[0].axis == 0 and _invariant(hand_fn, gauge, hand, 4, getkey())
+    numbered = {"layer_0": hand["hidden"], "layer_1": hand["out"]}  # found automatically
+    gauge = gj.feedforward_gauge(numbered, jax.nn.relu)
+    assert gauge.couplings[0].axis == 0
+    assert _invariant(lambda p, x: hand_fn({"hidden": p["layer_0"], "out": p["layer_1"]}, x), gauge, numbered, 4, getkey())
+
+
+def test_shared_arrays_and_bound_methods_are_not_per_unit():
+    """A size-1 array, or a bound method of a model (whose instance holds the model's own
+    weights), is not a per-unit parameter: still "elementwise"."""
+
+    class Net(eqx.Module):
+        W: jax.Array
+
+        def act(self, x):
+            return jnp.tanh(x) * 2.0
+
+    assert gj.activation_family(Net(jnp.ones((4, 3))).act) == "elementwise"
+    slope = jnp.array([0.1])
+    assert gj.activation_family(lambda x: jnp.where(x > 0, x, slope * x)) == "elementwise"
 
 
 def test_named_weights_take_their_layout_from_their_names(getkey):

@@ -713,6 +713,9 @@ def test_links_only_for_a_leaf_read_once(name, getkey):
 
 def test_argmax_barrier_and_misaligned_shift(getkey):
     p, x = _two_layer(getkey(), 6)
+    # a max over another axis (the batch) commutes with positive scalings, not with GL
+    mx = lambda p, x: jnp.max(x @ p["W1"].T, axis=0) @ p["W2"].T  # noqa: E731
+    assert _groups(infer_gauge(mx, p, x, certify=False)) == {"['W1']:0": "PositiveMonomial"}
     # argmax returns a position on the axis: no permutation survives
     am = lambda p, x: jax.nn.one_hot(jnp.argmax(x @ p["W1"].T, -1), 6) @ p["W2"].T  # noqa: E731
     assert not infer_gauge(am, p, x, certify=False).gauge.sites
