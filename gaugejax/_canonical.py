@@ -375,6 +375,7 @@ def _sign_stage(gauge, params, g_total, dtype):
     groups = gauge.site_groups
     sign_sites = set(_sign_sites(gauge))
     order = _sign_order(gauge)
+    rank = {site: k for k, (site, _) in enumerate(order)}
     undecided: dict[str, Array] = {}
 
     def decide(params, name, kind, done_only):
@@ -383,7 +384,7 @@ def _sign_stage(gauge, params, g_total, dtype):
         for plan, lin, _ in _site_views(gauge, leaves, name, kind):
             own = {*lin.batch_axes, lin.axis}
             others = [o for o in plan.linear if o.axis not in own]
-            if done_only and not all(o.site not in sign_sites or _sign_done(o.site, name, gauge) for o in others):
+            if done_only and not all(o.site not in sign_sites or rank[o.site] < rank[name] for o in others):
                 continue
             x = leaves[plan.index]
             for o in others:  # entries on another site's undecided neurons are read as zero
@@ -411,11 +412,6 @@ def _sign_stage(gauge, params, g_total, dtype):
     if second:
         params, g_total = _apply(gauge, params, g_total, _with(gauge, dtype, **second))
     return params, g_total
-
-
-def _sign_done(other: str, current: str, gauge: Gauge) -> bool:
-    order = [s for s, _ in _sign_order(gauge)]
-    return order.index(other) < order.index(current)
 
 
 # ---------------------------------------------------------------------------------------

@@ -45,8 +45,7 @@ def _make_group(spec: Any, n: int) -> AbstractGroup:
 #: `(out, in)` matrix `w` too, so that name decides only inside haiku's own tree structure.
 _OUT_IN_NAMES = ("weight", "W")
 _IN_OUT_NAMES = ("kernel",)
-_LAYOUTS = {"out_in": "(out, in), y = W x", "in_out": "(in, out), y = x W"}
-_AXES = {"out_in": "(out, in)", "in_out": "(in, out)"}
+_LAYOUTS = {"out_in": ("(out, in)", "y = W x"), "in_out": ("(in, out)", "y = x W")}
 
 
 def _hint_of_key(key: str) -> str | None:
@@ -217,9 +216,9 @@ def _resolve_layout(
             return hint
         other = fits[0]
         raise ValueError(
-            f"by the convention of {source} the weights are {_LAYOUTS[hint]}, but the weights "
-            f"({shapes}) and biases only fit together as {_LAYOUTS[other]}: the weights look "
-            f"{_AXES[other]}; pass layout={other!r}."
+            f"by the convention of {source} the weights are {', '.join(_LAYOUTS[hint])}, but the "
+            f"weights ({shapes}) and biases only fit together as {', '.join(_LAYOUTS[other])}: the "
+            f"weights look {_LAYOUTS[other][0]}; pass layout={other!r}."
         )
     if len(fits) == 1:
         return fits[0]

@@ -993,14 +993,14 @@ class Gauge(eqx.Module):
         Half-precision parameters are ranked in float32, which holds their values exactly."""
         dts = _float_dtypes(params)
         dtype = dts.pop() if len(dts) == 1 else jnp.zeros(()).dtype
-        zeros = self.algebra_zeros(dtype)
-        if not zeros:
-            return 0
         if jnp.finfo(dtype).bits < 32:
             # half precision: the rank at these parameter values, computed in float32 (which
             # holds them exactly); rounding at bfloat16's epsilon would hide real directions
-            params = jtu.tree_map(lambda x: x.astype(jnp.float32) if eqx.is_inexact_array(x) else x, params)
-            zeros = self.algebra_zeros(jnp.float32)
+            dtype = jnp.float32
+            params = jtu.tree_map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, params)
+        zeros = self.algebra_zeros(dtype)
+        if not zeros:
+            return 0
         jac = _vertical_jacobian(self, params, zeros)
         s = np.linalg.svd(np.asarray(jac), compute_uv=False)
         if rtol is None:

@@ -688,6 +688,14 @@ class _Analysis:
     uses: dict = dataclasses.field(default_factory=dict)  # value -> indices of the live equations reading it
 
 
+def _all_zero(c: Any) -> bool:
+    return bool(np.all(c == 0))
+
+
+def _all_inf(c: Any) -> bool:
+    return bool(np.all(np.isinf(c)))
+
+
 def _scalar_const(a: _Analysis, v) -> Any:
     if isinstance(v, _Lit):
         return np.asarray(v.val) if v.shape == () else None
@@ -765,7 +773,7 @@ def _analyse(flat: _Flat, leaf_vals: dict[int, int], input_vals: list[tuple[int,
 
     def is_zero(x) -> bool:
         c = _scalar_const(a, x)
-        return c is not None and bool(np.all(c == 0))
+        return c is not None and _all_zero(c)
 
     def neutral(x) -> bool:
         """Zeros (fixed by every linear action) or a non-finite fill (inf/nan: the marker of a
@@ -796,8 +804,7 @@ def _analyse(flat: _Flat, leaf_vals: dict[int, int], input_vals: list[tuple[int,
         (default: zeros of add / sub; the 0 of ReLU's max, whose group `level` says)."""
         rank = len(flat.shapes[e.outs[0]])
         if inert is None and e.prim in ("add", "sub", "add_any"):
-            def inert(c):
-                return bool(np.all(c == 0))  # adding zeros is equivariant under every linear map
+            inert = _all_zero  # adding zeros is equivariant under every linear map
         ins = []
         for k, (x, d) in enumerate(zip(e.ins, normalised(e))):
             c = _scalar_const(a, x)
@@ -842,8 +849,7 @@ def _analyse(flat: _Flat, leaf_vals: dict[int, int], input_vals: list[tuple[int,
                 else:
                     n = ld[i] if ld[i] is not None else rd[j]
                     other = e.ins[1] if ld[i] is not None else e.ins[0]
-                    c = _scalar_const(a, other)
-                    if n is not None and not (c is not None and bool(np.all(c == 0))):
+                    if n is not None and not is_zero(other):
                         cls.restrict(n, "Permutation", p, "summed against a constant", w)
             out = []
             for i, j in zip(lb, rb):
@@ -953,17 +959,17 @@ def _analyse(flat: _Flat, leaf_vals: dict[int, int], input_vals: list[tuple[int,
             cs = [_scalar_const(a, x) for x in e.ins]
             c = next((c for c in cs if c is not None), None)
             if c is not None and np.isinf(c).all():
-                elementwise(e, None, "", inert=lambda c: bool(np.all(np.isinf(c))))
+                elementwise(e, None, "", inert=_all_inf)
             elif c is not None and (c == 0).all():
                 elementwise(e, "PositiveMonomial", f"{p}(x, 0) is positively homogeneous (ReLU)",
-                            inert=lambda c: bool(np.all(c == 0)))
+                            inert=_all_zero)
             else:
                 elementwise(e, "Permutation", f"{p} of values")
         elif p in _COMPARE:
             cs = [_scalar_const(a, x) for x in e.ins]
             if any(c is not None and (c == 0).all() for c in cs):
                 elementwise(e, "PositiveMonomial", "a sign test (comparison with 0) is invariant under positive scaling",
-                            inert=lambda c: bool(np.all(c == 0)))
+                            inert=_all_zero)
             else:
                 elementwise(e, "Permutation", "a comparison")
         elif p == "select_n":
