@@ -321,6 +321,18 @@ def test_layernorm_to_rmsnorm_checks_each_writer_vector(getkey):
     gj.layernorm_to_rmsnorm(eqx.tree_at(lambda t: t.token_embedding, m, m.token_embedding.at[1].multiply(1e5)))
 
 
+def test_centering_passes_its_own_check_on_a_nearly_constant_writer(getkey):
+    """A writer vector nearly constant along the stream (3 + 1e-5 noise): one centering
+    pass left a rounding residue of its mean (eps x 3) large next to the centered vector,
+    and process_weights refused the model it had just centered."""
+    m = _model(getkey(), dtype=jnp.float32)
+    b = 3.0 + 1e-5 * jax.random.normal(getkey(), (D,), jnp.float32)
+    m = eqx.tree_at(lambda t: t.blocks[0].attn.b_O, m, b)
+    tokens = _tokens(getkey())
+    new, report = gj.process_weights(m, tokens)
+    assert rel(_fn(new, tokens), _fn(m, tokens)) <= 1e-5
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_processing_in_half_precision(dtype, getkey):
     """QR/SVD have no half-precision LAPACK path (eager or under jit): the balanced

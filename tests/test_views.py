@@ -151,3 +151,31 @@ def test_balance_through_views_equals_balance_on_whole_axes(getkey):
         assert a[k].shape == params[k].shape
         np.testing.assert_allclose(a[k], b[k], rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(ga["s"].reshape(6), gb["s"], rtol=1e-10)
+
+
+def test_mha_gauge_switches_for_per_head_masks_and_rotary(getkey):
+    """equinox's attention accepts a per-head mask and a `process_heads` (rotary here); the
+    full gauge is no symmetry of either call (a head swap changes a per-head-masked layer
+    by O(1), a per-head GL a rotary one), and the switches leave exactly the parts that
+    are."""
+    import equinox as eqx
+
+    mha = eqx.nn.MultiheadAttention(2, 8, qk_size=4, vo_size=4, use_key_bias=True, key=getkey(),
+                                    dtype=jnp.float64)
+    rope = eqx.nn.RotaryPositionalEmbedding(4, dtype=jnp.float64)
+    rot = jax.vmap(rope, in_axes=1, out_axes=1)
+    x = jax.random.normal(getkey(), (5, 8), jnp.float64)
+    mask = jnp.stack([jnp.tril(jnp.ones((5, 5), bool)), jnp.ones((5, 5), bool)])
+    calls = {
+        "mask": (lambda m, x: m(x, x, x, mask=mask), {"heads": False}),
+        "rotary": (lambda m, x: m(x, x, x, process_heads=lambda q, k, v: (rot(q), rot(k), v)),
+                   {"qk": False, "key_shift": False}),
+    }
+    for name, (fn, switches) in calls.items():
+        full, kept = gj.multihead_attention_gauge(mha), gj.multihead_attention_gauge(mha, **switches)
+        assert sorted(kept.site_groups) == sorted(set(full.site_groups) - set(switches)), name
+        broken = gj.check_invariance(fn, full, mha, x, key=getkey(), num_samples=8, scale=1.0)
+        assert not broken.passed and broken.max_rel_error > 1e-2, name
+        assert gj.check_invariance(fn, kept, mha, x, key=getkey(), num_samples=8, scale=1.0).passed, name
+    with pytest.raises(TypeError, match="`heads` must be a bool"):
+        gj.multihead_attention_gauge(mha, heads=None)
