@@ -62,14 +62,25 @@ class MiniLM(eqx.Module):
     def __call__(
         self, tokens: Int[Array, "batch n"], mask: Bool[Array, "batch n"]
     ) -> Float[Array, "batch d"]:
-        """Sentence embeddings of a padded batch (`mask` marks real tokens)."""
+        """Sentence embeddings of a padded batch (`mask` marks real tokens). A row with no
+        real token embeds as zeros."""
+        tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+        if tokens.ndim != 2 or mask.shape != tokens.shape:
+            raise ValueError(
+                f"MiniLM takes a batch: `tokens` and `mask` of one shape (batch, n), got "
+                f"{tokens.shape} and {mask.shape} (for one sentence, add a batch axis: "
+                "tokens[None], mask[None])."
+            )
         h = jax.vmap(self.transformer.hidden)(tokens, mask)
         m = mask.astype(h.dtype)[..., None]
-        pooled = jnp.sum(h * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), jnp.asarray(1e-9, h.dtype))
+        # the count is an integer: dividing by max(count, 1) gives 0 for an empty row in any
+        # dtype (a floor of 1e-9 underflowed to 0 in float16: 0 / 0)
+        pooled = jnp.sum(h * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1)
         if not self.normalize:
             return pooled
         norm = jnp.sqrt(jnp.sum(pooled * pooled, axis=-1, keepdims=True))
-        return pooled / jnp.maximum(norm, jnp.asarray(1e-12, h.dtype))
+        floor = max(1e-12, float(jnp.finfo(h.dtype).tiny))  # 1e-12 underflows in float16
+        return pooled / jnp.maximum(norm, jnp.asarray(floor, h.dtype))
 
 
 def _bert_arrays(tensors: dict[str, np.ndarray], cfg: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -147,7 +158,11 @@ def load_minilm(
     - `dtype`: parameter dtype.
 
     **Returns:** `(model, tokenizer)`: a [`gaugejax.MiniLM`][] and a `tokenizers.Tokenizer`
-    configured to pad (batch sentences with `gaugejax._minilm.tokenize(tokenizer, sentences)`).
+    configured as sentence-transformers uses it: padding to the longest sentence of a
+    batch, truncation at `max_seq_length` (`sentence_bert_config.json`; 256 for
+    all-MiniLM-L6-v2). `encodings = tokenizer.encode_batch(sentences)` then gives the
+    model's inputs: `ids = [e.ids for e in encodings]`, `mask = [e.attention_mask for e in
+    encodings]`.
 
     Bad checkpoints raise clear errors: a missing tensor (`KeyError` naming it), a tensor
     whose shape disagrees with `config.json` (`ValueError` naming the leaf, expected vs
@@ -179,6 +194,7 @@ def load_minilm(
 
     tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
     check_tokenizer(tokenizer, transformer)
+    _configure(tokenizer, _max_seq_length(root, cfg))
     pooling = root / "1_Pooling" / "config.json"
     if pooling.exists():
         pcfg = json.loads(pooling.read_text())
@@ -201,20 +217,40 @@ def check_tokenizer(tokenizer: Any, transformer: Transformer) -> None:
         )
 
 
+def _max_seq_length(root: pathlib.Path, cfg: dict[str, Any]) -> int:
+    """sentence-transformers' `max_seq_length` (`sentence_bert_config.json`), else the
+    model's number of positions."""
+    st = root / "sentence_bert_config.json"
+    n = json.loads(st.read_text()).get("max_seq_length") if st.exists() else None
+    return int(n or cfg["max_position_embeddings"])
+
+
+def _configure(tokenizer: Any, max_len: int) -> None:
+    """Pad to the longest sentence of a batch and truncate at `max_len`, as
+    sentence-transformers does (`tokenizer.json` may fix a length of its own)."""
+    padding = tokenizer.padding or {}
+    pad_token = padding.get("pad_token", "[PAD]")
+    pad_id = padding.get("pad_id", tokenizer.token_to_id(pad_token) or 0)
+    tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token)
+    tokenizer.enable_truncation(max_length=max_len)
+
+
 def tokenize(
     tokenizer: Any, sentences: Sequence[str], *, max_len: int = 256
 ) -> tuple[np.ndarray, np.ndarray]:
     """Token ids and attention mask `(batch, n)` (int32, bool), padded to the longest
-    sentence and truncated at `max_len` (all-MiniLM-L6-v2's `max_seq_length` is 256)."""
+    sentence and truncated at `max_len` (all-MiniLM-L6-v2's `max_seq_length` is 256).
+    The caller's tokenizer is left as it was (a copy is configured)."""
+    from tokenizers import Tokenizer
+
     if isinstance(sentences, str):
         raise TypeError("`sentences` must be a sequence of strings, not one string.")
-    tokenizer.no_padding()
-    tokenizer.enable_truncation(max_length=max_len)
-    encs = tokenizer.encode_batch(list(sentences))
-    n = max(len(e.ids) for e in encs)
-    ids = np.zeros((len(encs), n), np.int32)
-    mask = np.zeros((len(encs), n), bool)
-    for i, e in enumerate(encs):
-        ids[i, : len(e.ids)] = e.ids
-        mask[i, : len(e.ids)] = np.asarray(e.attention_mask, bool)
+    sentences = list(sentences)
+    if not sentences:
+        raise ValueError("`sentences` is empty: give at least one sentence.")
+    tok = Tokenizer.from_str(tokenizer.to_str())
+    _configure(tok, max_len)
+    encs = tok.encode_batch(sentences)
+    ids = np.asarray([e.ids for e in encs], np.int32)
+    mask = np.asarray([e.attention_mask for e in encs], bool)
     return ids, mask

@@ -92,7 +92,7 @@ def test_gauge_sweep_negative_control(minilm, getkey):
 # ----------------------------------------------------------------------------------------
 # the loader's errors, on a tiny synthetic checkpoint
 # ----------------------------------------------------------------------------------------
-def _tiny_checkpoint(root: pathlib.Path, *, drop=None, reshape=None, vocab_words=6):
+def _tiny_checkpoint(root: pathlib.Path, *, drop=None, reshape=None, vocab_words=6, max_seq_length=None):
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
     tokenizers = pytest.importorskip("tokenizers")
     d, H, L, m, V, P = 8, 2, 1, 12, 10, 16
@@ -128,6 +128,10 @@ def _tiny_checkpoint(root: pathlib.Path, *, drop=None, reshape=None, vocab_words
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "a", "b", "c", "d", "e", "f", "g", "h", "i", "j"][:vocab_words])}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    if max_seq_length:  # as the real tokenizer.json: a fixed padding length, its own truncation
+        tok.enable_padding(pad_id=0, pad_token="[PAD]", length=P)
+        tok.enable_truncation(max_length=P)
+        (root / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length}))
     tok.save(str(root / "tokenizer.json"))
     return root
 
@@ -138,6 +142,36 @@ def test_tiny_checkpoint_loads_and_runs(tmp_path):
     emb = model(jnp.asarray(ids), jnp.asarray(mask))
     assert emb.shape == (2, 8) and bool(jnp.all(jnp.isfinite(emb)))
     assert float(jnp.max(jnp.abs(jnp.linalg.norm(emb, axis=1) - 1.0))) <= 1e-6
+
+
+def test_the_tokenizer_is_configured_as_sentence_transformers_and_left_alone(tmp_path):
+    """The tokenizer comes back padding to the longest sentence and truncating at
+    `max_seq_length` (tokenizer.json's own fixed length and truncation gave other
+    embeddings than sentence-transformers'); `tokenize` configures a copy (it had
+    reconfigured the caller's tokenizer)."""
+    model, tok = gj.load_minilm(_tiny_checkpoint(tmp_path / "st", max_seq_length=5))
+    sentences = ["a b c d e a b c", "d"]
+    encodings = tok.encode_batch(sentences)
+    assert [len(e.ids) for e in encodings] == [5, 5] and encodings[1].attention_mask == [1, 0, 0, 0, 0]
+    before = tok.to_str()
+    ids, mask = tokenize(tok, sentences, max_len=7)
+    assert ids.shape == mask.shape == (2, 7) and mask.sum(1).tolist() == [7, 1]
+    assert tok.to_str() == before
+    with pytest.raises(ValueError, match="`sentences` is empty"):
+        tokenize(tok, [])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
+def test_inputs_checked_and_an_empty_row_embeds_as_zeros(dtype, tmp_path):
+    """An all-padding row embeds as zeros in every dtype (float16 gave NaN: its pooling
+    floor 1e-9 underflowed to 0); one unbatched sentence gets a clear error."""
+    model, tok = gj.load_minilm(_tiny_checkpoint(tmp_path / "ok"), dtype=dtype)
+    ids, mask = tokenize(tok, ["a b c", "d"])
+    mask[1] = False
+    emb = model(jnp.asarray(ids), jnp.asarray(mask))
+    assert emb.dtype == dtype and bool(jnp.all(emb[1] == 0)) and bool(jnp.all(jnp.isfinite(emb)))
+    with pytest.raises(ValueError, match=r"batch: `tokens` and `mask` of one shape.*\(3,\)"):
+        model(jnp.asarray(ids[0]), jnp.asarray(mask[0]))
 
 
 def test_loader_errors(tmp_path):
