@@ -559,9 +559,13 @@ class Gauge(eqx.Module):
 
     @property
     def orbit_dim(self) -> int:
-        """Dimension of a generic orbit: the sum of the sites' Lie-algebra dimensions
-        (generic parameters have a trivial stabiliser; compare
-        [`gaugejax.Gauge.orbit_rank`][] for a given point)."""
+        """The group's dimension: the sum of the sites' Lie-algebra dimensions. It is the
+        dimension of a generic orbit when generic parameters have a discrete stabiliser,
+        which is not always so: a $GL$ site wider than what writes it and what reads it
+        (the hidden layer of a linear MLP wider than its inputs + 1 and its outputs,
+        attention heads wider than the residual stream + 1) has a continuous one.
+        [`gaugejax.Gauge.orbit_rank`][] measures the orbit's dimension at a given point;
+        [`gaugejax.transformer_orbit_dim`][] subtracts the attention stabiliser."""
         return sum(g.algebra_dim for _, g in self.sites)
 
     def couplings_of(self, site: str) -> tuple[Coupling, ...]:

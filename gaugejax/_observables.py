@@ -144,18 +144,30 @@ def transformer_orbit_dim(
     model: Transformer, *, qk: bool = True, ov: bool = True, key_shift: bool = True,
     mlp: bool = True, rotation: bool = True,
 ) -> int:
-    """The orbit dimension of the gauge [`gaugejax.transformer_gauge`][] derives for
-    `model`, by formula (with the same switches; families the model does not admit count
-    zero): $L H (d_k^2 + d_v^2)$ for attention ($H$ the number of key/value heads), $L H d_k$ for key shifts, $L\\,d_{mlp}$ for
-    ReLU MLPs (positive scalings; GELU has none), $d(d-1)/2$ for the residual rotation.
-    Independent of the engine, for comparing with [`gaugejax.Gauge.orbit_dim`][] and
-    [`gaugejax.Gauge.orbit_rank`][].
+    """The dimension of a generic orbit of the gauge [`gaugejax.transformer_gauge`][]
+    derives for `model`, by formula (with the same switches; families the model does not
+    admit count zero): $L H (d_k^2 + d_v^2)$ for attention ($H$ the number of key/value
+    heads), $L H d_k$ for key shifts, $L\\,d_{mlp}$ for ReLU MLPs (positive scalings; GELU
+    has none), $d(d-1)/2$ for the residual rotation; less the stabiliser of heads wider
+    than the stream.
+
+    That stabiliser: a $GL(d_k)$ element fixes the queries and keys when $g - I$ vanishes
+    on the span of the query weights and biases (dimension $r_Q = \\min(d_k, r(d + 1))$,
+    $r$ query heads per key/value head) and maps into the orthogonal complement of the
+    keys' span ($r_K = \\min(d_k, d)$ with the key shift, whose translation absorbs the key
+    bias; $\\min(d_k, d + 1)$ without): $(d_k - r_Q)(d_k - r_K)$ dimensions per head,
+    zero unless $d_k > d + 1$. Likewise $(d_v - \\min(d_v, d + 1))(d_v - \\min(d_v, r d))$
+    for values and outputs. So this equals [`gaugejax.Gauge.orbit_dim`][] (the group's
+    dimension) for heads no wider than the stream plus one, and
+    [`gaugejax.Gauge.orbit_rank`][] (the measured rank) at generic parameters always.
+    Independent of the engine, for comparing with both.
     """
     from ._transformer_gauge import rotation_obstruction
 
     if not isinstance(model, Transformer):
         raise TypeError(f"transformer_orbit_dim expects a gaugejax.nn.Transformer, got {type(model).__name__}.")
     L, H, dk, dv, d, m = model.n_layers, model.n_heads, model.d_k, model.d_v, model.d_model, model.d_mlp
+    r = H // model.n_kv_heads if model.grouped else 1  # query heads per key/value head
     H = model.n_kv_heads if model.grouped else H  # one GL(d_k), GL(d_v), key shift per key/value head
     qk = qk and not model.rotary
     key_shift = key_shift and not model.rotary
@@ -163,4 +175,8 @@ def transformer_orbit_dim(
     dim += L * H * dk if key_shift else 0
     dim += L * m if (mlp and model.activation == "relu") else 0
     dim += d * (d - 1) // 2 if (rotation and rotation_obstruction(model) is None) else 0
+    if qk:
+        dim -= L * H * (dk - min(dk, r * (d + 1))) * (dk - min(dk, d if key_shift else d + 1))
+    if ov:
+        dim -= L * H * (dv - min(dv, d + 1)) * (dv - min(dv, r * d))
     return dim

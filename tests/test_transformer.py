@@ -520,6 +520,21 @@ def test_orbit_dimension_formula_vs_numerical_rank(cfg, getkey):
     assert gauge.orbit_rank(model) == formula
 
 
+@pytest.mark.parametrize("cfg, switches", [
+    (dict(d_k=6, d_v=2), {}), (dict(d_k=2, d_v=7), {}), (dict(d_k=6, d_v=2), dict(key_shift=False)),
+    (dict(n_heads=4, n_kv_heads=2, d_k=12, d_v=9), {}),
+], ids=["wide-qk", "wide-ov", "wide-qk-no-shift", "wide-grouped"])
+def test_orbit_dimension_of_heads_wider_than_the_stream(cfg, switches, getkey):
+    """Heads wider than the stream + 1 have a continuous stabiliser: the formula subtracts
+    it (it counted the group's dimension, 4-40 above the measured rank here) and meets
+    the numerical rank; the engine's orbit_dim stays the group's dimension."""
+    cfg = {"n_heads": 2, **cfg}
+    model = Transformer(11, 4, 1, cfg.pop("n_heads"), 6, 6, key=getkey(), dtype=jnp.float64, **cfg)
+    gauge = gj.derive_gauge(model, **switches)
+    formula = gj.transformer_orbit_dim(model, **switches)
+    assert gauge.orbit_rank(model) == formula < gauge.orbit_dim
+
+
 def test_bert_base_attention_orbit_dimension():
     assert gj.attention_orbit_dim(12, 12, 64, 64) == 1_179_648
     bert = eqx.filter_eval_shape(
