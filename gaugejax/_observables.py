@@ -12,6 +12,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from .nn._transformer import Transformer
@@ -57,14 +58,17 @@ class FactoredMatrix(eqx.Module):
     def svd(self) -> tuple[Array, Array, Array]:
         """Thin SVD `(U, S, Vh)` of the product (rank-`r` part), from the factors: with
         `left = Q1 R1`, `right^T = Q2 R2`, `U = Q1 u`, `Vh = (Q2 v)^T` where
-        `R1 R2^T = u S v^T`."""
-        q1, r1 = jnp.linalg.qr(self.left)
-        q2, r2 = jnp.linalg.qr(_mT(self.right))
+        `R1 R2^T = u S v^T`. Half precision is computed in float32 (LAPACK has no
+        half-precision routines) and cast back."""
+        dtype = jnp.result_type(self.left, self.right)
+        left, right = _lapack(self.left), _lapack(self.right)
+        q1, r1 = jnp.linalg.qr(left)
+        q2, r2 = jnp.linalg.qr(_mT(right))
         u, s, vt = jnp.linalg.svd(jnp.matmul(r1, _mT(r2), precision=_HIGHEST), full_matrices=False)
         return (
-            jnp.matmul(q1, u, precision=_HIGHEST),
-            s,
-            _mT(jnp.matmul(q2, _mT(vt), precision=_HIGHEST)),
+            jnp.matmul(q1, u, precision=_HIGHEST).astype(dtype),
+            s.astype(dtype),
+            _mT(jnp.matmul(q2, _mT(vt), precision=_HIGHEST)).astype(dtype),
         )
 
     def singular_values(self) -> Array:
@@ -74,10 +78,11 @@ class FactoredMatrix(eqx.Module):
     def eigenvalues(self) -> Array:
         """The `r` eigenvalues of `right @ left` (`r x r`) for a square product: its nonzero
         eigenvalues are those of `left @ right`, and the rest are zeros (all of them when
-        `r > m`: `r - m` zeros at least). Complex, sorted by descending magnitude."""
+        `r > m`: `r - m` zeros at least). Complex (complex64 for half-precision factors,
+        computed in float32), sorted by descending magnitude."""
         if self.shape[-1] != self.shape[-2]:
             raise ValueError(f"eigenvalues need a square product, got shape {self.shape}.")
-        small = jnp.matmul(self.right, self.left, precision=_HIGHEST)
+        small = jnp.matmul(_lapack(self.right), _lapack(self.left), precision=_HIGHEST)
         ev = jnp.linalg.eigvals(small)
         order = jnp.argsort(-jnp.abs(ev), axis=-1)
         return jnp.take_along_axis(ev, order, axis=-1)
@@ -93,9 +98,16 @@ class FactoredMatrix(eqx.Module):
         return FactoredMatrix(_mT(self.right), _mT(self.left))
 
 
+def _lapack(x: Array) -> Array:
+    """`x` in float32 when it is in a half-precision float (no LAPACK routine takes it)."""
+    return x.astype(jnp.float32) if jnp.dtype(x.dtype).itemsize < 4 else x
+
+
 def _layer(model: Transformer, layer: int):
     if not isinstance(model, Transformer):
         raise TypeError(f"expected a gaugejax.nn.Transformer, got {type(model).__name__}.")
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+        raise TypeError(f"`layer` must be an integer, got {layer!r}.")
     if not -model.n_layers <= layer < model.n_layers:
         raise ValueError(f"layer {layer} is out of range for a model with {model.n_layers} layers.")
     if model.grouped:

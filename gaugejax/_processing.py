@@ -43,6 +43,11 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 def _check_model(model: Any, what: str) -> Transformer:
     if not isinstance(model, Transformer):
         raise TypeError(f"{what} expects a gaugejax.nn.Transformer, got {type(model).__name__}.")
+    if type(model) is not Transformer:  # as transformer_gauge: each step assumes its forward pass
+        raise TypeError(
+            f"{what} processes gaugejax.nn.Transformer itself; got the subclass "
+            f"{type(model).__name__}, which may change the forward pass that each step keeps."
+        )
     if model.grouped:
         raise ValueError(
             f"{what}: the model uses grouped-query attention (n_kv_heads={model.n_kv_heads}); "

@@ -50,17 +50,23 @@ KNOWN_FIELDS = frozenset({
 def rotation_obstruction(model: Transformer) -> str | None:
     """Why the residual-stream rotation $O(d)$ is not a symmetry of `model`, or `None` if
     it is (S17: every norm a scale-free RMSNorm, and an unembedding to absorb it)."""
+    # weight processing reaches a rotation-symmetric model only from a pre-norm one, and
+    # cannot fold the embedding norm (no linear map reads it: the stream is its output)
+    post = model.norm_position == "post"
     for path, norm in model.norms():
+        fixable = not post and path != "embed_norm"
         if norm.kind != "rms":
-            return (
-                f"{path} is a LayerNorm: it subtracts the mean, which a rotation does not "
-                "preserve. Process the weights first: gaugejax.process_weights(model) (fold "
-                "gains, center the writing weights, LayerNorm -> RMSNorm)."
+            return f"{path} is a LayerNorm: it subtracts the mean, which a rotation does not preserve. " + (
+                "Process the weights first: gaugejax.process_weights(model) (fold gains, center the "
+                "writing weights, LayerNorm -> RMSNorm)." if fixable else
+                "No weight processing turns it into an RMSNorm (that needs a pre-norm model and a "
+                "norm read only by linear maps): this model has no residual rotation."
             )
         if norm.weight is not None or norm.bias is not None:
-            return (
-                f"{path} has a gain/bias: RMSNorm commutes with rotations only without them. "
-                "Fold them into the next linear maps first: gaugejax.fold_norm_gains(model)."
+            return f"{path} has a gain/bias: RMSNorm commutes with rotations only without them. " + (
+                "Fold them into the next linear maps first: gaugejax.fold_norm_gains(model)." if fixable
+                else "No linear map reads it alone (its output is the residual stream), so no weight "
+                "processing folds it: this model has no residual rotation."
             )
     if model.unembedding == "none":
         return (

@@ -108,6 +108,22 @@ def test_s17_negative_rotation_through_layernorm_or_gain_breaks(cfg, getkey):
         assert not rep.passed and rep.median_rel_error > 1e-3, rep
 
 
+def test_rotation_refusals_give_advice_that_works(getkey):
+    """The refusal names a processing step only where one exists: an embed_norm gain and a
+    post-norm LayerNorm have none (the advice to fold gains or process the weights led back
+    to the same error); a pre-norm LayerNorm's advice does lead to a rotation."""
+    for cfg, culprit in [(dict(norm="rms", norm_gain=True, embed_norm=True), "embed_norm has a gain"),
+                         (dict(norm="layer", norm_position="post"), "blocks.0..norm1 is a LayerNorm")]:
+        model = _model(getkey(), unembedding="untied", **cfg)
+        for m in (model, gj.process_weights(model) if cfg.get("norm_position") != "post" else model):
+            with pytest.raises(ValueError, match=f"{culprit}.*No .*processing.*no residual rotation"):
+                gj.derive_gauge(m, rotation=True)
+    model = _model(getkey(), norm="layer", unembedding="untied")
+    with pytest.raises(ValueError, match="process_weights"):
+        gj.derive_gauge(model, rotation=True)
+    assert "stream" in gj.derive_gauge(gj.process_weights(model), rotation=True).site_groups
+
+
 def test_s14_negative_rotary_breaks_qk(getkey):
     model = _model(getkey(), rotary=True)
     with pytest.raises(ValueError, match="rotary"):
@@ -142,6 +158,10 @@ def test_refusals_and_bad_input(getkey):
 
     with pytest.raises(TypeError, match="subclass"):
         gj.transformer_gauge(Sub(VOCAB, D, 1, 2, MLP, CTX, key=getkey()))
+    with pytest.raises(TypeError, match="subclass Sub"):
+        gj.process_weights(Sub(VOCAB, D, 1, 2, MLP, CTX, key=getkey()))
+    tokens = [1, 2, 3]  # a list of ids is an array-like like any other
+    assert bool(jnp.all(model(tokens) == model(jnp.asarray(tokens))))
     with pytest.raises(ValueError, match="post-norm"):
         gj.fold_norm_gains(_model(getkey(), norm_position="post"))
     with pytest.raises(ValueError, match="RMSNorm"):
@@ -481,6 +501,22 @@ def test_factored_svd_is_thin(getkey):
     u, s, vh = fm.svd()
     assert (u.shape, s.shape, vh.shape) == ((4, 4), (4,), (4, 5))
     assert rel((u * s[None, :]) @ vh, fm.dense()) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_factored_spectra_in_half_precision(dtype, getkey):
+    """LAPACK has no half-precision routines (an opaque NotImplementedError): singular
+    values and eigenvalues are computed in float32 from the half-precision factors."""
+    left, right = jax.random.normal(getkey(), (2, 5, 3)), jax.random.normal(getkey(), (2, 3, 5))
+    half = gj.FactoredMatrix(left.astype(dtype), right.astype(dtype))
+    exact = gj.FactoredMatrix(half.left.astype(jnp.float32), half.right.astype(jnp.float32))
+    u, s, vh = half.svd()
+    assert u.dtype == s.dtype == vh.dtype == dtype
+    assert rel(s.astype(jnp.float32), exact.singular_values()) <= 1e-2
+    assert half.eigenvalues().dtype == jnp.complex64
+    assert rel(half.eigenvalues(), exact.eigenvalues()) <= 1e-5
+    with pytest.raises(TypeError, match="`layer` must be an integer, got 0.5"):
+        gj.qk_circuit(_model(getkey()), 0.5)
 
 
 @pytest.mark.slow  # ~25-75 s on 2 shared cores; the invariance of W_QK is also checked by the canonical-form tests

@@ -386,6 +386,7 @@ class Transformer(eqx.Module):
 
     def hidden(self, tokens: Int[Array, " n"], mask: Bool[Array, " n"] | None = None) -> Float[Array, "n d"]:
         """The final residual stream (after the final norm of a pre-norm model)."""
+        tokens = jnp.asarray(tokens)
         if tokens.ndim != 1:
             raise ValueError(f"`tokens` must be one sequence of shape (n,), got shape {tokens.shape}; vmap over a batch.")
         if mask is not None:
