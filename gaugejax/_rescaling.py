@@ -195,11 +195,16 @@ def layout(gauge: Gauge, sites: Sequence[str] | None = None) -> dict[str, tuple[
     return out
 
 
+def num_scales(gauge: Gauge, sites: Sequence[str] | None = None) -> int:
+    """How many log-scales the sites hold (the size of the Gram matrix)."""
+    return sum(int(np.prod(shape)) for _, shape in layout(gauge, sites).values())
+
+
 def gram_dense(gauge: Gauge, leaves: list[Array], sites: Sequence[str] | None = None):
     """The Gram matrix $G = V^\\top V$ of the log-scale generators, assembled from the
     squared parameters: $O(|\\theta|)$ work plus the $N^2$ matrix. Returns `(G, layout)`."""
     lay = layout(gauge, sites)
-    size = sum(int(np.prod(shape)) for _, shape in lay.values())
+    size = num_scales(gauge, sites)
     dtype = next(x.dtype for x in leaves if eqx.is_inexact_array(x))
     gram = jnp.zeros((size, size), dtype)
     for plan, cs in couplings(gauge, tuple(lay)):

@@ -247,3 +247,43 @@ def test_gram_diagonal_of_a_self_coupled_leaf(getkey, T):
     ref = gj.horizontal(gauge, params, v, method="dense")
     for method in ("structured", "cg"):
         assert rel(gj.horizontal(gauge, params, v, method=method), ref) <= 1e-9
+
+
+def test_structured_solve_survives_a_breakdown_far_along_the_orbit(getkey):
+    """Far along the rescaling orbit (parameters up to 2.5e6 in float32) the Gram operator
+    built from squared parameters loses positive-definiteness to rounding; lineax's CG
+    signals it with NaN, and the projection of finite inputs was NaN. The dense solve now
+    takes over: finite and as horizontal as the dense method."""
+    sizes = (8, 32, 32, 32, 4)
+    keys = jax.random.split(jax.random.key(0), len(sizes))
+    f32 = jnp.float32
+    p0 = [(jax.random.normal(keys[i], (sizes[i + 1], sizes[i]), f32),
+           0.1 * jax.random.normal(keys[i], (sizes[i + 1],), f32)) for i in range(len(sizes) - 1)]
+    gauge = gj.feedforward_gauge(p0, jax.nn.relu)
+    v = jax.tree.map(lambda x: jax.random.normal(jax.random.key(9), x.shape, f32), p0)
+    params = gauge.act(gauge.sample(jax.random.key(2), scale=3.0, dtype=f32), p0)  # a point where CG broke down
+    gens = jax.vmap(lambda e: _flat(gauge.vertical(params, {"h1": e[:32], "h2": e[32:64], "h3": e[64:]})))(
+        jnp.eye(96, dtype=f32))
+    for method in ("auto", "dense"):
+        h = _flat(gj.horizontal(gauge, params, v, method=method))
+        assert bool(jnp.all(jnp.isfinite(h))), method
+        cos = jnp.abs(gens @ h) / (jnp.linalg.norm(gens, axis=1) * jnp.linalg.norm(h))
+        assert float(jnp.max(cos)) <= 1e-5, method
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_projection(dtype, getkey):
+    """Half precision is solved in float32 (the dense Cholesky raised 'Unsupported dtype',
+    the CG paths returned NaN for an ordinary MLP) and cast back."""
+    model = gj.nn.MLP([3, 6, 5, 2], jax.nn.relu, key=getkey())
+    gauge = gj.derive_gauge(model)
+    half = jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, model)
+    v = _random_like(getkey(), half)
+    ref = _flat(gj.horizontal(gauge, jax.tree.map(lambda a: a.astype(jnp.float32) if eqx.is_inexact_array(a) else a,
+                                                  half), v))
+    for method in ("auto", "dense", "cg"):
+        h = gj.horizontal(gauge, half, v, method=method)
+        assert {a.dtype for a in jax.tree.leaves(eqx.filter(h, eqx.is_inexact_array))} == {jnp.dtype(dtype)}
+        assert float(jnp.max(jnp.abs(_flat(h).astype(jnp.float32) - ref))) <= 1e-2 * float(jnp.max(jnp.abs(ref)))
+    xi = gj.vertical_coordinates(gauge, half, v)
+    assert {x.dtype for x in xi.values()} == {jnp.dtype(dtype)}
