@@ -45,6 +45,7 @@ from jaxtyping import Array, PyTree
 from ._balance import moment_map
 from ._coupling import Consume, Link, Produce
 from ._gauge import Gauge
+from ._groups import Translation
 from ._horizontal import _check_tangent, _require_continuous, vertical_adjoint
 
 
@@ -103,7 +104,9 @@ def charge_change(gauge: Gauge, params: PyTree, delta: PyTree) -> dict[str, Arra
     is then $2V_\\theta^\\top\\Delta + \\mu(\\Delta)$) but not for $GL$ / $O(n)$, where
     $V_\\Delta^\\top\\theta = (V_\\theta^\\top\\Delta)^\\top$. For a gauge with links the charges
     are those of [`gaugejax.noether_charges`][] (the links read as $U/h$, where the action
-    is linear), so this is exact for them too.
+    is linear), so this is exact for them too. A translation site's charge is the
+    translated leaf itself, linear in $\\theta$: it changes by $\\mu(\\Delta)$, the step on
+    that leaf. Computed in the parameters' precision (`delta` is cast to it).
 
     **Arguments:**
 
@@ -113,13 +116,22 @@ def charge_change(gauge: Gauge, params: PyTree, delta: PyTree) -> dict[str, Arra
     **Returns:** `{site: array}`.
     """
     _require_continuous(gauge, "charge_change")
-    _check_tangent(gauge, params, delta, "delta")
+    _check_tangent(gauge, gauge._complete(params, "`params`"), delta, "delta")
     gauge, params = _linear(gauge, params)
     delta = gauge._complete(delta, "`delta`")
+    # in the parameters' precision (a bfloat16 update of float32 parameters is exact in
+    # float32; its products in bfloat16 are not)
+    dtypes = [x.dtype if eqx.is_inexact_array(x) else None for x in jtu.tree_leaves(params)]
+    delta = jtu.tree_unflatten(gauge.treedef, [
+        d.astype(t) if t is not None and eqx.is_inexact_array(d) else d
+        for d, t in zip(jtu.tree_leaves(delta), dtypes)])
     cross = vertical_adjoint(gauge, params, delta)
     cross_t = vertical_adjoint(gauge, delta, params)
     second = moment_map(gauge, delta)
-    return jtu.tree_map(lambda a, b, c: a + b + c, cross, cross_t, second)
+    # a translation's charge is the translated leaf, linear in theta: it changes by mu(delta)
+    # alone (the polarisation terms are those of a quadratic charge)
+    affine = {n for n, g in gauge.sites if isinstance(g, Translation)}
+    return {n: second[n] if n in affine else cross[n] + cross_t[n] + second[n] for n in second}
 
 
 class NoetherMonitor(eqx.Module):

@@ -1,5 +1,7 @@
 """Teleportation (issue 5, item 4) and Noether charges (item 5)."""
 
+from collections.abc import Callable
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -136,9 +138,38 @@ def test_charge_change_is_exact_for_matrix_sites(case, getkey):
     pred = gj.charge_change(gauge, params, delta)
     before, after = gj.noether_charges(gauge, params), gj.noether_charges(gauge, new)
     for site, change in pred.items():
-        if isinstance(gauge.site_groups[site], gj.Translation):
-            continue  # affine: the formula covers the linear sites only
+        # a translation's charge (the leaf itself) is linear: it was given 2 delta + leaf
         np.testing.assert_allclose(change, after[site] - before[site], rtol=1e-10, atol=1e-12)
+
+
+def test_charge_change_precision_and_leaf_names(getkey):
+    """A bfloat16 step of float32 parameters is exact in float32, and so is the change
+    (the products were taken in bfloat16: 1e-3 off); a bad step of an equinox.filter-ed
+    model names its own leaf (a non-array field before the layers shifted the names)."""
+
+    class Net(eqx.Module):
+        act: Callable
+        l1: eqx.nn.Linear
+        l2: eqx.nn.Linear
+
+        def __init__(self, key):
+            k1, k2 = jax.random.split(key)
+            self.act = jax.nn.relu
+            f32 = jnp.float32
+            self.l1, self.l2 = eqx.nn.Linear(3, 6, key=k1, dtype=f32), eqx.nn.Linear(6, 2, key=k2, dtype=f32)
+
+    net = Net(getkey())
+    gauge = gj.feedforward_gauge(net, jax.nn.relu, weights=["l1.weight", "l2.weight"], layout="out_in")
+    params = eqx.filter(net, eqx.is_array)
+    step = jax.tree.map(lambda x: (0.1 * jax.random.normal(getkey(), x.shape, x.dtype)).astype(jnp.bfloat16), params)
+    exact = jax.tree.map(lambda a, d: a + d.astype(a.dtype), params, step)
+    change = gj.charge_change(gauge, params, step)["h1"]
+    true = gj.noether_charges(gauge, exact)["h1"] - gj.noether_charges(gauge, params)["h1"]
+    assert change.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(change - true))) <= 1e-5 * float(jnp.max(jnp.abs(true)))
+    bad = eqx.tree_at(lambda t: t.l2.weight, step, jnp.ones((2, 4), jnp.bfloat16))
+    with pytest.raises(ValueError, match=r"`delta` leaf 'l2.weight' is shape \(2, 4\)"):
+        gj.charge_change(gauge, params, bad)
 
 
 def test_resnet_charges_conserved_and_exact(getkey):
