@@ -20,7 +20,7 @@ import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array, PyTree
 
-from . import _rescaling as _rs
+from . import _checks, _rescaling as _rs
 from ._gauge import Gauge, _expand, params_float_dtype as _dtype, without_views
 
 
@@ -92,10 +92,15 @@ def balance(
     - `gauge`, `params`: the gauge and the parameters to balance.
     - `rtol`, `atol`: stop when a Newton step moves every log-scale by less than
       `atol + rtol * max|xi|` (default $\\epsilon^{3/4}$ of the dtype).
-    - `max_steps`: the Newton step limit.
+    - `max_steps`: the Newton step limit. Reaching it returns the last iterate, without
+      an error (far from balance in float32, say): check
+      [`gaugejax.balance_residual`][] when it matters.
 
     **Returns:** `(balanced_params, g)` with `balanced_params == gauge.act(g, params)`.
     """
+    _checks.tolerance(rtol, "rtol")
+    _checks.tolerance(atol, "atol")
+    _checks.integer(max_steps, "max_steps")
     whole = without_views(gauge, params)
     if whole.gauge is not gauge:  # leaves coupled through views: balance them reshaped
         balanced, g = balance(whole.gauge, whole.params, rtol=rtol, atol=atol, max_steps=max_steps)

@@ -183,7 +183,7 @@ def _one_program(method: Callable) -> Callable:
 
     Called eagerly, the dozens of small operations of `act`, `sample` or `inverse` would
     each dispatch (and, on first use, compile) on their own: eager `act` on a transformer
-    gauge took 1.7 s a call, its compiled program a millisecond. Under an outer `jit`,
+    gauge took 1.7 s a call, its compiled program about a millisecond. Under an outer `jit`,
     `vmap` or `grad` the program is inlined like any nested `jit`. Non-array arguments
     (`scale`, `dtype`, `sites`, `check`) are static: each new value compiles once.
     Validation errors are raised while tracing, as before.
@@ -626,9 +626,13 @@ class Gauge(eqx.Module):
     def _check_params(self, params: PyTree) -> list[Any]:
         leaves, treedef = jtu.tree_flatten(params)
         if treedef != self.treedef:
+            filtered = self._with_none(params) is not None
             raise ValueError(
-                "the parameters do not have the structure this gauge was built for.\n"
-                f"expected: {self.treedef}\nreceived: {treedef}"
+                "the parameters do not have the structure this gauge was built for"
+                + (": they are an `equinox.filter` of it (None where a non-array leaf was), and "
+                   "this function needs the whole parameters (e.g. `equinox.combine(filtered, "
+                   "static)`).\n" if filtered else ".\n")
+                + f"expected: {self.treedef}\nreceived: {treedef}"
             )
         for plan in self.plans:
             shape = tuple(leaves[plan.index].shape)

@@ -36,7 +36,7 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, PyTree
 
-from . import _rescaling as _rs
+from . import _checks, _rescaling as _rs
 from ._gauge import Gauge, _is_none, params_float_dtype as _dtype
 from ._groups import PositiveDiagonal, PositiveMonomial
 
@@ -188,16 +188,22 @@ def vertical_coordinates(
     _require_continuous(gauge, "vertical_coordinates")
     params = gauge._complete(params)
     _check_tangent(gauge, params, v)
-    if method not in ("auto", "structured", "dense", "cg"):
-        raise ValueError(f"`method` must be 'auto', 'structured', 'dense' or 'cg', got {method!r}.")
+    _check_method(method)
+    _checks.tolerance(rtol, "rtol")
+    _checks.tolerance(atol, "atol")
+    if max_steps is not None:
+        _checks.integer(max_steps, "max_steps")
     diag_ok = _rs.is_structured(gauge)
     if method in ("structured", "dense") and not diag_ok:
         bad = [f"{n}: {g!r}" for n, g in gauge.sites if n in gauge.continuous_sites
                and not isinstance(g, (PositiveDiagonal, PositiveMonomial))]
+        viewed = [p.path for p in gauge.plans if p.view is not None]
         raise ValueError(
             f"method={method!r} needs every continuous site to be a positive rescaling "
-            f"(PositiveDiagonal or PositiveMonomial) coupled by Produce/Consume; this gauge has "
-            f"{bad or 'links on rescaling sites'}. Use method='cg' (matrix-free, any gauge)."
+            f"(PositiveDiagonal or PositiveMonomial) coupled by Produce/Consume on whole leaf "
+            "axes; this gauge has " + (str(bad) if bad else f"couplings through views on {viewed}" if viewed
+                                       else "links on rescaling sites")
+            + ". Use method='cg' (matrix-free, any gauge)."
         )
     dtype = _dtype(params)
     if _half(dtype):
@@ -233,6 +239,11 @@ def vertical_coordinates(
     # right-hand side V^T v, and then the coordinates (so the projection) are NaN on every
     # method. CG would otherwise stop at once and return v unprojected.
     return {n: jnp.where(finite, x * size.astype(x.dtype), jnp.nan) for n, x in xi.items()}
+
+
+def _check_method(method: Any) -> None:
+    if method not in ("auto", "structured", "dense", "cg"):
+        raise ValueError(f"`method` must be 'auto', 'structured', 'dense' or 'cg', got {method!r}.")
 
 
 def _half(dtype: Any) -> bool:

@@ -22,6 +22,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, PyTree
 
+from . import _checks
 from ._gauge import Gauge
 from ._horizontal import _dtype, _require_continuous
 
@@ -92,10 +93,18 @@ def teleport(
     if not callable(objective):
         raise TypeError(f"`objective` must be a callable params -> scalar, got {type(objective).__name__}.")
     _check_scalar(objective, params, "objective")
-    if not (isinstance(steps, (int, np.integer)) and not isinstance(steps, bool) and steps >= 0):
-        raise ValueError(f"`steps` must be a non-negative int, got {steps!r}.")
+    steps = _checks.integer(steps, "steps", 0)
+    _check_lr(lr)
     # lr as an array: a new step length is not a new compilation
-    return _teleport(gauge, params, objective, int(steps), jnp.asarray(lr), normalize)
+    return _teleport(gauge, params, objective, steps, jnp.asarray(lr), normalize)
+
+
+def _check_lr(lr: Any) -> None:
+    """A scalar step length, finite where it is concrete (NaN made NaN parameters)."""
+    if jnp.ndim(lr) != 0:
+        raise ValueError(f"`lr` must be a scalar, got shape {jnp.shape(lr)}.")
+    if not isinstance(lr, jax.core.Tracer) and not np.isfinite(np.asarray(lr)):
+        raise ValueError(f"`lr` must be finite, got {lr!r}.")
 
 
 @eqx.filter_jit

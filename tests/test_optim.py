@@ -1,9 +1,12 @@
-"""optax transforms (issue 5, item 6): every transform through jax.jit(tx.init) and
+"""optax transforms: every transform through jax.jit(tx.init) and
 jax.jit(tx.update); optimizer state transported exactly through gauge moves."""
+
+import dataclasses
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from helpers import rel
@@ -132,6 +135,25 @@ def test_errors(getkey):
     tx = gjo.project_horizontal(gauge)
     with pytest.raises(ValueError, match="needs `params`"):
         tx.update(model, tx.init(model))
+    # arguments checked when the transform is built, not at its first update; NumPy
+    # integers are integers, bools are not; NaN step lengths and negative tolerances refused
+    assert gjo.canonicalize_every(np.int64(2), gauge) is not None
+    obj = lambda p, batch=None: jnp.sum(p.layers[0].weight ** 2)  # noqa: E731
+    for make, match in [
+        (lambda: gjo.canonicalize_every(True, gauge), "canonicalize_every: `every_k` must be a positive integer"),
+        (lambda: gjo.project_horizontal(gauge, method="bogus"), "`method` must be"),
+        (lambda: gjo.teleport_every(1, gauge, objective=obj, steps=-1), "`steps` must be a non-negative integer"),
+        (lambda: gjo.teleport_every(1, gauge, objective=obj, lr=float("nan")), "`lr` must be finite"),
+        (lambda: gj.teleport(gauge, model, objective=obj, lr=jnp.ones(3)), "`lr` must be a scalar"),
+        (lambda: gj.balance(gauge, model, rtol=-1.0), "`rtol` must be a finite number >= 0"),
+        (lambda: gj.balance(gauge, model, max_steps=0), "`max_steps` must be a positive integer"),
+        (lambda: gj.horizontal(gauge, model, model, max_steps=0), "`max_steps` must be a positive integer"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            make()
+    eqx_mlp = eqx.nn.MLP(3, 2, 5, 2, activation=jax.nn.relu, key=getkey())  # its activation is a leaf
+    with pytest.raises(ValueError, match="an `equinox.filter` of it"):
+        gj.canonicalize(gj.derive_gauge(eqx_mlp), eqx.filter(eqx_mlp, eqx.is_array))
 
 
 def test_project_horizontal_keeps_update_dtypes(getkey):
@@ -218,6 +240,53 @@ def test_each_optimizer_state_moves_by_its_own_rule(getkey):
     assert rel(moved[0].mu, ref[0].mu) <= 1e-12
     assert rel(moved[0].nu, ref[0].nu) <= 1e-6  # adamax stores |g| + eps (eps = 1e-8)
     assert rel(gjo.transport_state(gauge, g, s, model)[0].nu, ref[0].nu) > 1e-2  # the default is wrong here
+
+
+def test_rprop_factored_and_integer_statistics(getkey):
+    """Rprop's prev_updates (step size x sign(g)) is a displacement: under a positive
+    rescaling it took the gradient rule and the next update was 128% off the moved run's.
+    adafactor's factored moments have the parameters' structure but other shapes: they
+    were left as they were, silently, and are now refused unless "keep" is said. A
+    statistic with an entry on an integer leaf of the parameters is transported (it was
+    skipped)."""
+    model, gauge, loss = _problem(getkey())
+    grad = eqx.filter_jit(eqx.filter_grad(loss))
+    h = gauge.sample(getkey(), dtype=jnp.float64)
+    tx = optax.rprop(1e-3)
+    b, s = _train(tx, model, loss, 2)
+    a, sa = gauge.act(h, b), gjo.transport_state(gauge, h, s, b)
+    for _ in range(3):
+        ua, sa = jax.jit(tx.update)(grad(a), sa, a)
+        a = optax.apply_updates(a, ua)
+        ub, s = jax.jit(tx.update)(grad(b), s, b)
+        b = optax.apply_updates(b, ub)
+    assert rel(a, gauge.act(h, b)) <= 1e-10
+    factored = optax.adafactor(1e-2, min_dim_size_to_factor=4)
+    fs = factored.init(model)
+    with pytest.raises(ValueError, match=r"FactoredState.v_row has the structure of the parameters but other shapes"):
+        gjo.transport_state(gauge, h, fs, model)
+    keep = {("FactoredState", f): "keep" for f in ("v_row", "v_col", "v")}
+    kept = gjo.transport_state(gauge, h, fs, model, rules=keep)
+    assert all(bool(jnp.all(a == b)) for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(fs)))
+    with pytest.raises(ValueError, match="only \"keep\" applies"):
+        gjo.transport_state(gauge, h, fs, model, rules={**keep, ("FactoredState", "v_row"): "covector"})
+    params = {"mlp": model, "index": jnp.arange(3)}
+    gi = gj.derive_gauge(model)
+    wrapped = gj.Gauge(dict(gi.sites), [dataclasses.replace(c, leaf=c.leaf.replace("layers", "['mlp'].layers", 1))
+                                        if c.leaf.startswith("layers") else c for c in gi.couplings], params)
+    trace = optax.TraceState(jax.tree.map(jnp.ones_like, params))
+    moved = gjo.transport_state(wrapped, h, (trace,), params)[0].trace
+    assert rel(moved["mlp"], gjo.transport_state(gauge, h, (optax.TraceState(trace.trace["mlp"]),), model)[0].trace) == 0
+    assert rel(moved["mlp"], trace.trace["mlp"]) > 1e-2 and bool(jnp.all(moved["index"] == 1))
+    # an update in another dtype on a leaf the gauge does not move passes through (it
+    # failed inside lax.cond: the move recomputed it in the parameter's dtype)
+    g = grad(model)
+    last = len(model.layers) - 1
+    low = eqx.tree_at(lambda m: m.layers[last].bias, g, g.layers[last].bias.astype(jnp.float32))
+    assert all(f"layers[{last}].bias" not in p.path for p in gauge.plans)
+    mover = gjo.canonicalize_every(1, gauge)
+    u, _ = mover.update(low, mover.init(model), model)
+    assert u.layers[last].bias.dtype == jnp.float32 and bool(jnp.all(u.layers[last].bias == low.layers[last].bias))
 
 
 def test_transport_refuses_unknown_statistics(getkey):

@@ -27,10 +27,11 @@ import jax.tree_util as jtu
 import optax
 from jaxtyping import Array, PyTree
 
+from .. import _checks
 from .._canonical import canonicalize
 from .._gauge import _FILTERED, Gauge, _is_none
-from .._horizontal import _require_continuous, horizontal
-from .._teleport import grad_norm_squared, teleport
+from .._horizontal import _check_method, _require_continuous, horizontal
+from .._teleport import _check_lr, grad_norm_squared, teleport
 
 
 STATE_RULES: dict[tuple[str, str], str] = {
@@ -57,7 +58,7 @@ STATE_RULES: dict[tuple[str, str], str] = {
     ("ScaleByAdanState", "n"): "second",
     ("ScaleByAdanState", "g"): "covector",
     ("ScaleByRpropState", "step_sizes"): "vector_abs",
-    ("ScaleByRpropState", "prev_updates"): "covector",
+    ("ScaleByRpropState", "prev_updates"): "vector",  # step_size * sign(g): a displacement
     ("MultiStepsState", "acc_grads"): "covector",
     ("ScheduleFreeState", "z"): "point",
 }
@@ -66,9 +67,11 @@ STATE_RULES: dict[tuple[str, str], str] = {
 `"second"` (a squared one, $\\nu \\mapsto (J^\\top\\sqrt\\nu)^2$), `"abs"` (an absolute
 one, $|J^\\top m|$), `"vector"` / `"vector_second"` / `"vector_abs"` (the same for a
 displacement of the parameters, pushed forward by the action's $J$ instead), `"point"`
-(a copy of the parameters, moved by the action itself). Extend it per call with `rules=`
-(`state_rules=` of the moving transforms)."""
-_RULE_NAMES = ("covector", "second", "abs", "vector", "vector_second", "vector_abs", "point")
+(a copy of the parameters, moved by the action itself), `"keep"` (left as it is: an
+explicit choice for a statistic no rule transports, e.g. `optax.adafactor`'s factored
+`v_row` / `v_col`, which then no longer match the moved parameters). Extend it per call
+with `rules=` (`state_rules=` of the moving transforms)."""
+_RULE_NAMES = ("covector", "second", "abs", "vector", "vector_second", "vector_abs", "point", "keep")
 
 
 def _float_indices(leaves: list[Any]) -> list[int]:
@@ -172,23 +175,36 @@ def transport_state(gauge: Gauge, g: dict[str, Any], state: Any, params: PyTree,
     apply = {
         "covector": pull, "second": lambda v: second(pull, v), "abs": lambda v: jtu.tree_map(jnp.abs, pull(v)),
         "vector": push, "vector_second": lambda v: second(push, v),
-        "vector_abs": lambda v: jtu.tree_map(jnp.abs, push(v)), "point": point,
+        "vector_abs": lambda v: jtu.tree_map(jnp.abs, push(v)), "point": point, "keep": lambda v: v,
     }
+    # with a single-leaf parameter tree every array of the state has its structure: only
+    # the shapes can tell a statistic there
+    containers = gauge.treedef.num_leaves > 1
 
-    def is_statistic(node) -> bool:
+    def kind(node) -> str | None:
+        """"statistic" (the parameters' structure and shapes), "factored" (their structure,
+        other shapes on some float leaf), or None."""
         split = gauge._with_none(node)
-        return split is not None and _same_shapes(split[0], leaves)
+        if split is None:
+            return None
+        if _same_shapes(split[0], leaves):
+            return "statistic"
+        return "factored" if containers and _other_shapes(split[0], leaves) else None
 
     def field(owner: str, name: Any, node):
-        if node is not None and is_statistic(node):
+        what = None if node is None else kind(node)
+        if what is not None:
             rule = table.get((owner, name))
             if rule is None:
+                shapes = ("has the structure of the parameters, with their shapes" if what == "statistic" else
+                          "has the structure of the parameters but other shapes (a factored statistic?)")
                 raise ValueError(
-                    f"transport_state: {owner}.{name} has the structure of the parameters, and "
-                    "how it transforms under a gauge move is not known. Say it with "
-                    f"rules={{({owner!r}, {name!r}): rule}}, rule one of {_RULE_NAMES}."
+                    f"transport_state: {owner}.{name} {shapes}, and how it transforms under a gauge "
+                    f"move is not known. Say it with rules={{({owner!r}, {name!r}): rule}}, rule one of "
+                    f"{_RULE_NAMES} (\"keep\" leaves it as it is: no longer matched to the moved "
+                    "parameters)."
                 )
-            return apply[rule](node)
+            return apply[rule](node) if what == "statistic" or rule == "keep" else _refuse(owner, name, rule)
         return walk(node)
 
     def walk(node):
@@ -205,11 +221,25 @@ def transport_state(gauge: Gauge, g: dict[str, Any], state: Any, params: PyTree,
 
 def _same_shapes(stat_leaves: list[Any], leaves: list[Any]) -> bool:
     """A statistic's leaves (aligned with the parameters') have the shapes of the
-    parameters' float leaves (`None` elsewhere, and on float leaves an optimizer leaves
-    out, e.g. `optax.masked`), and there is at least one."""
-    return any(x is not None for x in stat_leaves) and all(
-        x is None or (eqx.is_inexact_array(y) and getattr(x, "shape", None) == y.shape)
-        for x, y in zip(stat_leaves, leaves)
+    parameters' float leaves (`None` on float leaves an optimizer leaves out, e.g.
+    `optax.masked`; anything on the parameters' other leaves, e.g. integer arrays, which
+    no move changes), and there is at least one on a float leaf."""
+    on_floats = [(x, y) for x, y in zip(stat_leaves, leaves) if eqx.is_inexact_array(y)]
+    return any(x is not None for x, _ in on_floats) and all(
+        x is None or getattr(x, "shape", None) == y.shape for x, y in on_floats
+    )
+
+
+def _other_shapes(stat_leaves: list[Any], leaves: list[Any]) -> bool:
+    """Some array of a statistic sits on a float leaf of another shape."""
+    return any(hasattr(x, "shape") and eqx.is_inexact_array(y) and x.shape != y.shape
+               for x, y in zip(stat_leaves, leaves))
+
+
+def _refuse(owner: str, name: Any, rule: str):
+    raise ValueError(
+        f"transport_state: rule {rule!r} for {owner}.{name} needs the parameters' shapes, and it "
+        "has other shapes (a factored statistic); only \"keep\" applies to it."
     )
 
 
@@ -236,6 +266,7 @@ def project_horizontal(gauge: Gauge, *, method: str = "auto") -> optax.GradientT
     own dtype (bfloat16 updates of float32 parameters stay bfloat16).
     """
     _require_continuous(gauge, "project_horizontal")
+    _check_method(method)
 
     def init(params):
         del params
@@ -266,8 +297,7 @@ def _identity_inner() -> optax.GradientTransformation:
 
 def _moving(k: int, gauge: Gauge, inner, move: Callable, name: str,
             state_rules: dict[tuple[str, str], str] | None = None) -> optax.GradientTransformationExtraArgs:
-    if not (isinstance(k, int) and k >= 1):
-        raise ValueError(f"{name}: `every_k` must be a positive int, got {k!r}.")
+    k = _checks.integer(k, "every_k", where=name)
     # (the identity too: `update` passes it the extra arguments, e.g. teleport's batch=)
     inner = optax.with_extra_args_support(_identity_inner() if inner is None else inner)
 
@@ -290,6 +320,7 @@ def _moving(k: int, gauge: Gauge, inner, move: Callable, name: str,
         count = state.count + 1
         leaves = jtu.tree_leaves(full)
         idx = _float_indices(leaves)
+        touched = [plan.index for plan in gauge.plans if plan.index in idx]
         for plan in gauge.plans:
             i = plan.index
             if i in idx and ul[i] is None:  # a frozen leaf: the move would change the function
@@ -310,7 +341,7 @@ def _moving(k: int, gauge: Gauge, inner, move: Callable, name: str,
             inner_state = transport_state(gauge, g, inner_state, moved_in, rules=state_rules)
             ml = jtu.tree_leaves(moved)
             out = list(ul)
-            for i in idx:
+            for i in touched:  # the others are not moved: their updates pass as they are
                 if ul[i] is not None:
                     out[i] = ml[i] - leaves[i]
             return rebuild(out), inner_state
@@ -386,6 +417,8 @@ def teleport_every(
     _require_continuous(gauge, "teleport_every")
     if loss_fn is None and objective is None:
         raise ValueError("teleport_every needs `loss_fn` or `objective`.")
+    _checks.integer(steps, "steps", 0, where="teleport_every")
+    _check_lr(lr)
 
     def move(p, extra):
         batch = extra.get("batch")
