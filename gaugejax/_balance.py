@@ -33,8 +33,11 @@ def moment_map(gauge: Gauge, params: PyTree) -> dict[str, Array]:
     """The moment map of every continuous site at `params`, as a Lie-algebra element
     `{site: array}`: $\\mu = \\nabla_\\xi \\tfrac12\\|\\exp(\\xi)\\cdot\\theta\\|^2$ at $\\xi = 0$.
 
-    It is a conserved quantity (Noether charge) of gradient flow on a gauge-invariant
-    loss, and zero exactly at the balanced point.
+    For a linear action (every gauge without [`gaugejax.Link`][] couplings) it is a
+    conserved quantity (Noether charge) of gradient flow on a gauge-invariant loss, and
+    zero exactly at the balanced point. A link acts affinely, and then the conserved
+    charges are [`gaugejax.noether_charges`][] (the moment map at $U/h = A + I/h$), not
+    this.
     """
     zeros = gauge.algebra_zeros(_dtype(params))
 
