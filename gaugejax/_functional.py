@@ -100,9 +100,20 @@ def probe_inputs(key: Any, num: int, dim: int, *, dtype: Any = None, max_scale: 
     log-uniform in `[1, max_scale]`.
 
     The Jacobian rank of a ReLU network is a property of the activation regions the inputs
-    visit: unit-scale Gaussian inputs around the origin leave some units (nearly) always on,
-    and measure less than the network's functional dimension. Spreading the radii over
-    several orders of magnitude visits the regions far from the origin too.
+    visit: unit-scale Gaussian inputs around the origin can leave some units (nearly) always
+    on, and then measure less than the network's functional dimension. Spreading the radii
+    over several orders of magnitude visits the regions far from the origin too.
+
+    **Arguments:**
+
+    - `key`: a JAX PRNG key.
+    - `num`: the number of inputs (a positive integer).
+    - `dim`: the dimension of each input (a positive integer).
+    - `dtype`: the float dtype of the inputs (default JAX's default float).
+    - `max_scale`: the largest radius (a number >= 1).
+
+    **Returns:** a `(num, dim)` array: each row a standard Gaussian vector times a radius
+    $e^u$, with $u$ uniform in $[0, \\log m]$ and $m$ = `max_scale`.
     """
     import jax.numpy as jnp
 
