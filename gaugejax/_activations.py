@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.special
 import numpy as np
 
 from ._groups import (
@@ -194,7 +195,8 @@ def admits(fn: Callable, group: AbstractGroup) -> bool:
 
 register_activation(jax.nn.relu, "positive_homogeneous")
 register_activation(jax.nn.leaky_relu, "positive_homogeneous")
-for _fn in (jnp.tanh, jax.nn.tanh, jnp.sin, jnp.arctan, jnp.sinh, jax.nn.soft_sign, jax.nn.hard_tanh):
+for _fn in (jnp.tanh, jax.nn.tanh, jnp.sin, jnp.arctan, jnp.sinh, jax.nn.soft_sign, jax.nn.hard_tanh,
+            jax.scipy.special.erf, jax.lax.erf):
     register_activation(_fn, "odd")
 register_activation(identity, "linear")
 for _fn in (jax.nn.gelu, jax.nn.silu, jax.nn.swish, jax.nn.sigmoid, jax.nn.softplus, jax.nn.elu,

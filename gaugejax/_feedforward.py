@@ -371,10 +371,20 @@ def feedforward_gauge(
 def derive_gauge(model: Any, **kwargs: Any) -> Gauge:
     """The gauge of a model, derived from its architecture.
 
-    Implemented for [`gaugejax.nn.MLP`][] and `equinox.nn.MLP` (and extended by later
-    model families); keyword arguments go to the family's builder (for MLPs,
-    [`gaugejax.feedforward_gauge`][]: `group=`, `unsafe=`). For a plain pytree of
-    parameters call [`gaugejax.feedforward_gauge`][] with the activation.
+    Dispatches on the model's type (`functools.singledispatch`: register your own with
+    `@gaugejax.derive_gauge.register`); keyword arguments go to the family's builder:
+
+    | model | builder (its keyword arguments) |
+    |---|---|
+    | [`gaugejax.nn.MLP`][], `equinox.nn.MLP` | [`gaugejax.feedforward_gauge`][] (`group=`, `unsafe=`) |
+    | [`gaugejax.nn.ResNet`][] | [`gaugejax.resnet_gauge`][] (`boundary=`, ...) |
+    | [`gaugejax.nn.NeuralODE`][] | [`gaugejax.node_gauge`][] (`boundary=`, `time_dependent=`, ...) |
+    | [`gaugejax.nn.Transformer`][] | [`gaugejax.transformer_gauge`][] (`heads=`, `qk=`, `rotation=`, `mlp_group=`, ...) |
+    | `equinox.nn.MultiheadAttention` | [`gaugejax.multihead_attention_gauge`][] (`heads=`, `qk=`, `vo=`, `key_shift=`) |
+
+    Anything else raises a `TypeError`. For a plain pytree of parameters call
+    [`gaugejax.feedforward_gauge`][] with the activation, write the table with
+    [`gaugejax.Gauge`][], or let [`gaugejax.infer_gauge`][] find it.
     """
     raise TypeError(
         f"no gauge is known for {type(model).__name__}; describe it with gaugejax.Gauge(sites, "

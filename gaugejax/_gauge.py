@@ -16,6 +16,7 @@ accordingly: $(P, M)(P', M') = (PP', M[\\pi'^{-1}]\\,M')$.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -219,7 +220,8 @@ class Gauge(eqx.Module):
       names the leaf path, the axis and the expected and received sizes.
 
     **Fields** (all static, derived once from the arguments): `sites` as a tuple of
-    `(name, group)` pairs in declaration order; `couplings`; `treedef` and `paths` (the
+    `(name, group)` pairs in declaration order; `couplings` (each naming its leaf by the
+    canonical path, whichever accepted spelling was given); `treedef` and `paths` (the
     parameter structure and each leaf's path, as in error messages); `plans` (per touched
     leaf, the couplings that act on it, in application order); `outer` (per site and
     batch axis, the permutation site that re-indexes it in a semidirect product, if any).
@@ -525,7 +527,10 @@ class Gauge(eqx.Module):
             )
 
         self.sites = tuple(site_map.items())
-        self.couplings = couplings
+        # each leaf by its canonical path ("['W1']", "layers[0].weight"), however it was
+        # written ("0/0", ".layers[0].weight"): tools that compare couplings (same_gauge,
+        # editing, inference) then see one spelling per leaf
+        self.couplings = tuple(dataclasses.replace(c, leaf=paths[resolve(c)]) for c in couplings)
         self.treedef = treedef
         with_none, self.none_treedef = jtu.tree_flatten(params, is_leaf=_is_none)
         self.kept = tuple(i for i, x in enumerate(with_none) if x is not None)

@@ -209,6 +209,8 @@ def test_partial_activations_keep_a_family_only_where_it_holds():
     assert activation_family(functools.partial(jax.nn.gelu, approximate=False)) == "elementwise"
     assert activation_family(functools.partial(shifted_tanh, shift=0.7)) == "elementwise"
     assert activation_family(shifted_tanh) == "odd"
+    # erf is odd (inference reads it so from its program; the registry agrees)
+    assert activation_family(jax.scipy.special.erf) == activation_family(jax.lax.erf) == "odd"
     prelu = functools.partial(jax.nn.leaky_relu, negative_slope=jnp.linspace(-1.0, 0.5, 6))
     params = [(jnp.ones((6, 4)), jnp.ones(6)), (jnp.ones((3, 6)), jnp.ones(3))]
     with pytest.raises(ValueError, match="binds an array as argument 'negative_slope'"):
@@ -246,7 +248,7 @@ def test_named_weights_find_the_bias_beside_them(getkey):
         return jax.nn.relu(x @ p["l0"]["W"].T + p["l0"]["b"][None]) @ p["l1"]["W"].T + p["l1"]["b"][None]
 
     gauge = gj.feedforward_gauge(params, jax.nn.relu, weights=["l0/W", "l1/W"])
-    assert [c.leaf for c in gauge.couplings] == ["l0/W", "['l0']['b']", "l1/W"]
+    assert [c.leaf for c in gauge.couplings] == ["['l0']['W']", "['l0']['b']", "['l1']['W']"]  # canonical paths
     assert _invariant(fn, gauge, params, 4, getkey())
     # a numbered name keeps its number (w1 -> b1), and an explicit None still means no bias
     flat = {"w1": w0, "b1": b0, "w2": w1, "b2": b1}

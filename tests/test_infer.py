@@ -98,6 +98,12 @@ def test_same_gauge_reports_differences(getkey):
                         gj.Consume("layers[1].weight", 1, "h")], model)
     diff = same_gauge(inferred.gauge, smaller)
     assert not diff and diff.only_a and not diff.only_b
+    # leaves named the short way ("layers/0/weight") are the same leaves (a ZeroDivisionError)
+    short = gj.Gauge({"h": gj.PositiveMonomial(6)},
+                     [gj.Produce("layers/0/weight", 0, "h"), gj.Produce("layers/0/bias", 0, "h"),
+                      gj.Consume("layers/1/weight", 1, "h")], model)
+    assert same_gauge(short, smaller) and same_gauge(smaller, short)
+    assert short.couplings == smaller.couplings
 
 
 def test_plain_jnp_dict_params(getkey):
