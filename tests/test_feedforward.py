@@ -255,7 +255,7 @@ def test_named_weights_find_the_bias_beside_them(getkey):
     gauge = gj.feedforward_gauge(flat, jax.nn.relu, weights=["w1", "w2"])
     assert "['b1']" in [c.leaf for c in gauge.couplings]
     gauge = gj.feedforward_gauge(flat, jax.nn.relu, weights=["w1", "w2"], biases=[None, None])
-    assert [c.leaf for c in gauge.couplings] == ["w1", "w2"]
+    assert [c.leaf for c in gauge.couplings] == ["['w1']", "['w2']"]
     # PyTorch state-dict names: fc1.weight -> fc1.bias
     sd = {"fc1.weight": w0, "fc1.bias": b0, "fc2.weight": w1, "fc2.bias": b1}
     gauge = gj.feedforward_gauge(sd, jax.nn.relu, weights=["['fc1.weight']", "['fc2.weight']"])
