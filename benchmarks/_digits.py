@@ -1,4 +1,4 @@
-"""Shared pieces of the digits experiments (issue 5, item 7): data, models, training, output.
+"""Shared pieces of the digits experiments: data, models, training, output.
 
 scikit-learn's `load_digits` (1797 8x8 images, 10 classes; ships with scikit-learn, no
 download). Split fixed once (`random_state=0`, 20% test, stratified); features standardised

@@ -1,4 +1,4 @@
-"""Adam, weight decay and the Hessian on the orbit, on digits (issue 5, item 7).
+"""Adam, weight decay and the Hessian on the orbit, on digits.
 
 Three experiments (MLPs with ReLU: one `PositiveMonomial` site per hidden layer):
 

@@ -1,4 +1,4 @@
-"""Linear mode connectivity on digits, before and after alignment (issue 5, item 7).
+"""Linear mode connectivity on digits, before and after alignment.
 
 For each hidden width, pairs of MLPs 61-w-w-10 (ReLU) are trained from different seeds
 (different initialisation and minibatch order; Adam, lr 1e-3, batch 128). Along the

@@ -1,4 +1,4 @@
-"""Symmetry teleportation on digits, following Zhao et al. (NeurIPS 2022) (issue 5, item 7).
+"""Symmetry teleportation on digits, following Zhao et al. (NeurIPS 2022).
 
 An MLP 61-64-64-10 (ReLU, float32; the gauge is a positive rescaling per hidden neuron,
 orbit dimension 128) is trained on the cross-entropy with minibatches of 128. Teleporting

@@ -10,7 +10,7 @@ Measures, in one fresh process (nothing cached, compilation included, as a user 
    default 4), compilation included;
 4. whether the inferred gauge equals the declared `gaugejax.derive_gauge(transformer)`.
 
-Target (issue 6): inference + certification < 30 s on 2 CPU cores. Writes JSON (default
+Target: inference + certification < 30 s on 2 CPU cores. Writes JSON (default
 `benchmarks/results/infer.json`) with the environment and the load average.
 
     python benchmarks/infer.py

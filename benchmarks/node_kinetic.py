@@ -1,4 +1,4 @@
-"""Regularisation as gauge fixing for neural ODEs (MATH.md S19, issue 3 item 4).
+"""Regularisation as gauge fixing for neural ODEs (MATH.md S19).
 
 A gauge-invariant loss cannot choose a time parametrisation: (v, T) and its reparametrisations
 tau give the same model. The kinetic energy  K = int_0^T mean ||v(x(t), t)||^2 dt  is not invariant;

@@ -1,4 +1,4 @@
-"""Orbit-geometry benchmark (issue 5, item 8). One run, JSON output.
+"""Orbit-geometry benchmark. One run, JSON output.
 
 Measured, each after a warm-up call (compile time reported apart), float32 unless noted:
 

@@ -34,7 +34,7 @@ from .nn._node import NeuralODE, ParametricField, vector_field
 
 
 DEFAULT_LS: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512, 1024)
-#: a measured slope passes when within this distance of the theory (issue 3: +-0.1)
+#: a measured slope passes when within this distance of the theory (+-0.1)
 SLOPE_TOL = 0.1
 
 

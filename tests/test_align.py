@@ -1,4 +1,4 @@
-"""Alignment, interpolation, REPAIR (issue 5, item 3): planted gauges recovered exactly in
+"""Alignment, interpolation, REPAIR: planted gauges recovered exactly in
 100 of 100 trials (Git Re-Basin's shapes, hidden widths 30 and 50, and a deeper net)."""
 
 import equinox as eqx

@@ -1,4 +1,4 @@
-"""Canonical forms and the gauge-invariant distance (issue 5, item 2)."""
+"""Canonical forms and the gauge-invariant distance."""
 
 import equinox as eqx
 import jax

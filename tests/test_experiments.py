@@ -1,4 +1,4 @@
-"""Smoke tests of the digits experiments (benchmarks/digits_*.py, issue 5 item 7): each
+"""Smoke tests of the digits experiments (benchmarks/digits_*.py): each
 script's core function on a tiny configuration, its output structure and one property."""
 
 import json

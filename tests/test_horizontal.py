@@ -1,4 +1,4 @@
-"""Horizontal projection (issue 5, item 1): vertical -> 0, idempotent, orthogonal to every
+"""Horizontal projection: vertical -> 0, idempotent, orthogonal to every
 generator, invariant gradients unchanged; structured and matrix-free paths agree."""
 
 import equinox as eqx

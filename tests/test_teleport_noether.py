@@ -1,4 +1,4 @@
-"""Teleportation (issue 5, item 4) and Noether charges (item 5)."""
+"""Teleportation and Noether charges."""
 
 from collections.abc import Callable
 
