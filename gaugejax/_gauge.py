@@ -165,10 +165,14 @@ def _gather_axes(x: Array, perms: Mapping[int, Array]) -> Array:
 def params_float_dtype(params: PyTree) -> Any:
     """The one float dtype of `params` (JAX's default float when there are none); mixed float
     dtypes are refused, since every orbit computation works in one dtype."""
-    dts = {jnp.dtype(x.dtype) for x in jtu.tree_leaves(params) if eqx.is_inexact_array(x)}
-    if len(dts) > 1:
-        raise ValueError(f"the parameters mix float dtypes {sorted(map(str, dts))}; cast them to one.")
-    return dts.pop() if dts else jnp.zeros(()).dtype
+    first: dict[Any, str] = {}  # each dtype's first leaf, to name it
+    for path, x in jtu.tree_flatten_with_path(params)[0]:
+        if eqx.is_inexact_array(x):
+            first.setdefault(jnp.dtype(x.dtype), _paths.canonical(path))
+    if len(first) > 1:
+        where = ", ".join(f"{dt} (e.g. {leaf!r})" for dt, leaf in sorted(first.items(), key=lambda kv: str(kv[0])))
+        raise ValueError(f"the parameters mix float dtypes: {where}; cast them to one.")
+    return next(iter(first)) if first else jnp.zeros(()).dtype
 
 
 def _float_dtypes(tree: Any) -> set[Any]:

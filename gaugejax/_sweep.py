@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 from jaxtyping import PRNGKeyArray, PyTree
 
-from ._gauge import Gauge
+from ._gauge import Gauge, params_float_dtype
 
 
 #: default tolerances on the relative error, per dtype (STYLE.md: continuous symmetries
@@ -208,15 +208,9 @@ def _raise_if_not_finite(paths, leaf_ok, args_ok, y_ok) -> None:
 
 
 def _params_dtype(params: PyTree) -> Any:
-    dts = {x.dtype for x in jtu.tree_leaves(params) if eqx.is_inexact_array(x)}
-    if not dts:
+    if not any(eqx.is_inexact_array(x) for x in jtu.tree_leaves(params)):
         raise ValueError("the parameters have no floating-point leaves: there is nothing to transform.")
-    if len(dts) != 1:
-        raise ValueError(
-            f"the parameters mix float dtypes {sorted(map(str, dts))}; an invariance sweep "
-            "needs one dtype (cast them first)."
-        )
-    return dts.pop()
+    return params_float_dtype(params)  # mixed dtypes: an error naming a leaf of each
 
 
 def check_invariance(

@@ -120,7 +120,7 @@ def test_no_gauge_for_unknown_model():
 def test_mixed_param_dtypes_in_sweep():
     params = [(jnp.ones((5, 3), jnp.float32), jnp.ones(5, jnp.float64)), (jnp.ones((2, 5)), jnp.ones(2))]
     gauge = gj.feedforward_gauge(params, jax.nn.relu, group=gj.Permutation)
-    with pytest.raises(ValueError, match="mix float dtypes"):
+    with pytest.raises(ValueError, match=r"mix float dtypes: float32 \(e.g. .\[0\]\[0\].\), float64 \(e.g. .\[0\]\[1\].\)"):
         gj.check_invariance(lambda p, x: x, gauge, params, np.ones(2), key=jax.random.key(0))
 
 

@@ -151,6 +151,9 @@ def test_errors(getkey):
     ]:
         with pytest.raises(ValueError, match=match):
             make()
+    frozen = eqx.tree_at(lambda m: m.layers[0].weight, model, None)
+    with pytest.raises(ValueError, match=r"`updates` leaf 'layers\[0\].weight' is None"):
+        tx.update(frozen, tx.init(model), model)
     eqx_mlp = eqx.nn.MLP(3, 2, 5, 2, activation=jax.nn.relu, key=getkey())  # its activation is a leaf
     with pytest.raises(ValueError, match="an `equinox.filter` of it"):
         gj.canonicalize(gj.derive_gauge(eqx_mlp), eqx.filter(eqx_mlp, eqx.is_array))

@@ -30,7 +30,7 @@ from jaxtyping import Array, PyTree
 from .. import _checks
 from .._canonical import canonicalize
 from .._gauge import _FILTERED, Gauge, _is_none
-from .._horizontal import _check_method, _require_continuous, horizontal
+from .._horizontal import _check_method, _check_tangent, _require_continuous, horizontal
 from .._teleport import _check_lr, grad_norm_squared, teleport
 
 
@@ -274,6 +274,7 @@ def project_horizontal(gauge: Gauge, *, method: str = "auto") -> optax.GradientT
 
     def update(updates, state, params=None):
         _need_params(params, "project_horizontal")
+        _check_tangent(gauge, gauge._complete(params, "`params`"), updates, "updates")
         out = horizontal(gauge, params, updates, method=method)
         # as optax's transforms do, keep the updates' dtypes (`horizontal` answers in the
         # parameters' dtype)
