@@ -37,7 +37,7 @@ import optimistix as optx
 from jaxtyping import Array, PRNGKeyArray
 
 from ._groups import _linalg
-from .nn._node import NeuralODE, check_grid, float_dtype, float_state, is_concrete
+from .nn._node import NeuralODE, check_grid, float_dtype, float_state, is_concrete, time_tol
 
 
 _HI = jax.lax.Precision.HIGHEST
@@ -301,7 +301,24 @@ class SmoothLiePath(eqx.Module):
     def random(cls, dim: int, *, num_modes: int = 2, scale: float = 0.3, T: float = 1.0,
                diagonal: bool = False, boundary_identity: bool = True, key: PRNGKeyArray,
                dtype: Any = None) -> SmoothLiePath:
-        """Gaussian coefficients of size `scale` (per $\\sqrt d$ for general matrices)."""
+        """A path with Gaussian coefficients of size `scale` (per $\\sqrt d$ for general
+        matrices).
+
+        **Arguments:**
+
+        - `dim`: $d$, the dimension of the matrices $G(t)$.
+        - `num_modes`: $K$, the number of sine modes $C_k$.
+        - `scale`: the standard deviation of every entry of $C_k$ (and of $X_0$, $X_T$),
+          divided by $\\sqrt d$ for general matrices.
+        - `T`: the interval's end.
+        - `diagonal`: draw diagonal coefficients (shape `(K, d)`), so that $G(t)$ is a positive
+          diagonal matrix; otherwise general `(K, d, d)` ones, $G(t) \\in GL^+(d)$.
+        - `boundary_identity`: keep $X_0 = X_T = 0$, so $G(0) = G(T) = I$ (the boundary
+          condition of a gauge symmetry of the flow map); `False` also draws random
+          $X_0$ and $X_T$ of the same size.
+        - `key`: a JAX PRNG key.
+        - `dtype`: the float dtype of the coefficients (default JAX's default float).
+        """
         dtype = dtype or jnp.zeros(()).dtype
         shape = (dim,) if diagonal else (dim, dim)
         k1, k2, k3 = jax.random.split(key, 3)
@@ -349,9 +366,11 @@ class PiecewiseLinearLiePath(eqx.Module):
     $\\dot G$ jumps at the nodes, so prefer [`gaugejax.SmoothLiePath`][] where a rate is
     measured.
 
-    **Arguments:** `ts`: `(N + 1,)` strictly increasing times from 0 (checked); `X`:
-    `(N + 1, d, d)`. Large norms: as [`gaugejax.SmoothLiePath`][], with the bound
-    $\\max_i \\|X_i\\|_1$.
+    **Arguments:** `ts`: `(N + 1,)` strictly increasing times from 0 (checked; an integer
+    grid is cast to `X`'s float dtype); as a gauge of a model on $[0, T]$ it must end at
+    $T$ (checked by [`gaugejax.validate_diffeo`][]: beyond `ts[-1]` $X$ would be
+    extrapolated linearly). `X`: `(N + 1, d, d)`. Large norms: as
+    [`gaugejax.SmoothLiePath`][], with the bound $\\max_i \\|X_i\\|_1$.
     """
 
     ts: Array
@@ -360,6 +379,8 @@ class PiecewiseLinearLiePath(eqx.Module):
 
     def __init__(self, ts, X):
         self.ts, self.X = check_grid(ts), jnp.asarray(X)
+        if not jnp.issubdtype(self.ts.dtype, jnp.inexact):  # an integer grid: float times
+            self.ts = self.ts.astype(float_dtype(self.X))
         if self.X.ndim != 3 or self.X.shape[0] != self.ts.shape[0] or self.X.shape[1] != self.X.shape[2]:
             raise ValueError(f"`X`: expected shape (len(ts), d, d) = ({self.ts.shape[0]}, d, d), received {self.X.shape}.")
         # X(t) is a convex combination of two nodes: |X(t)|_1 <= max_i |X_i|_1
@@ -628,14 +649,26 @@ def _probe_states(dim: int, dtype: Any, n: int = 8) -> Array:
     return jax.random.normal(jax.random.key(0), (n, dim), dtype)
 
 
+def _coarsest_float(dtype: Any, *trees: Any) -> Any:
+    """The coarsest float dtype (largest epsilon) among `dtype` and the inexact array leaves
+    of `trees` (e.g. a float32 path acting on a float64 model: its values are only float32
+    accurate)."""
+    dts = [np.dtype(dtype)] if jnp.issubdtype(dtype, jnp.inexact) else []
+    dts += [np.dtype(a.dtype) for a in jax.tree_util.tree_leaves(trees) if eqx.is_inexact_array(a)]
+    if not dts:
+        return np.dtype(jnp.result_type(float))
+    return max(dts, key=lambda d: float(jnp.finfo(d).eps))
+
+
 def _boundary_errors(diffeo: AbstractDiffeo, dim: int, T: Any, dtype: Any) -> tuple[Array, Array, float]:
     """max |phi_t(x) - x| / (1 + |x|) over probe states at t = 0 and t = T, and the
-    tolerance (the round-off of sin(pi) etc.)."""
+    tolerance (the round-off of sin(pi) etc.), from the coarsest float dtype of the model
+    (`dtype`) and the diffeomorphism's arrays."""
     xs = _probe_states(dim, dtype)
     scale = 1.0 + jnp.max(jnp.abs(xs))
     errs = [jnp.max(jnp.abs(jax.vmap(lambda x: diffeo.phi(x, t) - x)(xs))) / scale
             for t in (jnp.zeros((), dtype), jnp.asarray(T, dtype))]
-    return errs[0], errs[1], max(1e-8, 100 * float(jnp.finfo(dtype).eps))
+    return errs[0], errs[1], max(1e-8, 100 * float(jnp.finfo(_coarsest_float(dtype, diffeo)).eps))
 
 
 def _boundary_message(boundary: str, name: str, err: Any) -> str:
@@ -675,9 +708,19 @@ def _warn_boundary(e0: Any, eT: Any, tol: float) -> None:
 
 def validate_diffeo(diffeo: AbstractDiffeo, dim: int, T: Any, dtype: Any = jnp.float64, *, num_times: int = 257) -> None:
     """Eager checks of a diffeomorphism on $[0, T]$ (skipped under tracing): $\\tau(0) = 0$
-    and $\\tau' > 0$ (monotone), $\\phi$ maps `(dim,)` to `(dim,)`, and for
-    [`gaugejax.LinearDiffeo`][] $G(t)$ is `(dim, dim)` and well conditioned on a grid of
-    `num_times` times. Raises `ValueError` naming what is wrong."""
+    and $\\tau' > 0$ (monotone), $\\phi$ maps `(dim,)` to `(dim,)`, an own `T` of the
+    diffeomorphism, its time map or its path (and the last time of a
+    [`gaugejax.PiecewiseLinearLiePath`][]'s grid) agrees with the model's `T` to a few
+    units in the last place of the coarsest float dtype involved, and for
+    [`gaugejax.LinearDiffeo`][] $G(t)$ is `(dim, dim)` and well conditioned. Raises
+    `ValueError` naming what is wrong.
+
+    $\\tau' > 0$ and the conditioning of $G$ are checked on a grid of `num_times` times
+    only: a $G$ singular, or a $\\tau$ decreasing, strictly between two grid times is not
+    seen here. A non-monotone $\\tau$ that passes is caught at run time only where
+    $\\tau^{-1}$ is a Newton solve and that solve fails to converge; Newton may instead
+    land on one of several preimages, and the transformed model is then silently wrong.
+    A closed-form `tau_inverse` is not checked at all."""
     if not isinstance(diffeo, AbstractDiffeo):
         raise TypeError(f"`diffeo`: expected a gaugejax diffeomorphism (AbstractDiffeo), received {type(diffeo).__name__}.")
     if isinstance(diffeo, LinearDiffeo):
@@ -690,10 +733,24 @@ def validate_diffeo(diffeo: AbstractDiffeo, dim: int, T: Any, dtype: Any = jnp.f
         raise ValueError(f"`diffeo`: phi fails on a state of shape ({dim},) (state-dimension mismatch?): {err}") from err
     if out.shape != (dim,):
         raise ValueError(f"`diffeo`: phi maps a state of shape ({dim},) to shape {out.shape}; expected ({dim},) (state-dimension mismatch).")
-    for what, obj in (("diffeo", diffeo), ("diffeo.time", diffeo.time), ("diffeo.path", getattr(diffeo, "path", None))):
-        own = getattr(obj, "T", None)
-        if isinstance(own, (int, float)) and is_concrete(T) and abs(float(own) - float(T)) > 1e-12 * max(1.0, abs(float(T))):
-            raise ValueError(f"`{what}.T` = {float(own):g} but the model's interval is [0, {float(T):g}]; they must agree.")
+    path = getattr(diffeo, "path", None)
+    if is_concrete(T):
+        # T (e.g. tau(T) of an earlier transformation) is rounded to the model's dtype
+        tol = time_tol(_coarsest_float(dtype, T, path), float(T))
+        for what, obj in (("diffeo", diffeo), ("diffeo.time", diffeo.time), ("diffeo.path", path)):
+            own = getattr(obj, "T", None)
+            if isinstance(own, (int, float)) and abs(float(own) - float(T)) > tol:
+                raise ValueError(
+                    f"`{what}.T` = {float(own)!r} but the model's interval is [0, {float(T)!r}]; they must agree "
+                    f"(to {tol:.1e})."
+                )
+        if isinstance(path, PiecewiseLinearLiePath) and path.ts.shape[0] > 1 and is_concrete(path.ts):
+            end = float(path.ts[-1])
+            if abs(end - float(T)) > tol:
+                raise ValueError(
+                    f"`diffeo.path.ts`: the grid must end at the model's T = {float(T)!r} (beyond its last time "
+                    f"X(t) is extrapolated, so G(T) is not exp X_N); received ts[-1] = {end!r}."
+                )
     if not is_concrete(diffeo, T):
         return
     ts = jnp.linspace(0.0, float(T), num_times, dtype=dtype)
@@ -723,21 +780,53 @@ def validate_diffeo(diffeo: AbstractDiffeo, dim: int, T: Any, dtype: Any = jnp.f
             )
 
 
-def _retimed(controller: Any, dt0: Any, time: AbstractTimeReparam, T: Any, T_new: Any) -> tuple[Any, Any]:
-    """The step-size controller and `dt0` in the new time $t' = \\tau(t)$: a
-    `diffrax.ClipStepSizeController`'s `step_ts` / `jump_ts` (original times, e.g. the
-    kinks of a piecewise-linear field) become $\\tau(t_i)$, and `dt0` is scaled by
-    $\\tau(T) / T$, so that a fixed-step solve takes as many steps as before (when `T'` is
-    known; under tracing `dt0` is static and kept)."""
-    if isinstance(time, IdentityTime):
-        return controller, dt0
+def _retimed_ts(ts: Array, time: AbstractTimeReparam) -> Array:
+    """Times $t_i$ mapped to $\\tau(t_i)$ (an integer array as float times)."""
+    ts = jnp.asarray(ts)
+    if not jnp.issubdtype(ts.dtype, jnp.inexact):
+        ts = ts.astype(jnp.result_type(float))
+    return jax.vmap(time.tau)(ts)
+
+
+def _retimed_controller(controller: Any, time: AbstractTimeReparam, ratio: Any, T_new: Any) -> Any:
+    """`controller` in the new time (see `_retimed`); wrappers are retimed recursively."""
     if isinstance(controller, diffrax.ClipStepSizeController):
         for name in ("step_ts", "jump_ts"):
             ts = getattr(controller, name)
             if ts is not None:
-                controller = eqx.tree_at(lambda c, name=name: getattr(c, name), controller, jax.vmap(time.tau)(ts))
-    if dt0 is not None and isinstance(T_new, float) and is_concrete(T):
-        dt0 = dt0 * T_new / float(T)
+                controller = eqx.tree_at(lambda c, name=name: getattr(c, name), controller, _retimed_ts(ts, time))
+        inner = _retimed_controller(controller.controller, time, ratio, T_new)
+        return eqx.tree_at(lambda c: c.controller, controller, inner)
+    if isinstance(controller, diffrax.StepTo):
+        ts = _retimed_ts(controller.ts, time)
+        # diffrax needs ts[0] == t0 and ts[-1] == t1 exactly: tau(0) = 0 and tau(T) = T'
+        # up to rounding, so the ends are set to those values
+        ts = ts.at[0].set(jnp.zeros((), ts.dtype)).at[-1].set(jnp.asarray(T_new, ts.dtype))
+        return diffrax.StepTo(ts=ts)
+    for name in ("dtmin", "dtmax"):  # PIDController (and any controller with these bounds)
+        value = getattr(controller, name, None)
+        if value is not None:
+            controller = eqx.tree_at(lambda c, name=name: getattr(c, name), controller, value * ratio)
+    return controller
+
+
+def _retimed(controller: Any, dt0: Any, time: AbstractTimeReparam, T: Any, T_new: Any) -> tuple[Any, Any]:
+    """The step-size controller and `dt0` in the new time $t' = \\tau(t)$: a
+    `diffrax.ClipStepSizeController`'s `step_ts` / `jump_ts` (original times, e.g. the
+    kinks of a piecewise-linear field) and a `diffrax.StepTo`'s `ts` become $\\tau(t_i)$
+    (its ends exactly $0$ and $\\tau(T)$), and `dt0` and a `diffrax.PIDController`'s
+    `dtmin` / `dtmax` are scaled by $\\tau(T) / T$, so that a fixed-step solve takes as
+    many steps as before and the step bounds cover the same fraction of the interval.
+    `dt0` is a static field: under tracing ($\\tau(T)$ unknown) it is kept; the others
+    are arrays and are retimed under tracing too. A user controller of another type is
+    kept as it is."""
+    if isinstance(time, IdentityTime):
+        return controller, dt0
+    known = isinstance(T_new, float) and is_concrete(T)
+    ratio = T_new / float(T) if known else jnp.asarray(T_new) / jnp.asarray(T, jnp.result_type(T_new))
+    controller = _retimed_controller(controller, time, ratio, T_new)
+    if dt0 is not None and known:
+        dt0 = dt0 * ratio
     return controller, dt0
 
 
@@ -768,8 +857,9 @@ def transform_node(node: NeuralODE, diffeo: AbstractDiffeo, *, boundary: str = "
     - `boundary`: see above.
 
     **Returns:** the transformed [`gaugejax.nn.NeuralODE`][]: the same solver and controller,
-    in the new time (a `diffrax.ClipStepSizeController`'s `step_ts` / `jump_ts` mapped by
-    $\\tau$, `dt0` scaled by $\\tau(T)/T$ when $\\tau(T)$ is known).
+    in the new time (a `diffrax.ClipStepSizeController`'s `step_ts` / `jump_ts` and a
+    `diffrax.StepTo`'s `ts` mapped by $\\tau$, a `diffrax.PIDController`'s `dtmin` /
+    `dtmax` scaled by $\\tau(T)/T$, and `dt0` too when $\\tau(T)$ is known).
     """
     if not isinstance(node, NeuralODE):
         raise TypeError(f"`node`: expected a gaugejax.nn.NeuralODE, received {type(node).__name__}.")

@@ -67,7 +67,9 @@ def particle_gauge_transform(
     at_t = lambda c, t: c(t) if callable(c) else c  # noqa: E731
 
     def at(t):
-        t = float_state(t, jnp.result_type(float))  # an integer time: jvp needs a float one
+        t = jnp.asarray(t)
+        if not jnp.issubdtype(t.dtype, jnp.inexact):  # an integer time: jvp needs a float one
+            t = t.astype(jnp.result_type(float))
         g, gd = jax.jvp(path, (t,), (jnp.ones_like(t),))
         gi = inv(g)
         mm = lambda a, b: jnp.matmul(a, b, precision=_HIGHEST)  # noqa: E731
@@ -81,7 +83,8 @@ def particle_gauge_transform(
 
 def _particles(x0: Any, coeffs: Callable, what: str) -> Array:
     """`x0` as float `(n, d)` particles with the coefficients' `d` (an integer array becomes
-    the coefficients' float dtype), else a `ValueError` naming `x0`."""
+    the coefficients' float dtype, float32 particles with float64 coefficients float64),
+    else a `ValueError` naming `x0`."""
     B = jax.eval_shape(lambda: coeffs(jnp.zeros((), jnp.result_type(float)))[0])
     x0 = float_state(x0, B.dtype if jnp.issubdtype(B.dtype, jnp.inexact) else jnp.result_type(float))
     if x0.ndim != 2 or x0.shape[1] != B.shape[-1]:
@@ -143,7 +146,7 @@ def particle_residual_stack(
     """A transformer-like residual stack of $L$ attention layers,
     $x \\leftarrow x + h\\,f(x, lh)$ with $h = T/L$ (forward Euler on the particle ODE):
     it converges to [`gaugejax.particle_flow`][] at rate $1/L$ (fitted log-log slope
-    $-0.96$ over $L = 16 \\ldots 128$ in `tests/test_particles.py`).
+    $-1.01$ over $L = 16 \\ldots 128$ in `tests/test_particles.py`).
 
     **Arguments:** `coeffs`: `t -> (B, V, C)`; `x0`: `(n, d)`; `T`: depth as time;
     `L`: the number of layers (may be traced).

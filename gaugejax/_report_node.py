@@ -7,10 +7,12 @@ A parametric neural ODE ($d = 3$, width 5, 4 grid nodes, linear $E$ and $R$, Tsi
   the time grid), by formula;
 - one vmapped sweep over sampled diffeomorphisms, each compared with the original model on
   a batch of inputs (MATH.md S5, S8): linear $G(t) = \\exp X(t)$ composed with a time
-  rescaling $\\tau(t) = t/c$, half of them with $G(0) = G(T) = I$ (E and R kept), half with
-  $G(0), G(T) \\ne I$ absorbed by $E' = G(0)E$, $R' = RG(T)^{-1}$;
-- the negative control S7: $G(T) \\ne I$ with $E$ and $R$ left untransformed must change
-  the output by $O(1)$.
+  rescaling $\\tau(t) = t/c$, half of them with $G(0) = G(T) = I$, half with
+  $G(0), G(T) \\ne I$. Every sample is compared with the boundary transformed,
+  $E' = G(0)E$, $R' = RG(T)^{-1}$ (for the first half these equal $E$ and $R$ up to
+  rounding: $\\sin(k\\pi)$ is not exactly 0);
+- the negative control S7: the second half's $G(T) \\ne I$ with $E$ and $R$ left
+  untransformed must change the output by $O(1)$.
 
 The sweep passes when the largest relative output change is below `NODE_CMP` =
 $10^4 \\times$ the solver tolerance. The margin is measured, not guessed: the changes are

@@ -367,6 +367,12 @@ def test_bad_times_outside_interval(base):
         node.flow(x, ts=jnp.asarray([0.5, 1.5], F64))
     with pytest.raises(ValueError, match=r"interval \[0, T\]"):
         node.solve(x, ts=jnp.asarray([-0.1], F64))
+    # a scalar is one time (solve raised a TypeError), decreasing or 2-D times are named
+    assert node.solve(x, ts=0.5).ys.shape == (1, 3)
+    with pytest.raises(ValueError, match=r"`ts`: times must be non-decreasing"):
+        node.flow(x, ts=jnp.asarray([0.8, 0.2], F64))
+    with pytest.raises(ValueError, match=r"`ts`: expected a scalar or a 1-D array of times, received shape \(2, 2\)"):
+        node.flow(x, ts=jnp.asarray([[0.1, 0.2], [0.3, 0.4]], F64))
 
 
 def test_bad_dimension_mismatch(base, getkey):
@@ -409,7 +415,7 @@ def test_bad_model_types(base):
 
 
 # --------------------------------------------------------------------------------------
-# the fused (G, dG/dt, G^-1) of the Lie paths (issue 3, performance)
+# the fused (G, dG/dt, G^-1) of the Lie paths
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("norm", [0.5, 4.0, 12.0])
 def test_fused_expm_rate_inverse_matches_scipy(norm):
@@ -508,11 +514,16 @@ def test_adaptive_gradient_matches_fd_with_jump_ts(base):
 # the boundary check under tracing, grids of Lie paths, the readout
 # --------------------------------------------------------------------------------------
 def test_integer_state_is_a_float_state(base):
-    node, _, _ = base
+    node, x, y = base
     # the solve's times take the state's dtype: an integer state used to truncate T
     np.testing.assert_array_equal(_model(node, jnp.asarray([1, 0, 2])), _model(node, jnp.asarray([1.0, 0.0, 2.0], F64)))
     resnet = gj.nn.discretize(node, 4)
     np.testing.assert_array_equal(resnet(jnp.asarray([1, 0, 2])), resnet(jnp.asarray([1.0, 0.0, 2.0], F64)))
+    # a float32 state is promoted to the float64 model's dtype (it crashed inside diffrax / scan)
+    x32 = x.astype(jnp.float32)
+    y32 = node.flow(x32)
+    assert y32.dtype == F64 and _err(y32, y) < 1e-5  # the input's float32 rounding only
+    np.testing.assert_array_equal(resnet(x32), resnet(x32.astype(F64)))
 
 
 def test_large_rotation_path_stays_exact():
@@ -605,6 +616,15 @@ def test_bad_lie_path_grid_and_readout(base):
     with pytest.raises(ValueError, match="`readout`: cannot be applied to a state of dimension 3"):
         bad(jnp.ones(3, F64))
     assert node.flow(jnp.ones(3, F64), ts=0.5).shape == (1, 3)
+    # the ResNet names its readout too (a raw dot_general TypeError before)
+    res = gj.nn.ResNet.random(3, 2, 2, key=jax.random.key(1), dtype=F64, readout=bad.readout)
+    with pytest.raises(ValueError, match="`readout`: cannot be applied to a state of dimension 3"):
+        res(jnp.ones(3, F64))
+    # a Lie path's grid must end at the model's T (beyond it X(t) is extrapolated linearly)
+    X2 = 0.3 * jax.random.normal(jax.random.key(1), (2, 3, 3), F64)
+    for end in (0.5, 3.0):
+        with pytest.raises(ValueError, match=r"`diffeo.path.ts`: the grid must end at the model's T = 1.0"):
+            gj.validate_diffeo(gj.LinearDiffeo(gj.PiecewiseLinearLiePath(jnp.asarray([0.0, end], F64), X2)), 3, T)
 
 
 def test_connection_transform_at_an_integer_time():
@@ -683,3 +703,94 @@ def test_node_gauge_of_an_abstract_model(base):
     shell = eqx.filter_eval_shape(lambda: node)
     with pytest.raises(ValueError, match="must be concrete"):
         gj.node_gauge(shell)
+
+
+# --------------------------------------------------------------------------------------
+# second review: integer grids, adjoints, mixed dtypes, retimed controllers, tolerances
+# --------------------------------------------------------------------------------------
+def test_integer_time_grids_are_float_grids():
+    """An integer `ts` made `at` cast t to an integer (truncating it): a wrong field."""
+    f = ParametricField.random(2, 3, T=2.0, num_nodes=3, key=jax.random.key(0), dtype=F64)
+    fi = ParametricField(jnp.asarray([0, 1, 2]), f.A, f.W1, f.b, f.W2, f.c)
+    assert fi.ts.dtype == F64
+    x = jnp.asarray([0.3, -0.7], F64)
+    np.testing.assert_array_equal(fi(1.5, x), f(1.5, x))
+    X = 0.3 * jax.random.normal(jax.random.key(1), (3, 2, 2), F64)
+    pi = gj.PiecewiseLinearLiePath(jnp.asarray([0, 1, 2]), X)
+    assert pi.ts.dtype == F64
+    np.testing.assert_array_equal(pi.algebra(0.5), gj.PiecewiseLinearLiePath(f.ts, X).algebra(0.5))
+
+
+class _Tanh(eqx.Module):
+    A: jax.Array
+    dim: int = eqx.field(static=True, default=2)
+
+    def __call__(self, t, x):
+        return jnp.tanh(self.A @ x)
+
+
+def test_backsolve_adjoint_differentiates_the_field():
+    """The field reaches diffrax through `args`: BacksolveAdjoint raised CustomVJPException
+    for the closed-over field."""
+    x = jnp.asarray([0.3, -0.7], F64)
+    node = NeuralODE(_Tanh(jnp.asarray([[0.1, 1.0], [-1.0, 0.2]], F64)), 1.0, solver=diffrax.Heun(),
+                     stepsize_controller=diffrax.ConstantStepSize(), dt0=0.05, adjoint=diffrax.BacksolveAdjoint())
+
+    def loss(A):
+        return jnp.sum(eqx.tree_at(lambda n: n.field.A, node, A).flow(x) ** 2)
+
+    g = jax.jit(jax.grad(loss))(node.field.A)
+    e = jnp.zeros((2, 2), F64).at[0, 1].set(1e-6)
+    fd = (jax.jit(loss)(node.field.A + e) - jax.jit(loss)(node.field.A - e)) / 2e-6
+    assert abs(float(g[0, 1]) - float(fd)) < 1e-4 * abs(float(fd))
+
+
+def test_time_reparametrisation_moves_stepto_and_step_bounds(base):
+    """A StepTo controller's ts become tau(t_i) (with tau(T) != T diffrax refused them),
+    and a PID controller's dtmin / dtmax scale by tau(T) / T like dt0."""
+    node, x, _ = base
+    eye = lambda t: jnp.eye(3, dtype=F64)  # noqa: E731
+    steps = NeuralODE(node.field, T, solver=diffrax.Euler(),
+                      stepsize_controller=diffrax.StepTo(ts=jnp.linspace(0.0, T, 5, dtype=F64)))
+    halved = gj.transform_node(steps, gj.LinearDiffeo(eye, time=gj.TimeScale(2.0)), boundary="fixed")
+    np.testing.assert_array_equal(halved.stepsize_controller.ts, steps.stepsize_controller.ts / 2)
+    # Euler at tau(t_i) makes the iterates of the original steps: those of the Euler ResNet
+    assert _err(halved(x), gj.nn.discretize(node, 4)(x)) < 1e-12
+    warp = gj.SineWarp(0.5, T)
+    warped = gj.transform_node(steps, gj.LinearDiffeo(eye, time=warp), boundary="fixed")
+    np.testing.assert_allclose(warped.stepsize_controller.ts, jax.vmap(warp.tau)(steps.stepsize_controller.ts),
+                               rtol=0, atol=1e-15)
+    ctrl = diffrax.PIDController(rtol=TOL, atol=TOL, dtmin=1e-6, dtmax=0.05, jump_ts=node.field.ts)
+    pid = eqx.tree_at(lambda n: n.stepsize_controller, node, ctrl)
+    slow = gj.transform_node(pid, gj.LinearDiffeo(eye, time=gj.TimeScale(0.02)), boundary="fixed")
+    inner = slow.stepsize_controller.controller
+    assert inner.dtmax == pytest.approx(2.5) and inner.dtmin == pytest.approx(5e-5)
+
+
+def test_own_T_compared_at_the_models_precision():
+    """A float32 model's T = float32(0.1) and a path's T = 0.1 agree to float32 rounding
+    (a fixed 1e-12 relative tolerance refused them); a real disagreement is printed in
+    full."""
+    path = gj.SmoothLiePath.random(3, T=0.1, key=jax.random.key(1), dtype=F64)
+    gj.validate_diffeo(gj.LinearDiffeo(path), 3, jnp.float32(0.1), jnp.float32)
+    with pytest.raises(ValueError, match=r"`diffeo.path.T` = 0.1 but the model's interval is \[0, 0.1001\]"):
+        gj.validate_diffeo(gj.LinearDiffeo(path), 3, 0.1001, F64)
+
+
+def test_boundary_fixed_at_the_coarsest_dtype(base):
+    """A float32 path with G(0) = G(T) = I on a float64 model: G(T) is I to float32 rounding
+    (here 9e-8), which boundary="fixed" refused at float64's tolerance."""
+    path = gj.SmoothLiePath.random(3, scale=0.5, diagonal=True, key=jax.random.key(1), dtype=jnp.float32)
+    gj.transform_node(base[0], gj.LinearDiffeo(path), boundary="fixed")
+    bad = gj.SmoothLiePath.random(3, scale=0.5, diagonal=True, key=jax.random.key(1), dtype=jnp.float32,
+                                  boundary_identity=False)
+    with pytest.raises(ValueError, match="phi_0 is not the identity"):
+        gj.transform_node(base[0], gj.LinearDiffeo(bad), boundary="fixed")
+
+
+def test_num_evaluations_refuses_implicit_solvers(base):
+    """Kvaerno5's Newton iterations and Jacobians made 2.3x the stage count: refused."""
+    node, x, _ = base
+    implicit = eqx.tree_at(lambda n: n.solver, node, diffrax.Kvaerno5())
+    with pytest.raises(ValueError, match="implicit solver Kvaerno5"):
+        implicit.num_evaluations(x)

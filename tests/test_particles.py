@@ -88,3 +88,8 @@ def test_integer_inputs_and_float32():
     np.testing.assert_array_equal(at(1)[2], at(1.0)[2])  # an integer time failed in jax.jvp
     f32 = gj.particle_coefficients(*(m.astype(jnp.float32) for m in (B, V, C)))
     assert gj.particle_flow(f32, x0.astype(jnp.float32), T, rtol=1e-5, atol=1e-5).dtype == jnp.float32
+    # float32 particles with float64 coefficients are promoted (a diffrax / scan error before)
+    x32 = x0.astype(jnp.float32)
+    np.testing.assert_array_equal(gj.particle_residual_stack(coeffs, x32, T, 4),
+                                  gj.particle_residual_stack(coeffs, x32.astype(jnp.float64), T, 4))
+    assert gj.particle_flow(coeffs, x32, T).dtype == jnp.float64

@@ -48,11 +48,18 @@ def float_dtype(like: Any) -> Any:
 
 
 def float_state(x: Any, dtype: Any) -> Array:
-    """`x` as an array; an integer or boolean state becomes a float one of `dtype` (the
-    solve's times take the state's dtype, and a diffeomorphism's matrices would be cast to
-    it: an integer state would truncate them)."""
+    """`x` as an array in the model's float `dtype` or finer: an integer or boolean state
+    becomes a float one of `dtype` (the solve's times take the state's dtype, and a
+    diffeomorphism's matrices would be cast to it: an integer state would truncate them),
+    a float state is promoted to `jnp.promote_types(x.dtype, dtype)` (a float32 input to a
+    float64 model is solved in float64, as a float64 input to a float32 model already was:
+    a solve or scan whose state is coarser than its parameters fails inside diffrax/JAX)."""
     x = jnp.asarray(x)
-    return x if jnp.issubdtype(x.dtype, jnp.inexact) else x.astype(dtype)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        return x.astype(dtype)
+    with jax.numpy_dtype_promotion("standard"):  # the rule for floats, whatever the config
+        target = jnp.promote_types(x.dtype, dtype)
+    return x if x.dtype == target else x.astype(target)
 
 
 def time_tol(dtype: Any, T: float) -> float:
@@ -106,6 +113,24 @@ def random_blocks(key: PRNGKeyArray, n: int, dim: int, width: int, scale: float,
         draw((n, dim, width), s / np.sqrt(width)), draw((n, dim), s)))
 
 
+def check_save_times(ts: Any, T: Any, what: str = "ts") -> Array:
+    """`ts` (a scalar counts as one time) as a 1-D array of save times, checked to be
+    non-decreasing and inside $[0, T]$ (the values only when they are concrete)."""
+    ts = jnp.atleast_1d(jnp.asarray(ts))
+    if ts.ndim != 1:
+        raise ValueError(f"`{what}`: expected a scalar or a 1-D array of times, received shape {ts.shape}.")
+    if is_concrete(ts):
+        tn = np.asarray(ts)
+        if tn.size > 1 and not np.all(np.diff(tn) >= 0):
+            i = int(np.argmax(np.diff(tn) < 0))
+            raise ValueError(
+                f"`{what}`: times must be non-decreasing (the solve runs forward from 0 to T); received "
+                f"{what}[{i}] = {tn[i]:g} > {what}[{i + 1}] = {tn[i + 1]:g}."
+            )
+    check_times(ts, T, what)
+    return ts
+
+
 def check_grid(ts: Any, what: str = "ts") -> Array:
     """`ts` as an array, checked to be a time grid on $[0, T]$: 1-D, starting at 0, strictly
     increasing (when its values are known; under tracing only the shape is checked)."""
@@ -136,7 +161,8 @@ class ParametricField(eqx.Module):
 
     **Arguments:**
 
-    - `ts`: the grid, shape `(N + 1,)`, strictly increasing, starting at 0.
+    - `ts`: the grid, shape `(N + 1,)`, strictly increasing, starting at 0 (an integer grid
+      is cast to the parameters' float dtype).
     - `A`, `W1`, `b`, `W2`, `c`: per-node parameters, each a sequence of `N + 1` arrays of
       shapes `(dim, dim)`, `(width, dim)`, `(width,)`, `(dim, width)`, `(dim,)` (or one
       stacked array with a leading node axis).
@@ -165,6 +191,9 @@ class ParametricField(eqx.Module):
             return xs
 
         A, W1, b, W2, c = tup("A", A, 2), tup("W1", W1, 2), tup("b", b, 1), tup("W2", W2, 2), tup("c", c, 1)
+        if not jnp.issubdtype(ts.dtype, jnp.inexact):
+            # an integer grid would make `at` cast t to integers (truncating it)
+            ts = ts.astype(float_dtype((A, W1, b, W2, c)))
         d, m = A[0].shape[0], W1[0].shape[0]
         want = {"A": (d, d), "W1": (m, d), "b": (m,), "W2": (d, m), "c": (d,)}
         for name, xs in zip(want, (A, W1, b, W2, c)):
@@ -244,6 +273,23 @@ def _apply(fn: Callable | None, x: Array) -> Array:
     flat = x.reshape(-1, x.shape[-1])
     out = jax.vmap(fn)(flat)
     return out.reshape(*lead, *out.shape[1:])
+
+
+def check_readout(readout: Callable | None, dim: int, dtype: Any) -> None:
+    """Refuse a readout that cannot take a state of dimension `dim` (a raw shape error from
+    inside it otherwise), naming `readout`."""
+    if readout is None:
+        return
+    try:
+        jax.eval_shape(readout, jax.ShapeDtypeStruct((dim,), dtype))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"`readout`: cannot be applied to a state of dimension {dim}: {e}") from e
+
+
+def _field_term(t: Array, y: Array, field: Callable) -> Array:
+    """The diffrax vector field: the model's field arrives through `args` (not a closure),
+    so that every adjoint, `diffrax.BacksolveAdjoint` included, differentiates it."""
+    return field(t, y)
 
 
 def _out_dim(fn: Callable | None, in_dim: int, dtype: Any) -> int:
@@ -339,23 +385,24 @@ class NeuralODE(eqx.Module):
 
     def solve(self, x0: Float[Array, " dim"], *, ts: Any = None) -> diffrax.Solution:
         """The diffrax solution from `x0` at time 0 to time `T` (saved at `ts` if given,
-        else at `T`). `sol.stats["num_steps"]` and the solver's evaluations per step give
-        the number of vector-field evaluations."""
+        else at `T`; `ts` is a time or a 1-D non-decreasing array of times in $[0, T]$).
+        `sol.stats["num_steps"]` and the solver's evaluations per step give the number of
+        vector-field evaluations (see `num_evaluations`)."""
         x0 = float_state(x0, float_dtype(self.field))
         self._check_state(x0, "x0")
         if x0.ndim != 1:
             raise ValueError(f"`x0`: solve takes one state of shape ({self.dim},); vmap for batches, received {x0.shape}.")
         if ts is not None:
-            check_times(ts, self.T, "ts")
-        saveat = diffrax.SaveAt(ts=jnp.asarray(ts, x0.dtype)) if ts is not None else diffrax.SaveAt(t1=True)
-        term = diffrax.ODETerm(lambda t, y, args: self.field(t, y))
+            ts = check_save_times(ts, self.T, "ts")
+        saveat = diffrax.SaveAt(ts=ts.astype(x0.dtype)) if ts is not None else diffrax.SaveAt(t1=True)
         return diffrax.diffeqsolve(
-            term,
+            diffrax.ODETerm(_field_term),
             self.solver,
             jnp.zeros((), x0.dtype),
             jnp.asarray(self.T, x0.dtype),
             self.dt0,
             x0,
+            args=self.field,
             saveat=saveat,
             stepsize_controller=self.stepsize_controller,
             adjoint=self.adjoint,
@@ -369,8 +416,7 @@ class NeuralODE(eqx.Module):
         x0 = float_state(x0, float_dtype(self.field))
         self._check_state(x0, "x0")
         if ts is not None:
-            ts = jnp.atleast_1d(jnp.asarray(ts))
-            check_times(ts, self.T, "ts")
+            ts = check_save_times(ts, self.T, "ts")
 
         def one(x):
             ys = self.solve(x, ts=ts).ys
@@ -392,16 +438,29 @@ class NeuralODE(eqx.Module):
     def __call__(self, x: Float[Array, "*batch in"]) -> Array:
         """$R(\\Phi_{T \\leftarrow 0}(E(x)))$; leading batch axes are vmapped."""
         z = self.flow(self.embed(x))
-        if self.readout is not None:
-            try:
-                jax.eval_shape(self.readout, jax.ShapeDtypeStruct((self.dim,), z.dtype))
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"`readout`: cannot be applied to a state of dimension {self.dim}: {e}") from e
+        check_readout(self.readout, self.dim, z.dtype)
         return _apply(self.readout, z)
 
     def num_evaluations(self, x0: Float[Array, " dim"]) -> Array:
-        """Vector-field evaluations of one solve from `x0`: diffrax's `num_steps` (accepted
-        and rejected) times the solver's stages (FSAL solvers reuse one, counted once)."""
+        """Vector-field evaluations of the steps of one solve from `x0`: diffrax's
+        `num_steps` (accepted and rejected) times the explicit stages per step of the
+        solver. Exact for explicit Runge-Kutta solvers without FSAL (Euler, Heun,
+        Midpoint, Ralston); an FSAL solver (Tsit5, Dopri5, Bosh3, ...) reuses its last stage
+        as the next step's first, counted once per step, so its one evaluation at the
+        initial state is not counted (the count is one short). Evaluations made outside
+        the steps (a step-size controller choosing `dt0`) are not counted either.
+
+        Implicit solvers (`diffrax.AbstractImplicitSolver`: Kvaerno, implicit Euler, ...)
+        are refused with a `ValueError`: their Newton iterations and Jacobians make an
+        unknown number of evaluations per stage (Kvaerno5 made more than twice the
+        stage count), so a stage count would understate them."""
+        if isinstance(self.solver, diffrax.AbstractImplicitSolver):
+            raise ValueError(
+                f"num_evaluations counts the explicit stages of each step; the implicit solver "
+                f"{type(self.solver).__name__} also evaluates the field in its Newton iterations and "
+                "Jacobians, which it cannot count. Use an explicit solver (e.g. diffrax.Tsit5) or count "
+                "evaluations with a callback in the field."
+            )
         sol = self.solve(x0)
         stages = _stages(self.solver)
         return sol.stats["num_steps"] * stages

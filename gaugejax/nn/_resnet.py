@@ -22,6 +22,7 @@ from ._node import (
     NeuralODE,
     ParametricField,
     _apply,
+    check_readout,
     float_state,
     is_concrete,
     random_blocks,
@@ -131,7 +132,8 @@ class ResNet(eqx.Module):
 
     def flow(self, x: Float[Array, "*batch dim"]) -> Array:
         """The residual stream after the $L$ blocks (no $E$, $R$); an integer state becomes
-        a float one in the blocks' dtype."""
+        a float one in the blocks' dtype, a float state coarser than the blocks (float32
+        into a float64 ResNet) is promoted to theirs."""
         x = float_state(x, self.A[0].dtype)
         if x.shape[-1:] != (self.dim,):
             raise ValueError(f"`x`: expected a state of dimension {self.dim} on the last axis, received shape {x.shape}.")
@@ -141,7 +143,9 @@ class ResNet(eqx.Module):
         z = _apply(self.embedding, jnp.asarray(x))
         if z.shape[-1:] != (self.dim,):
             raise ValueError(f"`embedding`: maps the input to dimension {z.shape[-1:]}, but the stream dimension is {self.dim}.")
-        return _apply(self.readout, self.flow(z))
+        out = self.flow(z)
+        check_readout(self.readout, self.dim, out.dtype)
+        return _apply(self.readout, out)
 
 
 @eqx.filter_jit
