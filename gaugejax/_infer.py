@@ -738,6 +738,8 @@ def _analyse(flat: _Flat, leaf_vals: dict[int, int], input_vals: list[tuple[int,
     a.producer = producer
     a.uses = uses
     a.links = []
+    a.pairings = []  # (contracted nodes, free nodes left, free nodes right) of each dot_general
+    a.reindexed = []  # nodes of axes taken in part, reversed or concatenated along
     for v, leaf in leaf_vals.items():
         nodes = [cls.node() for _ in flat.shapes[v]]
         a.leaf_nodes[leaf] = nodes
@@ -865,6 +867,11 @@ def _analyse(flat: _Flat, leaf_vals: dict[int, int], input_vals: list[tuple[int,
             a.dims[e.outs[0]] = tuple(out)
             a.reductions.append((ld, frozenset(lc)))
             a.reductions.append((rd, frozenset(rc)))
+            # free axes of one space on both sides pair its different indices through the
+            # contraction (a cross-head Gram matrix): it cannot batch the contracted space
+            a.pairings.append((tuple(ld[i] for i in lc) + tuple(rd[j] for j in rc),
+                               tuple(ld[i] for i in range(len(ld)) if i not in lc and i not in lb),
+                               tuple(rd[j] for j in range(len(rd)) if j not in rc and j not in rb)))
         elif p == "__index__":
             (x,) = e.ins
             src = a.producer.get(x) if isinstance(x, int) else None
@@ -1119,10 +1126,15 @@ def _analyse(flat: _Flat, leaf_vals: dict[int, int], input_vals: list[tuple[int,
             for i, d in enumerate(e.params["broadcast_dimensions"]):
                 if in_shape[i] == out_shape[d]:
                     out[d] = dx[i]
+                else:  # a size-1 axis broadcast: its copies cannot carry its site
+                    fix([dx[i]], p, "a size-1 axis broadcast against a larger one", w)
             a.dims[e.outs[0]] = tuple(out)
         elif p == "squeeze":
             (dx,) = ins
-            a.dims[e.outs[0]] = tuple(n for i, n in enumerate(dx) if i not in set(e.params["dimensions"]))
+            gone = set(e.params["dimensions"])
+            # the squeezed axes leave the program (a scalar head's output unit): fixed
+            fix([n for i, n in enumerate(dx) if i in gone], p, "a size-1 axis squeezed away", w)
+            a.dims[e.outs[0]] = tuple(n for i, n in enumerate(dx) if i not in gone)
         elif p == "expand_dims":
             (dx,) = ins
             out = list(dx)
@@ -1151,6 +1163,7 @@ def _analyse(flat: _Flat, leaf_vals: dict[int, int], input_vals: list[tuple[int,
                     out.append(n)
                 else:
                     fix([n], p, f"{p} takes part of the axis", w)
+                    a.reindexed.append(n)
                     out.append(cls.node())
                     cls.restrict(out[-1], "Identity", p, f"{p} takes part of an axis", w)
             a.dims[e.outs[0]] = tuple(out)
@@ -1166,6 +1179,7 @@ def _analyse(flat: _Flat, leaf_vals: dict[int, int], input_vals: list[tuple[int,
                 nodes = [d[i] for d in ins if d[i] is not None]
                 if i == dim:
                     fix(nodes, p, "concatenated along this axis (a direct sum of spaces)", w)
+                    a.reindexed.extend(nodes)
                     n = cls.node()
                     cls.restrict(n, "Identity", p, "the concatenated axis", w)
                     out.append(n)
@@ -1318,6 +1332,8 @@ def _link_add(a: _Analysis, e: _Eqn, ins: list) -> bool:
             continue
         leaf, xc = found[0]
         dx, dy = ins[xi], ins[1 - xi]
+        if dx[xc] is None or dy[xc] is None:  # a constant stream (x = 0): no space to link
+            continue
         out = []
         for i in range(len(dx)):
             if i == xc:
@@ -1372,7 +1388,15 @@ def _reshape_dims(a: _Analysis, e: _Eqn, dx: tuple) -> tuple:
     ins = flat.shapes[x] if isinstance(x, int) else x.shape
     outs = flat.shapes[e.outs[0]]
     out: list = [None] * len(outs)
-    for gi, gj in _reshape_groups(ins, outs):
+    groups = _reshape_groups(ins, outs)
+    # a size-1 axis the reshape drops (one in no group, or beside real axes in a merge or
+    # split) leaves the program: its site would act on nothing downstream (a scalar head's
+    # output unit reshaped to (batch,) kept a GL(1) that is no symmetry)
+    carried = {gi[0] for gi, gj in groups if len(gi) == 1 and len(gj) == 1}
+    for k, size in enumerate(ins):
+        if size == 1 and k not in carried and dx[k] is not None:
+            cls.restrict(dx[k], "Identity", "reshape", "a size-1 axis the reshape drops", e.where)
+    for gi, gj in groups:
         if len(gi) == 1 and len(gj) == 1:
             out[gj[0]] = dx[gi[0]]
             continue
@@ -1473,7 +1497,10 @@ def _translation_ok(a: _Analysis, leaf_val: int) -> tuple[bool, str]:
             delta[o] = (tok, sign, const)
         elif p == "transpose":
             perm = e.params["permutation"]
-            delta[o] = (tok, sign, frozenset(k for k, i in enumerate(perm) if i in const))
+            # moving the axes the shift varies along makes another shift field (t^T, not t):
+            # it cancels against nothing of the original's
+            moved = any(i != k and i not in const for k, i in enumerate(perm))
+            delta[o] = (o if moved else tok, sign, frozenset(k for k, i in enumerate(perm) if i in const))
         elif p == "reshape":
             ins_, outs_ = flat.shapes[x], flat.shapes[o]
             new = {k for k, sz in enumerate(outs_) if sz == 1}
@@ -1560,6 +1587,26 @@ def _piece_sizes(cls: _Classes, n: int) -> tuple[int, ...]:
 def _build(a: _Analysis, params: Any, paths: list[str], leaves: list[Any], float_leaves: list[int],
            translate: bool) -> tuple[dict, list, list[Restriction], list[str]]:
     cls, flat = a.cls, a.flat
+    # A Link acts on whole spaces: a leaf linked more than once (a weight-tied network run
+    # twice) ties its streams instead (a conjugation by one element, a subgroup), and a
+    # linked stream split into pieces downstream (heads) carries no site
+    count: dict[int, int] = {}
+    for lk in a.links:
+        count[lk[0]] = count.get(lk[0], 0) + 1
+    kept = []
+    for leaf, n_out, n_in, h, nx, ny in a.links:
+        if count[leaf] > 1:
+            cls.union(nx, ny, 0, "add", "a residual step whose leaf is used in several steps")
+            continue
+        kept.append((leaf, n_out, n_in, h, nx, ny))
+    a.links = kept
+    for *_, nx, ny in a.links:
+        for n in (nx, ny):
+            parts = cls.expand(n)
+            if len(parts) > 1:
+                for rk, _ in parts:
+                    cls.restrict(rk, "Identity", "reshape", "a residual stream linked through a square "
+                                 "leaf and split into pieces downstream (a link acts on whole spaces)", "")
     # a space split by a reshape (attention heads) is the product of its pieces: each piece
     # carries what restricts the whole space (a block-structured group inside that meet)
     for r, (_, kids) in list(cls.split.items()):
@@ -1595,6 +1642,9 @@ def _build(a: _Analysis, params: Any, paths: list[str], leaves: list[Any], float
     def roots_of(dims) -> list[tuple[int, int]]:
         return [rp for n in dims if n is not None for rp in cls.expand(n)]
 
+    def roots_set(dims) -> list[int]:
+        return [r for r, _ in roots_of(dims)]
+
     # orientation: parity of the first computed (non-leaf) value carrying the class
     orient: dict[int, int] = {}
     for v in sorted(a.dims):
@@ -1617,6 +1667,14 @@ def _build(a: _Analysis, params: Any, paths: list[str], leaves: list[Any], float
         for r in alive:
             if present.get(r):
                 present[r] -= red
+    for contracted, left, right in a.pairings:
+        crossed = set(roots_set(left)) & set(roots_set(right))
+        for r in roots_set(contracted):
+            if present.get(r):
+                present[r] -= crossed
+    # an axis taken in part, reversed or concatenated along pairs different indices of the
+    # spaces it carries (q + flip(q, heads)): it batches nothing
+    reindexed = set(roots_set(a.reindexed))
 
     def level(r):
         return cls.level[r]
@@ -1628,7 +1686,8 @@ def _build(a: _Analysis, params: Any, paths: list[str], leaves: list[Any], float
     site_roots.sort(key=lambda r: min((leaf, ax) for leaf, ax, _ in members[r]))
     batch_of: dict[int, list[int]] = {}
     for r in site_roots:
-        cands = [b for b in (present.get(r) or ()) if b in members and level(b) in ("Permutation", "Identity")]
+        cands = [b for b in (present.get(r) or ()) if b in members and level(b) in ("Permutation", "Identity")
+                 and b not in reindexed]
         cands = [b for b in cands if not (r in (present.get(b) or ()) and level(r) == "Permutation")]
         batch_of[r] = cands
     names: dict[int, str] = {}

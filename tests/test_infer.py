@@ -828,3 +828,54 @@ def test_cli_main(tmp_path, monkeypatch, capsys):
 def test_inference_report_rows():
     rows = inference_report_rows(num_samples=4)
     assert rows and all(r["agrees"] and r["certified"] for r in rows), rows
+
+
+def test_dropped_axes_cross_head_pairings_and_odd_links(getkey):
+    """Each inferred a group larger than the program's, or crashed:
+    - a scalar head's output unit squeezed (or reshaped) to (batch,) kept a GL(1) site, and
+      with the head at zero (a common initialisation) it certified;
+    - a contraction pairing different heads (a cross-head Gram) kept a per-head group;
+    - s - s^T cancelled a matrix leaf's shift (only symmetric shifts cancel);
+    - a residual step from a zero state, and one stacked leaf scanned twice, crashed."""
+    rng = _rng(getkey())
+    x = _normal(rng, (5, 3))
+
+    def head(p, x):
+        return (jnp.tanh(x @ p["w1"] + p["b1"][None]) @ p["w2"] + p["b2"][None]).squeeze(-1)
+
+    zero = {"w1": _normal(rng, (3, 4)), "b1": _normal(rng, (4,)), "w2": jnp.zeros((4, 1)), "b2": jnp.zeros(1)}
+    inferred = infer_gauge(head, zero, x)
+    assert inferred.certified and set(inferred.gauge.site_groups) == {"['b1']:0"}
+
+    def gram(p, x):
+        q = jnp.einsum("bd,hdk->bhk", x, p["W"])
+        return jnp.einsum("bhk,bgk->bhg", q, q)
+
+    (group,) = infer_gauge(gram, {"W": _normal(rng, (2, 3, 4))}, x, certify=False).gauge.site_groups.values()
+    assert isinstance(group, gj.Orthogonal) and group.batch == ()
+
+    def skew(p, x):
+        s = x @ x.T + p["B"]
+        return jax.nn.softmax(s - s.T, axis=-1)
+
+    assert not infer_gauge(skew, {"B": _normal(rng, (5, 5))}, x, certify=False).gauge.sites
+
+    def ssm(p, u):  # forward Euler from h = 0
+        h = jnp.zeros((u.shape[0], 3))
+        for t in range(2):
+            h = h + 0.1 * (h @ p["A"][t].T + u @ p["B"][t])
+        return h @ p["C"]
+
+    ps = {"A": [_normal(rng, (3, 3)) for _ in range(2)], "B": [_normal(rng, (3, 3)) for _ in range(2)],
+          "C": _normal(rng, (3, 2))}
+    assert infer_gauge(ssm, ps, x, num_samples=4).certified
+
+    def twice(p, x):  # one stack of residual blocks run twice (weight tying)
+        A = jnp.stack(p["A"])
+        z = x @ p["E"].T
+        for _ in range(2):
+            z, _ = jax.lax.scan(lambda z, a: (z + 0.5 * z @ a.T, None), z, A)
+        return z @ p["R"].T
+
+    pt = {"A": [_normal(rng, (3, 3), 0.3) for _ in range(2)], "E": _normal(rng, (3, 3)), "R": _normal(rng, (2, 3))}
+    assert infer_gauge(twice, pt, x, num_samples=4).certified
