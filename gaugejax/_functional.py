@@ -14,8 +14,11 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.flatten_util
+import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PyTree
+
+from ._gauge import params_float_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,16 +63,28 @@ def functional_dimension(
     `equinox.filter_jit`): a new `lambda` or `functools.partial` on every call recompiles
     every time. Pass the same function object to reuse the compilation.
     """
+    if rtol is not None and not (np.ndim(rtol) == 0 and 0 <= float(rtol) < 1):
+        raise ValueError(f"`rtol` must be a number in [0, 1) (relative to the largest singular value), got {rtol!r}.")
+    dtype = params_float_dtype(params)  # one float dtype (mixed ones: an error naming the leaves)
     jac = np.asarray(_jacobian(fn, params, inputs, per_example))
-    eps = np.finfo(jac.dtype).eps  # the rank threshold follows the model's dtype
+    # the rank threshold follows the coarser of the parameters' and the outputs' precision
+    # (float32 parameters with float64 outputs carry float32 rounding: with float64's eps it
+    # counted rounding noise as rank, above dim(params) - dim(orbit))
+    eps = max(float(jnp.finfo(dtype).eps), float(jnp.finfo(jac.dtype).eps))
     if jac.dtype not in (np.float32, np.float64):  # NumPy's SVD has no float16 / bfloat16
         jac = jac.astype(np.float32)
     n_out = jac.shape[0]
     flat_size = jac.shape[1]
     s = np.linalg.svd(jac, compute_uv=False)
-    if rtol is not None and not (np.ndim(rtol) == 0 and 0 <= float(rtol) < 1):
-        raise ValueError(f"`rtol` must be a number in [0, 1) (relative to the largest singular value), got {rtol!r}.")
-    rtol = max(jac.shape) * eps if rtol is None else float(rtol)
+    if rtol is None:
+        rtol = max(jac.shape) * eps
+        if rtol >= 1:
+            raise ValueError(
+                f"the default rank threshold max(M, N) * eps = {max(jac.shape)} x {eps:.1e} is not below 1 "
+                f"for {jnp.dtype(dtype)}: no singular value would count. Cast the parameters to float32 "
+                "or float64 (a half-precision Jacobian's rounding hides its rank), or pass `rtol`."
+            )
+    rtol = float(rtol)
     tol = float(rtol * s[0]) if s.size else 0.0
     rank = int(np.sum(s > tol))
     gap = float(s[rank - 1] / s[rank]) if 0 < rank < s.size and s[rank] > 0 else float("inf")
@@ -115,8 +130,6 @@ def probe_inputs(key: Any, num: int, dim: int, *, dtype: Any = None, max_scale: 
     **Returns:** a `(num, dim)` array: each row a standard Gaussian vector times a radius
     $e^u$, with $u$ uniform in $[0, \\log m]$ and $m$ = `max_scale`.
     """
-    import jax.numpy as jnp
-
     if not (np.ndim(max_scale) == 0 and float(max_scale) >= 1):  # NaN fails too
         raise ValueError(f"`max_scale` must be a number >= 1 (the largest radius), got {max_scale!r}.")
     for name, v in (("num", num), ("dim", dim)):

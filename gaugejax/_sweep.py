@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ from jaxtyping import PRNGKeyArray, PyTree
 from ._gauge import Gauge, params_float_dtype
 
 
-#: default tolerances on the relative error, per dtype (STYLE.md: continuous symmetries
+#: default tolerances on the relative error, per dtype (continuous symmetries
 #: near the identity at 1e-5 in float32 and 1e-10 in float64; the half-precision ones are
 #: 13 and 20 of their machine epsilons: a dense GL transform of a bfloat16 MLP errs by 4)
 DEFAULT_RTOL = {"float32": 1e-5, "float64": 1e-10, "bfloat16": 1e-1, "float16": 2e-2}
@@ -58,7 +59,10 @@ class InvarianceReport:
     - `num_samples`: how many group elements were sampled.
     - `max_rel_error`, `median_rel_error`: of the per-element relative output error
       $\\max|f(g\\theta) - f(\\theta)| / \\max|f(\\theta)|$, taken per output leaf
-      (each relative to its own scale) and maximised over the leaves.
+      (each relative to its own scale) and maximised over the leaves. A leaf that is
+      zero up to rounding (a constraint residual such as `sum(softmax(y)) - 1`) has no
+      scale to be relative to, and its rounding reads as an O(1) error: leave such leaves
+      out of `fn`.
     - `eps`: the dtype's machine epsilon; `max_eps` / `median_eps` are the errors in units
       of it.
     - `rtol`: the tolerance `passed` was judged against.
@@ -162,9 +166,11 @@ def _sweep_block(fn, gauge, params, args, key, block, per_block, total, scale, s
         raise ValueError(f"fn returned no arrays ({y0!r}): there is nothing to compare.")
     for path, y in outputs:
         if not eqx.is_inexact_array(y):
+            what = (f"a Python {type(y).__name__}, not an array" if not hasattr(y, "dtype")
+                    else f"of dtype {y.dtype}")
             raise TypeError(
-                f"fn's output{jtu.keystr(path)} is {getattr(y, 'dtype', type(y).__name__)}; an "
-                "invariance check compares floating-point outputs (return floats)."
+                f"fn's output{jtu.keystr(path)} is {what}; an invariance check compares "
+                "floating-point JAX arrays computed from the parameters (return those)."
             )
         if y.size == 0:
             raise ValueError(f"fn's output{jtu.keystr(path)} has shape {y.shape}, with no entries to compare.")
@@ -289,7 +295,9 @@ def check_invariance(
     gauge._check_params(params)
     dtype = _params_dtype(params)
     dtype_name = jnp.dtype(dtype).name
-    tol = DEFAULT_RTOL.get(dtype_name, 1e-5) if rtol is None else float(rtol)
+    # a complex dtype is judged by its real part's precision (complex128 as float64)
+    real_name = jnp.dtype(jnp.finfo(dtype).dtype).name
+    tol = DEFAULT_RTOL.get(real_name, 1e-5) if rtol is None else float(rtol)
     if isinstance(sites, str):  # one site's name, not its letters
         sites = (sites,)
     sites = tuple(sites) if sites is not None else None
@@ -301,11 +309,17 @@ def check_invariance(
     if scale is not None and not (np.ndim(scale) == 0 and np.isfinite(float(scale)) and float(scale) > 0):
         raise ValueError(f"`scale` must be None or a finite number > 0 (0 samples only the identity), got {scale!r}.")
 
+    if isinstance(devices, jax.Device):
+        devices = [devices]
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("`devices` is empty; pass None for jax.devices(), or at least one device.")
+    if not all(isinstance(d, jax.Device) for d in devices) or len(set(devices)) != len(devices):
+        raise ValueError(f"`devices` must be distinct jax.Device objects (e.g. jax.devices()[:2]), got {devices}.")
     n_dev = len(devices)
     mesh = Mesh(np.array(devices), ("devices",)) if n_dev > 1 else None
+    # one device: the sweep runs there (a device other than the default one was ignored)
+    on_device = jax.default_device(devices[0]) if n_dev == 1 else contextlib.nullcontext()
     chunk = chunk_size or choose_chunk_size(params, math.ceil(num_samples / n_dev), device=devices[0])
     n_blocks = blocks or (8 if progress else 1)
     n_blocks = max(1, min(n_blocks, num_samples))
@@ -316,7 +330,7 @@ def check_invariance(
     errors = []
     bar = _progress(progress, n_blocks, f"sweep {dtype_name}")
     matmuls = contextlib.nullcontext() if precision is None else jax.default_matmul_precision(precision)
-    with bar as advance, matmuls:
+    with bar as advance, matmuls, on_device:
         for b in range(n_blocks):
             errs, flags = _sweep_block(
                 fn, gauge, params, args, key, np.int32(b), per_block, total, scale, sites, chunk, dtype, mesh
@@ -330,6 +344,15 @@ def check_invariance(
             advance()
     errors_np = np.concatenate(errors)[:num_samples]
     max_err = float(np.max(errors_np))
+    swept = gauge.continuous_sites if sites is None else [n for n in gauge.continuous_sites if n in sites]
+    if max_err == 0.0 and swept and not (jnp.issubdtype(dtype, jnp.integer)):
+        # a continuous group element is never exact in floating point: an output that does
+        # not change at all is an output that does not read the parameters
+        warnings.warn(
+            f"check_invariance: every output error is exactly 0 under the continuous sites {list(swept)}; "
+            "does `fn` read its first argument (the parameters), or does it close over a model?",
+            stacklevel=2,
+        )
     report = InvarianceReport(
         dtype=dtype_name,
         num_samples=int(num_samples),

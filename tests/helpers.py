@@ -194,7 +194,7 @@ def rel(a, b) -> float:
     return tree_max_abs_diff(a, b) / tree_max_abs(b)
 
 
-# Exact discrete symmetries and near-identity continuous ones (STYLE.md); the engine's
+# Exact discrete symmetries and near-identity continuous ones; the engine's
 # group laws are algebraic identities and meet the exact ones.
 LAW_RTOL = {jnp.float32: 1e-5, jnp.float64: 1e-12}
 INVARIANCE_RTOL = {jnp.float32: 1e-5, jnp.float64: 1e-10}

@@ -152,7 +152,7 @@ def test_sweep_arguments():
         run(blocks=0)
     with pytest.raises(ValueError, match="rtol must be a non-negative number, got -1"):
         run(rtol=-1.0)
-    with pytest.raises(TypeError, match=r"fn's output\['y'\] is int32"):
+    with pytest.raises(TypeError, match=r"fn's output\['y'\] is of dtype int32"):
         run(lambda p, x: {"y": jnp.int32(1), "z": mlp(p, x)})
     with pytest.raises(ValueError, match="structure this gauge was built for"):
         gj.check_invariance(lambda p, x: x, gauge, params[:1], x, key=jax.random.key(0))
@@ -243,3 +243,24 @@ def test_functional_dimension_and_probe_arguments():
         args = {"num": 8, "dim": 2, **kw}
         with pytest.raises(ValueError, match=match):
             gj.probe_inputs(jax.random.key(1), args.pop("num"), args.pop("dim"), **args)
+
+
+def test_group_constructors_and_orthogonality_check():
+    """Group sizes are checked when the group is built (GL(-2) and batch=(2, 0) failed
+    later inside JAX, or not at all); the orthogonality check is no longer vacuous in
+    half precision (its tolerance, 31 in bfloat16 at n = 4, accepted 3 I and 0)."""
+    for make, match in [(lambda: gj.GL(-2), "`n` must be a positive integer"),
+                        (lambda: gj.Permutation(2.5), "`n` must be a positive integer"),
+                        (lambda: gj.SignFlip(3, batch=(2, 0)), "`batch` must be a tuple of positive"),
+                        (lambda: gj.GL(3, batch=[2]), "`batch` must be a tuple"),
+                        (lambda: gj.Translation((2, -1)), "`n` must be a positive integer"),
+                        (lambda: gj.nn.MLP([4, 6, 2], "relu", key=jax.random.key(0)), "`activation` must be a callable")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            make()
+    for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
+        group = gj.Orthogonal(4)
+        for bad in (3 * jnp.eye(4), jnp.zeros((4, 4)), 1.5 * jnp.eye(4)):
+            assert bool(group.check(bad.astype(dtype))[1][0]), (dtype, bad[0, 0])
+        q = group.sample(jax.random.key(0), None, jnp.float32).astype(dtype)
+        assert not bool(group.check(q)[1][0]), dtype
+    assert bool(gj.Orthogonal(512).check(1.03 * jnp.eye(512, dtype=jnp.float32))[1][0])

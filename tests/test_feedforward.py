@@ -409,3 +409,19 @@ def test_concepts_page_prints_the_couplings_as_they_are():
     printed = " ".join(line[2:].strip() for line in page[start:].split("```")[0].splitlines() if line.startswith("#"))
     params = [(jnp.ones((64, 32)), jnp.ones(64)), (jnp.ones((10, 64)), jnp.ones(10))]
     assert printed == repr(gj.feedforward_gauge(params, jax.nn.relu).couplings).replace(",  ", ", ")
+
+
+def test_functional_dimension_threshold_follows_the_coarsest_precision():
+    """float32 parameters with float64 outputs carry float32 rounding: the threshold took
+    float64's eps and counted it as rank (77 of a bound of 66). Mixed parameter dtypes are
+    refused naming the leaves; a dtype too coarse for any rank (bfloat16 here) is refused
+    (it crashed)."""
+    m = gj.nn.MLP([4, 6, 5, 2], jax.nn.relu, key=jax.random.key(0), dtype=jnp.float32)
+    bound = sum(a.size for a in jax.tree.leaves(m)) - gj.derive_gauge(m).orbit_dim
+    x = gj.probe_inputs(jax.random.key(3), 400, 4, dtype=jnp.float32)
+    assert gj.functional_dimension(lambda p, x: p(x).astype(jnp.float64), m, x).rank <= bound
+    with pytest.raises(ValueError, match="mix float dtypes"):
+        gj.functional_dimension(lambda p, x: p[0](x) * p[1], (m, jnp.ones((), jnp.float64)), x)
+    half = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if eqx.is_inexact_array(a) else a, m)
+    with pytest.raises(ValueError, match="threshold .* is not below 1 for bfloat16"):
+        gj.functional_dimension(lambda p, x: p(x), half, x[:64].astype(jnp.bfloat16))

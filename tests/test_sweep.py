@@ -131,6 +131,13 @@ SHARDED = textwrap.dedent(
         single = gj.check_invariance(lambda m, x: m(x), gauge, model, x, key=jax.random.key(0), num_samples=37,
                                      devices=jax.devices()[:1])
         out[name] = {"devices": multi.devices, "multi": multi.errors.tolist(), "single": single.errors.tolist()}
+    # one device other than the default: the sweep runs there (it ran on the default one)
+    import gaugejax._sweep as S
+    block, seen = S._sweep_block, []
+    S._sweep_block = lambda *a, **k: seen.append(block(*a, **k)[0].devices()) or block(*a, **k)
+    gj.check_invariance(lambda m, x: m(x), gauge, model, x, key=jax.random.key(0), num_samples=4,
+                        devices=jax.devices()[3])
+    out["one_device"] = sorted(d.id for d in seen[0])
     print(json.dumps(out))
     """
 )
@@ -148,6 +155,7 @@ def test_sharded_sweep_equals_single_device():
         # are O(1), so this compares real numbers, not rounding noise)
         np.testing.assert_allclose(out[name]["multi"], out[name]["single"], rtol=1e-10, atol=1e-15)
     assert min(out["control"]["multi"]) > 1e-3
+    assert out["one_device"] == [3]
 
 
 def test_sweeps_that_would_sample_only_the_identity_are_refused():
@@ -164,6 +172,19 @@ def test_sweeps_that_would_sample_only_the_identity_are_refused():
             gj.check_invariance(f, broken, m, x, key=jax.random.key(2), num_samples=8, **kwargs)
     with pytest.raises(ValueError, match="the gauge has no sites"):
         gj.check_invariance(f, gj.Gauge({}, [], m), m, x, key=jax.random.key(2), num_samples=8)
+    with pytest.raises(ValueError, match="`devices` must be distinct"):
+        gj.check_invariance(f, broken, m, x, key=jax.random.key(2), num_samples=8, devices=jax.devices() * 2)
+    # an fn that closes over the model instead of reading its parameters passes anything:
+    # a continuous gauge with every error exactly 0 warns
+    with pytest.warns(UserWarning, match="does `fn` read its first argument"):
+        assert gj.check_invariance(lambda p, x: m(x), broken, m, x, key=jax.random.key(2), num_samples=8).passed
+    with pytest.raises(TypeError, match=r"output\[1\] is a Python float, not an array"):
+        gj.check_invariance(lambda p, x: (p(x), 1.0), broken, m, x, key=jax.random.key(2), num_samples=8)
+    # complex outputs are judged at their real part's precision (complex128 as float64)
+    cp = {"W": jnp.ones((3, 2), jnp.complex128)}
+    c = gj.check_invariance(lambda p: jnp.sum(p["W"], 0), gj.Gauge({"h": gj.Permutation(3)}, [gj.Produce("W", 0, "h")], cp),
+                            cp, key=jax.random.key(2), num_samples=8)
+    assert c.passed and c.rtol == 1e-10
     ints = {"W": jnp.ones((2, 2), jnp.int32)}
     with pytest.raises(ValueError, match="no floating-point leaves"):
         gj.check_invariance(lambda p: p["W"], gj.Gauge({"h": gj.Permutation(2)}, [gj.Produce("W", 0, "h")], ints),

@@ -55,6 +55,17 @@ class AbstractGroup(eqx.Module):
     n: eqx.AbstractVar[int]
     batch: eqx.AbstractVar[tuple[int, ...]]
 
+    def __check_init__(self):
+        def positive(v):
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+
+        if not positive(self.n):
+            raise ValueError(f"{type(self).__name__}: `n` must be a positive integer, got {self.n!r}.")
+        if not (isinstance(self.batch, tuple) and all(positive(b) for b in self.batch)):
+            raise ValueError(
+                f"{type(self).__name__}: `batch` must be a tuple of positive integers, got {self.batch!r}."
+            )
+
     # -- group structure ---------------------------------------------------------------
     @abc.abstractmethod
     def identity(self, dtype: Any = None) -> Any:

@@ -58,6 +58,8 @@ class MLP(eqx.Module):
         sizes = [_width(s, i) for i, s in enumerate(sizes)]
         if len(sizes) < 2 or any(s <= 0 for s in sizes):
             raise ValueError(f"`sizes` needs at least two positive widths, got {sizes}.")
+        if not callable(activation):
+            raise TypeError(f"`activation` must be a callable (e.g. jax.nn.relu), got {activation!r}.")
         # equinox's initialisation, all layers from one draw (one compilation, not one per
         # layer shape)
         self.layers = tuple(linears(list(zip(sizes[:-1], sizes[1:])), use_bias=use_bias, key=key, dtype=dtype))
