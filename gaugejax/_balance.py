@@ -39,6 +39,8 @@ def moment_map(gauge: Gauge, params: PyTree) -> dict[str, Array]:
     charges are [`gaugejax.noether_charges`][] (the moment map at $U/h = A + I/h$), not
     this.
     """
+    filtered = gauge._filtered_io(params)
+    params = params if filtered is None else filtered[0]
     zeros = gauge.algebra_zeros(_dtype(params))
 
     def half_norm(xi):
@@ -92,7 +94,8 @@ def balance(
 
     **Arguments:**
 
-    - `gauge`, `params`: the gauge and the parameters to balance.
+    - `gauge`, `params`: the gauge and the parameters to balance (the model, or its
+      `equinox.filter`-ed array part, and then the result comes back filtered).
     - `rtol`, `atol`: stop when a Newton step moves every log-scale by less than
       `atol + rtol * max|xi|` (default $\\epsilon^{3/4}$ of the dtype).
     - `max_steps`: the Newton step limit. Reaching it returns the last iterate, without
@@ -104,6 +107,10 @@ def balance(
     _checks.tolerance(rtol, "rtol")
     _checks.tolerance(atol, "atol")
     _checks.integer(max_steps, "max_steps")
+    filtered = gauge._filtered_io(params)
+    if filtered is not None:  # an equinox.filter-ed model: balanced whole, returned filtered
+        balanced, g = balance(gauge, filtered[0], rtol=rtol, atol=atol, max_steps=max_steps)
+        return filtered[1](balanced), g
     whole = without_views(gauge, params)
     if whole.gauge is not gauge:  # leaves coupled through views: balance them reshaped
         balanced, g = balance(whole.gauge, whole.params, rtol=rtol, atol=atol, max_steps=max_steps)
@@ -334,6 +341,8 @@ def balance_residual(gauge: Gauge, params: PyTree) -> Array:
     Degenerate neurons (incoming or outgoing weights all zero, and the like, see
     [`gaugejax.degenerate_units`][]) are left out: they have no balanced point, and their
     relative residual is 1 wherever they are on the orbit."""
+    filtered = gauge._filtered_io(params)
+    params = params if filtered is None else filtered[0]
     gauge, params, _, _ = without_views(gauge, params)
     mu = moment_map(gauge, params)
     sides, dead, _ = _sides_and_dead(gauge, params)

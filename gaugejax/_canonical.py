@@ -447,8 +447,9 @@ def canonicalize(
     **Arguments:**
 
     - `gauge`: a [`gaugejax.Gauge`][].
-    - `params`: the parameters; NaN or inf raises a `ValueError` naming the leaf (an
-      `equinox.error_if` under `jit`).
+    - `params`: the parameters (the model, or its `equinox.filter`-ed array part, and
+      then the result comes back filtered); NaN or inf raises a `ValueError` naming the
+      leaf (an `equinox.error_if` under `jit`).
     - `rtol`: relative moment-map tolerance of the joint $GL$ / rescaling balancing
       (default $\\epsilon^{0.75}$; positive-only gauges use [`gaugejax.balance`][]'s own).
     - `max_sweeps`: the most alternating sweeps when $GL$ sites are present.
@@ -461,6 +462,10 @@ def canonicalize(
     """
     if not isinstance(gauge, Gauge):
         raise TypeError(f"`gauge` must be a gaugejax.Gauge, got {type(gauge).__name__}.")
+    filtered = gauge._filtered_io(params)
+    if filtered is not None:  # an equinox.filter-ed model: canonicalized whole, returned filtered
+        canon, g = canonicalize(gauge, filtered[0], rtol=rtol, max_sweeps=max_sweeps)
+        return filtered[1](canon), g
     params = check_finite(gauge, params)
     whole = without_views(gauge, params)
     if whole.gauge is not gauge:  # leaves coupled through views: canonicalize them reshaped

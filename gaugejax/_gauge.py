@@ -613,6 +613,21 @@ class Gauge(eqx.Module):
             f"`equinox.filter` of it).\nexpected: {self.treedef}\nreceived: {treedef}"
         )
 
+    def _filtered_io(self, params: PyTree, what: str = "the parameters"):
+        """For an `equinox.filter`-ed tree of the parameters, `(completed, restore)`:
+        the tree completed as `_complete` does, and a function taking a tree of the
+        gauge's structure back to the filtered form (`None` where `params` has it); `None`
+        when `params` already has the gauge's structure."""
+        if jtu.tree_structure(params) == self.treedef:
+            return None
+        completed = self._complete(params, what)
+        _, rebuild = self._with_none(params)
+
+        def restore(tree: PyTree) -> PyTree:
+            return rebuild([None if x is _FILTERED else x for x in jtu.tree_leaves(tree)])
+
+        return completed, restore
+
     def _with_none(self, tree: PyTree) -> tuple[list[Any], Callable[[list[Any]], PyTree]] | None:
         """For a tree with the structure of the parameters except that any leaf may be
         None (a gradient, an optax statistic or an `equinox.filter` of an equinox model) or

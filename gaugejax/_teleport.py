@@ -73,7 +73,8 @@ def teleport(
     **Arguments:**
 
     - `gauge`: a [`gaugejax.Gauge`][] with a continuous site (else a `ValueError`).
-    - `params`: the starting point.
+    - `params`: the starting point (the model, or its `equinox.filter`-ed array part: the
+      objective and the result then see it filtered).
     - `loss_fn`: `params -> scalar` (close over a batch). With no `objective`, the
       objective is $\\|\\nabla L\\|^2$ ([`gaugejax.grad_norm_squared`][]).
     - `objective`: any `params -> scalar` to maximise instead; a non-scalar output raises a
@@ -85,6 +86,14 @@ def teleport(
     **Returns:** `(teleported_params, g)` with `teleported_params == gauge.act(g, params)`.
     """
     _require_continuous(gauge, "teleport")
+    filtered = gauge._filtered_io(params)
+    if filtered is not None:  # an equinox.filter-ed model: the objective sees it filtered
+        full, restore = filtered
+        user_loss, user_obj = loss_fn, objective
+        loss_fn = None if user_loss is None else (lambda p: user_loss(restore(p)))
+        objective = None if user_obj is None else (lambda p: user_obj(restore(p)))
+        moved, g = teleport(gauge, full, loss_fn, objective=objective, steps=steps, lr=lr, normalize=normalize)
+        return restore(moved), g
     if objective is None:
         if loss_fn is None:
             raise ValueError("teleport needs `loss_fn` (for the default objective |grad L|^2) or `objective`.")

@@ -154,9 +154,22 @@ def test_errors(getkey):
     frozen = eqx.tree_at(lambda m: m.layers[0].weight, model, None)
     with pytest.raises(ValueError, match=r"`updates` leaf 'layers\[0\].weight' is None"):
         tx.update(frozen, tx.init(model), model)
-    eqx_mlp = eqx.nn.MLP(3, 2, 5, 2, activation=jax.nn.relu, key=getkey())  # its activation is a leaf
+    # an equinox.filter-ed model (its activation is a leaf): the orbit tools take it and
+    # answer filtered, as horizontal and noether_charges did (they refused it)
+    eqx_mlp = eqx.nn.MLP(3, 2, 5, 2, activation=jax.nn.relu, key=getkey())
+    eg, filtered = gj.derive_gauge(eqx_mlp), eqx.filter(eqx_mlp, eqx.is_array)
+    far = eg.act(eg.sample(getkey(), scale=1.0), eqx_mlp)
+    far_f = eqx.filter(far, eqx.is_array)
+    for tool in (gj.canonicalize, gj.balance):
+        out, g = tool(eg, far_f)
+        assert out.activation is None and rel(out, eqx.filter(tool(eg, far)[0], eqx.is_array)) <= 1e-6
+    obj = lambda p: jnp.sum(p.layers[0].weight ** 2)  # noqa: E731
+    moved, _ = gj.teleport(eg, far_f, objective=obj, steps=2)
+    assert moved.activation is None and rel(moved, eqx.filter(gj.teleport(eg, far, objective=obj, steps=2)[0],
+                                                             eqx.is_array)) <= 1e-6
+    assert float(gj.balance_residual(eg, far_f)) == float(gj.balance_residual(eg, far))
     with pytest.raises(ValueError, match="an `equinox.filter` of it"):
-        gj.canonicalize(gj.derive_gauge(eqx_mlp), eqx.filter(eqx_mlp, eqx.is_array))
+        eg.act(eg.identity(), filtered)
 
 
 def test_project_horizontal_keeps_update_dtypes(getkey):
