@@ -740,6 +740,7 @@ def _analyse(flat: _Flat, leaf_vals: dict[int, int], input_vals: list[tuple[int,
     a.links = []
     a.pairings = []  # (contracted nodes, free nodes left, free nodes right) of each dot_general
     a.reindexed = []  # nodes of axes taken in part, reversed or concatenated along
+    a.aligned = []  # the operands' dims (same rank) of each elementwise operation
     for v, leaf in leaf_vals.items():
         nodes = [cls.node() for _ in flat.shapes[v]]
         a.leaf_nodes[leaf] = nodes
@@ -813,6 +814,9 @@ def _analyse(flat: _Flat, leaf_vals: dict[int, int], input_vals: list[tuple[int,
             if additive and inert is not None and c is not None and inert(c):
                 continue
             ins.append((k, d))
+        full = [d for _, d in ins if len(d) == rank]
+        if len(full) > 1:  # pairings of different indices of a space (see `_build`)
+            a.aligned.append(tuple(full))
         out = [None] * rank
         for i in range(rank):
             nodes = [(k, d[i]) for k, d in ins if len(d) == rank and d[i] is not None]
@@ -956,6 +960,7 @@ def _analyse(flat: _Flat, leaf_vals: dict[int, int], input_vals: list[tuple[int,
                     out.append(dx[i] if dx[i] is not None else dy[i])
                 a.dims[e.outs[0]] = tuple(out)
                 a.contract_marks[e.outs[0]] = contracted
+                a.aligned.append((tuple(dx), tuple(dy)))
             else:
                 # a tracked axis times a constant along it is fine (a scalar per other index)
                 elementwise(e, None, "", additive=False)
@@ -1671,6 +1676,22 @@ def _build(a: _Analysis, params: Any, paths: list[str], leaves: list[Any], float
         crossed = set(roots_set(left)) & set(roots_set(right))
         for r in roots_set(contracted):
             if present.get(r):
+                present[r] -= crossed
+    # elementwise: a space on one axis of every operand, and another space on different
+    # axes of two operands (q[:, :, None] * q[:, None] before a sum: a cross-head Gram)
+    # pairs different indices of the second: it cannot batch the first
+    for ops in a.aligned:
+        positions: dict[int, set[tuple[int, int]]] = {}  # root -> {(operand, axis)}
+        for k, d in enumerate(ops):
+            for i, n in enumerate(d):
+                for r in ([] if n is None else roots_set([n])):
+                    positions.setdefault(r, set()).add((k, i))
+        crossed = {b for b, pos in positions.items()
+                   if any(k1 != k2 and i1 != i2 for k1, i1 in pos for k2, i2 in pos)}
+        if not crossed:
+            continue
+        for r, pos in positions.items():
+            if present.get(r) and any(all((k, i) in pos for k in range(len(ops))) for i in range(len(ops[0]))):
                 present[r] -= crossed
     # an axis taken in part, reversed or concatenated along pairs different indices of the
     # spaces it carries (q + flip(q, heads)): it batches nothing

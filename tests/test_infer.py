@@ -851,8 +851,13 @@ def test_dropped_axes_cross_head_pairings_and_odd_links(getkey):
         q = jnp.einsum("bd,hdk->bhk", x, p["W"])
         return jnp.einsum("bhk,bgk->bhg", q, q)
 
-    (group,) = infer_gauge(gram, {"W": _normal(rng, (2, 3, 4))}, x, certify=False).gauge.site_groups.values()
-    assert isinstance(group, gj.Orthogonal) and group.batch == ()
+    def gram_by_products(p, x):  # the same Gram as a broadcast product and a sum
+        q = jnp.einsum("bd,hdk->bhk", x, p["W"])
+        return jnp.sum(q[:, :, None, :] * q[:, None, :, :], axis=-1)
+
+    for fn in (gram, gram_by_products):
+        (group,) = infer_gauge(fn, {"W": _normal(rng, (2, 3, 4))}, x, certify=False).gauge.site_groups.values()
+        assert isinstance(group, gj.Orthogonal) and group.batch == (), fn.__name__
 
     def skew(p, x):
         s = x @ x.T + p["B"]
