@@ -39,8 +39,7 @@ def moment_map(gauge: Gauge, params: PyTree) -> dict[str, Array]:
     charges are [`gaugejax.noether_charges`][] (the moment map at $U/h = A + I/h$), not
     this.
     """
-    filtered = gauge._filtered_io(params)
-    params = params if filtered is None else filtered[0]
+    params = gauge._complete(params)  # an equinox.filter-ed model too
     zeros = gauge.algebra_zeros(_dtype(params))
 
     def half_norm(xi):
@@ -341,8 +340,7 @@ def balance_residual(gauge: Gauge, params: PyTree) -> Array:
     Degenerate neurons (incoming or outgoing weights all zero, and the like, see
     [`gaugejax.degenerate_units`][]) are left out: they have no balanced point, and their
     relative residual is 1 wherever they are on the orbit."""
-    filtered = gauge._filtered_io(params)
-    params = params if filtered is None else filtered[0]
+    params = gauge._complete(params)  # an equinox.filter-ed model too
     gauge, params, _, _ = without_views(gauge, params)
     mu = moment_map(gauge, params)
     sides, dead, _ = _sides_and_dead(gauge, params)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PyTree
 
+from . import _checks
 from ._gauge import params_float_dtype
 
 
@@ -133,8 +134,7 @@ def probe_inputs(key: Any, num: int, dim: int, *, dtype: Any = None, max_scale: 
     if not (np.ndim(max_scale) == 0 and float(max_scale) >= 1):  # NaN fails too
         raise ValueError(f"`max_scale` must be a number >= 1 (the largest radius), got {max_scale!r}.")
     for name, v in (("num", num), ("dim", dim)):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
-            raise ValueError(f"`{name}` must be a positive integer, got {v!r}.")
+        _checks.integer(v, name)
     k_r, k_x = jax.random.split(key)
     dtype = jnp.zeros(()).dtype if dtype is None else dtype
     radii = jnp.exp(jax.random.uniform(k_r, (num, 1), dtype, 0.0, float(np.log(max_scale))))

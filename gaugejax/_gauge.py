@@ -32,6 +32,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from . import _paths
 from ._coupling import Consume, Coupling, Link, Produce, Translate
+from ._groups._linalg import is_half, upcast_half
 from ._groups.base import AbstractGroup, default_float, invert_permutation, split_draws
 from ._groups.permutation import Permutation
 from ._groups.translation import Translation
@@ -1025,11 +1026,11 @@ class Gauge(eqx.Module):
         Half-precision parameters are ranked in float32, which holds their values exactly."""
         dts = _float_dtypes(params)
         dtype = dts.pop() if len(dts) == 1 else jnp.zeros(()).dtype
-        if jnp.finfo(dtype).bits < 32:
+        if is_half(dtype):
             # half precision: the rank at these parameter values, computed in float32 (which
             # holds them exactly); rounding at bfloat16's epsilon would hide real directions
             dtype = jnp.float32
-            params = jtu.tree_map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, params)
+            params = upcast_half(params)
         zeros = self.algebra_zeros(dtype)
         if not zeros:
             return 0

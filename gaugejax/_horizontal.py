@@ -39,6 +39,7 @@ from jaxtyping import Array, PyTree
 from . import _checks, _rescaling as _rs
 from ._gauge import Gauge, _is_none, params_float_dtype as _dtype
 from ._groups import PositiveDiagonal, PositiveMonomial
+from ._groups._linalg import is_half, upcast_half
 
 
 def _vdot(a: PyTree, b: PyTree) -> Array:
@@ -206,8 +207,8 @@ def vertical_coordinates(
             + ". Use method='cg' (matrix-free, any gauge)."
         )
     dtype = _dtype(params)
-    if _half(dtype):
-        xi = vertical_coordinates(gauge, _upcast(params), _upcast(v), method=method, rtol=rtol, atol=atol,
+    if is_half(dtype):
+        xi = vertical_coordinates(gauge, upcast_half(params), upcast_half(v), method=method, rtol=rtol, atol=atol,
                                   max_steps=max_steps)
         return {n: x.astype(dtype) for n, x in xi.items()}
     eps = float(jnp.finfo(dtype).eps)
@@ -244,17 +245,6 @@ def vertical_coordinates(
 def _check_method(method: Any) -> None:
     if method not in ("auto", "structured", "dense", "cg"):
         raise ValueError(f"`method` must be 'auto', 'structured', 'dense' or 'cg', got {method!r}.")
-
-
-def _half(dtype: Any) -> bool:
-    return jnp.finfo(dtype).bits < 32
-
-
-def _upcast(tree: PyTree) -> PyTree:
-    """Half-precision float leaves in float32: the solves (Cholesky, CG's inner products)
-    have no LAPACK routine in half precision, and CG's recurrences lose their accuracy."""
-    return jtu.tree_map(lambda x: x.astype(jnp.float32) if eqx.is_inexact_array(x) and _half(x.dtype) else x,
-                        tree)
 
 
 def _finite_rhs(rhs: Mapping[str, Array]) -> Array:
@@ -346,8 +336,8 @@ def horizontal(
     network parameters; MATH.md, "Orbit geometry".
     """
     params = gauge._complete(params)
-    if _half(_dtype(params)):
-        h = horizontal(gauge, _upcast(params), _upcast(v), method=method, rtol=rtol, atol=atol,
+    if is_half(_dtype(params)):
+        h = horizontal(gauge, upcast_half(params), upcast_half(v), method=method, rtol=rtol, atol=atol,
                        max_steps=max_steps)
         return jtu.tree_map(lambda a, b: a if b is None else a.astype(b.dtype), h, _clean(params, v),
                             is_leaf=_is_none)

@@ -738,9 +738,11 @@ def _analyse(flat: _Flat, leaf_vals: dict[int, int], input_vals: list[tuple[int,
     a.producer = producer
     a.uses = uses
     a.links = []
-    a.pairings = []  # (contracted nodes, free nodes left, free nodes right) of each dot_general
+    # per operation on several tracked operands, each operand's {slot: node}: the slots an
+    # operation matches across operands (an elementwise axis; a dot_general's contracted or
+    # batch pair) coincide, the others differ (a dot_general's free axes)
+    a.pairings = []
     a.reindexed = []  # nodes of axes taken in part, reversed or concatenated along
-    a.aligned = []  # the operands' dims (same rank) of each elementwise operation
     for v, leaf in leaf_vals.items():
         nodes = [cls.node() for _ in flat.shapes[v]]
         a.leaf_nodes[leaf] = nodes
@@ -816,7 +818,7 @@ def _analyse(flat: _Flat, leaf_vals: dict[int, int], input_vals: list[tuple[int,
             ins.append((k, d))
         full = [d for _, d in ins if len(d) == rank]
         if len(full) > 1:  # pairings of different indices of a space (see `_build`)
-            a.aligned.append(tuple(full))
+            a.pairings.append(tuple(dict(enumerate(d)) for d in full))
         out = [None] * rank
         for i in range(rank):
             nodes = [(k, d[i]) for k, d in ins if len(d) == rank and d[i] is not None]
@@ -871,11 +873,12 @@ def _analyse(flat: _Flat, leaf_vals: dict[int, int], input_vals: list[tuple[int,
             a.dims[e.outs[0]] = tuple(out)
             a.reductions.append((ld, frozenset(lc)))
             a.reductions.append((rd, frozenset(rc)))
-            # free axes of one space on both sides pair its different indices through the
-            # contraction (a cross-head Gram matrix): it cannot batch the contracted space
-            a.pairings.append((tuple(ld[i] for i in lc) + tuple(rd[j] for j in rc),
-                               tuple(ld[i] for i in range(len(ld)) if i not in lc and i not in lb),
-                               tuple(rd[j] for j in range(len(rd)) if j not in rc and j not in rb)))
+            # contracted and batch pairs share a slot; free axes do not (a space free on both
+            # sides pairs its different indices through the contraction: a cross-head Gram)
+            a.pairings.append(tuple(
+                {**{("c", k): d[i] for k, i in enumerate(c)}, **{("b", k): d[i] for k, i in enumerate(b)},
+                 **{(side, i): d[i] for i in range(len(d)) if i not in c and i not in b}}
+                for d, c, b, side in ((ld, lc, lb, "l"), (rd, rc, rb, "r"))))
         elif p == "__index__":
             (x,) = e.ins
             src = a.producer.get(x) if isinstance(x, int) else None
@@ -960,7 +963,7 @@ def _analyse(flat: _Flat, leaf_vals: dict[int, int], input_vals: list[tuple[int,
                     out.append(dx[i] if dx[i] is not None else dy[i])
                 a.dims[e.outs[0]] = tuple(out)
                 a.contract_marks[e.outs[0]] = contracted
-                a.aligned.append((tuple(dx), tuple(dy)))
+                a.pairings.append((dict(enumerate(dx)), dict(enumerate(dy))))
             else:
                 # a tracked axis times a constant along it is fine (a scalar per other index)
                 elementwise(e, None, "", additive=False)
@@ -1672,26 +1675,21 @@ def _build(a: _Analysis, params: Any, paths: list[str], leaves: list[Any], float
         for r in alive:
             if present.get(r):
                 present[r] -= red
-    for contracted, left, right in a.pairings:
-        crossed = set(roots_set(left)) & set(roots_set(right))
-        for r in roots_set(contracted):
-            if present.get(r):
-                present[r] -= crossed
-    # elementwise: a space on one axis of every operand, and another space on different
-    # axes of two operands (q[:, :, None] * q[:, None] before a sum: a cross-head Gram)
-    # pairs different indices of the second: it cannot batch the first
-    for ops in a.aligned:
-        positions: dict[int, set[tuple[int, int]]] = {}  # root -> {(operand, axis)}
+    # a space in one slot of every operand, and another space in different slots of two
+    # operands (a cross-head Gram, as einsum('bhk,bgk->bhg') or q[:, :, None] * q[:, None]
+    # and a sum), pairs different indices of the second: it cannot batch the first
+    for ops in a.pairings:
+        positions: dict[int, set[tuple[int, Any]]] = {}  # root -> {(operand, slot)}
         for k, d in enumerate(ops):
-            for i, n in enumerate(d):
+            for slot, n in d.items():
                 for r in ([] if n is None else roots_set([n])):
-                    positions.setdefault(r, set()).add((k, i))
+                    positions.setdefault(r, set()).add((k, slot))
         crossed = {b for b, pos in positions.items()
-                   if any(k1 != k2 and i1 != i2 for k1, i1 in pos for k2, i2 in pos)}
+                   if any(k1 != k2 and s1 != s2 for k1, s1 in pos for k2, s2 in pos)}
         if not crossed:
             continue
         for r, pos in positions.items():
-            if present.get(r) and any(all((k, i) in pos for k in range(len(ops))) for i in range(len(ops[0]))):
+            if present.get(r) and any(all((k, slot) in pos for k in range(len(ops))) for slot in ops[0]):
                 present[r] -= crossed
     # an axis taken in part, reversed or concatenated along pairs different indices of the
     # spaces it carries (q + flip(q, heads)): it batches nothing

@@ -121,10 +121,8 @@ def charge_change(gauge: Gauge, params: PyTree, delta: PyTree) -> dict[str, Arra
     delta = gauge._complete(delta, "`delta`")
     # in the parameters' precision (a bfloat16 update of float32 parameters is exact in
     # float32; its products in bfloat16 are not)
-    dtypes = [x.dtype if eqx.is_inexact_array(x) else None for x in jtu.tree_leaves(params)]
-    delta = jtu.tree_unflatten(gauge.treedef, [
-        d.astype(t) if t is not None and eqx.is_inexact_array(d) else d
-        for d, t in zip(jtu.tree_leaves(delta), dtypes)])
+    delta = jtu.tree_map(lambda d, p: d.astype(p.dtype) if eqx.is_inexact_array(d) and eqx.is_inexact_array(p)
+                         else d, delta, params)
     cross = vertical_adjoint(gauge, params, delta)
     cross_t = vertical_adjoint(gauge, delta, params)
     second = moment_map(gauge, delta)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from ._groups._linalg import upcast_half
 from .nn._transformer import Transformer
 
 
@@ -61,7 +62,7 @@ class FactoredMatrix(eqx.Module):
         `R1 R2^T = u S v^T`. Half precision is computed in float32 (LAPACK has no
         half-precision routines) and cast back."""
         dtype = jnp.result_type(self.left, self.right)
-        left, right = _lapack(self.left), _lapack(self.right)
+        left, right = upcast_half(self.left), upcast_half(self.right)
         q1, r1 = jnp.linalg.qr(left)
         q2, r2 = jnp.linalg.qr(_mT(right))
         u, s, vt = jnp.linalg.svd(jnp.matmul(r1, _mT(r2), precision=_HIGHEST), full_matrices=False)
@@ -82,7 +83,7 @@ class FactoredMatrix(eqx.Module):
         computed in float32), sorted by descending magnitude."""
         if self.shape[-1] != self.shape[-2]:
             raise ValueError(f"eigenvalues need a square product, got shape {self.shape}.")
-        small = jnp.matmul(_lapack(self.right), _lapack(self.left), precision=_HIGHEST)
+        small = jnp.matmul(upcast_half(self.right), upcast_half(self.left), precision=_HIGHEST)
         ev = jnp.linalg.eigvals(small)
         order = jnp.argsort(-jnp.abs(ev), axis=-1)
         return jnp.take_along_axis(ev, order, axis=-1)
@@ -96,11 +97,6 @@ class FactoredMatrix(eqx.Module):
     @property
     def T(self) -> FactoredMatrix:
         return FactoredMatrix(_mT(self.right), _mT(self.left))
-
-
-def _lapack(x: Array) -> Array:
-    """`x` in float32 when it is in a half-precision float (no LAPACK routine takes it)."""
-    return x.astype(jnp.float32) if jnp.dtype(x.dtype).itemsize < 4 else x
 
 
 def _layer(model: Transformer, layer: int):

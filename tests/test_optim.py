@@ -226,6 +226,20 @@ OPTIMIZERS = {
 }
 
 
+def _moved_run_error(tx, model, gauge, loss, h):
+    """Train 2 steps, move by `h` (the state transported), train 3 more, against training
+    5 steps and then moving: the relative difference (0 for an equivariant optimizer)."""
+    grad = eqx.filter_jit(eqx.filter_grad(loss))
+    b, s = _train(tx, model, loss, 2)
+    a, sa = gauge.act(h, b), gjo.transport_state(gauge, h, s, b)
+    for _ in range(3):
+        ua, sa = jax.jit(tx.update)(grad(a), sa, a)
+        a = optax.apply_updates(a, ua)
+        ub, s = jax.jit(tx.update)(grad(b), s, b)
+        b = optax.apply_updates(b, ub)
+    return rel(a, gauge.act(h, b))
+
+
 def test_each_optimizer_state_moves_by_its_own_rule(getkey):
     """Under a signed permutation (J orthogonal and elementwise) every elementwise optimizer
     is equivariant, so moving and transporting its state, then training, equals training,
@@ -236,15 +250,7 @@ def test_each_optimizer_state_moves_by_its_own_rule(getkey):
     grad = eqx.filter_jit(eqx.filter_grad(loss))
     h = gauge.sample(getkey(), dtype=jnp.float64)
     for name, make in OPTIMIZERS.items():
-        tx = make()
-        b, s = _train(tx, model, loss, 2)
-        a, sa = gauge.act(h, b), gjo.transport_state(gauge, h, s, b)
-        for _ in range(3):
-            ua, sa = jax.jit(tx.update)(grad(a), sa, a)
-            a = optax.apply_updates(a, ua)
-            ub, s = jax.jit(tx.update)(grad(b), s, b)
-            b = optax.apply_updates(b, ub)
-        assert rel(a, gauge.act(h, b)) <= 1e-10, name
+        assert _moved_run_error(make(), model, gauge, loss, h) <= 1e-10, name
     # adamax: one step's statistics, transported through a rescaling move, against the
     # statistics of the same step taken at the moved point
     model, gauge, loss = _problem(getkey())
@@ -268,15 +274,7 @@ def test_rprop_factored_and_integer_statistics(getkey):
     model, gauge, loss = _problem(getkey())
     grad = eqx.filter_jit(eqx.filter_grad(loss))
     h = gauge.sample(getkey(), dtype=jnp.float64)
-    tx = optax.rprop(1e-3)
-    b, s = _train(tx, model, loss, 2)
-    a, sa = gauge.act(h, b), gjo.transport_state(gauge, h, s, b)
-    for _ in range(3):
-        ua, sa = jax.jit(tx.update)(grad(a), sa, a)
-        a = optax.apply_updates(a, ua)
-        ub, s = jax.jit(tx.update)(grad(b), s, b)
-        b = optax.apply_updates(b, ub)
-    assert rel(a, gauge.act(h, b)) <= 1e-10
+    assert _moved_run_error(optax.rprop(1e-3), model, gauge, loss, h) <= 1e-10
     factored = optax.adafactor(1e-2, min_dim_size_to_factor=4)
     fs = factored.init(model)
     with pytest.raises(ValueError, match=r"FactoredState.v_row has the structure of the parameters but other shapes"):

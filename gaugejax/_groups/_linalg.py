@@ -17,7 +17,8 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array
+import jax.tree_util as jtu
+from jaxtyping import Array, PyTree
 
 
 #: matrices up to this size are inverted and checked without LAPACK (Gauss-Jordan is
@@ -98,6 +99,20 @@ def _taylor(y: Array) -> Array:
     for i in range(top - 1, -1, -1):
         out = block(i) + mm(pows[_PS_BLOCK], out)
     return out
+
+
+def is_half(dtype) -> bool:
+    """Whether `dtype` is a half-precision float (bfloat16, float16)."""
+    return jnp.finfo(dtype).bits < 32
+
+
+def upcast_half(tree: PyTree) -> PyTree:
+    """`tree` with its half-precision float arrays in float32 (which holds their values
+    exactly): LAPACK has no half-precision routines, and solves, ranks and orthogonality
+    checks lose their accuracy in it."""
+    return jtu.tree_map(
+        lambda x: x.astype(jnp.float32) if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+        and is_half(x.dtype) else x, tree)
 
 
 def _expm_one(x: Array) -> Array:

@@ -149,9 +149,8 @@ class Orthogonal(_AbstractMatrixGroup):
         # in float32 at least (a half-precision product adds its own rounding); the
         # tolerance is a few hundred roundings of g's own dtype, capped at 1/2 (it was
         # 1e3 n eps: 31 for bfloat16 at n = 4, which accepted 3 I and the zero matrix)
-        work = jnp.float32 if jnp.finfo(g.dtype).bits < 32 else g.dtype
-        gw = g.astype(work)
-        err = jnp.max(jnp.abs(jnp.matmul(_mT(gw), gw, precision=_HIGHEST) - jnp.eye(self.n, dtype=work)))
+        gw = _linalg.upcast_half(g)
+        err = jnp.max(jnp.abs(jnp.matmul(_mT(gw), gw, precision=_HIGHEST) - jnp.eye(self.n, dtype=gw.dtype)))
         tol = min(100 * self.n * float(jnp.finfo(g.dtype).eps), 0.5)
         return [
             (jnp.any(~jnp.isfinite(g)), "contains NaN or inf"),
