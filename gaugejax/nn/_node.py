@@ -286,6 +286,23 @@ def check_readout(readout: Callable | None, dim: int, dtype: Any) -> None:
         raise ValueError(f"`readout`: cannot be applied to a state of dimension {dim}: {e}") from e
 
 
+def check_input(fn: Callable | None, x: Array, what: str) -> None:
+    """Refuse an input `x` that `fn` (applied to its last axis) cannot take, naming `what`,
+    the dimension `fn` expects where it says (`in_features`, as `equinox.nn.Linear`) and
+    the received shape (a raw shape error from inside it otherwise)."""
+    if fn is None:
+        return
+    try:
+        jax.eval_shape(fn, jax.ShapeDtypeStruct(x.shape[-1:], x.dtype))
+    except (TypeError, ValueError) as e:
+        n = getattr(fn, "in_features", None)
+        if isinstance(n, int) and x.shape[-1:] != (n,):
+            problem = f"expected an input of dimension {n} on the last axis, received shape {x.shape}"
+        else:
+            problem = f"cannot be applied to an input of shape {x.shape} and dtype {x.dtype}"
+        raise ValueError(f"`{what}`: {problem}: {e}") from e
+
+
 def _field_term(t: Array, y: Array, field: Callable) -> Array:
     """The diffrax vector field: the model's field arrives through `args` (not a closure),
     so that every adjoint, `diffrax.BacksolveAdjoint` included, differentiates it."""
@@ -427,8 +444,11 @@ class NeuralODE(eqx.Module):
         return jax.vmap(one)(x0.reshape(-1, self.dim)).reshape(*x0.shape[:-1], *((len(ts),) if ts is not None else ()), self.dim)
 
     def embed(self, x: Array) -> Array:
-        """$E(x)$, checked against the state dimension."""
-        z = _apply(self.embedding, jnp.asarray(x))
+        """$E(x)$ (any leading batch axes are vmapped): `x` is checked against what the
+        embedding takes, its output against the state dimension."""
+        x = jnp.asarray(x)
+        check_input(self.embedding, x, "embedding")
+        z = _apply(self.embedding, x)
         if z.shape[-1:] != (self.dim,):
             raise ValueError(
                 f"`embedding`: maps the input to dimension {z.shape[-1:]}, but the state dimension is {self.dim}."

@@ -22,6 +22,7 @@ from ._node import (
     NeuralODE,
     ParametricField,
     _apply,
+    check_input,
     check_readout,
     float_state,
     is_concrete,
@@ -140,7 +141,9 @@ class ResNet(eqx.Module):
         return euler_flow(self.stacked(), x, jnp.asarray(self.h, x.dtype), self.activation)
 
     def __call__(self, x: Float[Array, "*batch in"]) -> Array:
-        z = _apply(self.embedding, jnp.asarray(x))
+        x = jnp.asarray(x)
+        check_input(self.embedding, x, "embedding")
+        z = _apply(self.embedding, x)
         if z.shape[-1:] != (self.dim,):
             raise ValueError(f"`embedding`: maps the input to dimension {z.shape[-1:]}, but the stream dimension is {self.dim}.")
         out = self.flow(z)
