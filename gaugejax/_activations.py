@@ -133,7 +133,7 @@ def _held_array(fn: Callable) -> tuple[str, Any] | None:
     return None
 
 
-def activation_family(fn: Callable) -> str:
+def activation_family(fn: Callable, n: int | None = None) -> str:
     """The symmetry family of `fn` (see [`gaugejax.register_activation`][]).
 
     A `functools.partial` of a registered function keeps its family only where the bound
@@ -143,7 +143,15 @@ def activation_family(fn: Callable) -> str:
     and an array argument (per-unit parameters, e.g. a PReLU's slopes) raises: the units
     are no longer interchangeable, and those parameters would have to transform too. So
     does an unregistered callable holding an array (an `equinox.nn.PReLU` with one slope
-    per unit, an equinox Module with array fields, a function closing over an array)."""
+    per unit, an equinox Module with array fields, a function closing over an array).
+
+    An unregistered callable is `"elementwise"` only once it is seen to commute with
+    permutations: it is evaluated on a random vector of `n` entries (the layer's width;
+    default 8) and on two of its permutations. A function that mixes its units (MaxMin /
+    GroupSort, a sort, a cumulative sum) or reads per-unit parameters from anywhere (a
+    global array, an instance's field through a bound method) fails this and raises; so
+    does one that cannot be evaluated on a vector of `n` entries.
+    [`gaugejax.register_activation`][] declares a family without the probe."""
     if not callable(fn):
         raise TypeError(
             f"an activation must be a callable (e.g. jax.nn.relu or an equinox Module), got "
@@ -165,6 +173,7 @@ def activation_family(fn: Callable) -> str:
                 "derived from it; declare the gauge with gaugejax.Gauge (or, if the array is "
                 "the same for every unit, register_activation() the activation)."
             )
+        _check_permutation_equivariant(fn, n)
         return "elementwise"
     args, kwargs = _bound(fn)
     arrays = [k for k, v in [*enumerate(args), *kwargs.items()] if np.ndim(v) > 0]
@@ -177,20 +186,75 @@ def activation_family(fn: Callable) -> str:
         )
     family = _lookup(inner)
     if family is None:
-        return activation_family(inner)  # an unregistered inner function: checked as above
+        activation_family(inner, n)  # an unregistered inner function: its arrays, as above
+        _check_permutation_equivariant(fn, n)  # with the bound arguments
+        return "elementwise"
     if family == "elementwise" or (not args and set(kwargs) <= _FAMILY_KEEPING):
         return family
     return "elementwise"
 
 
+#: the width an unregistered activation is probed at when the layer's is not known
+PROBE_WIDTH = 8
+
+
+def _check_permutation_equivariant(fn: Callable, n: int | None) -> None:
+    """Raise unless `fn` (unregistered) maps a random vector of `n` entries to one of the
+    same shape and commutes with two random permutations of it, to a few ulps: the one
+    property a permutation site needs. A function applied entry by entry, the same on every
+    unit, commutes exactly; one that mixes units or reads per-unit parameters does not."""
+    n = PROBE_WIDTH if n is None else int(n)
+    name = getattr(fn, "__name__", type(fn).__name__)
+    rng = np.random.default_rng(0)
+    z64 = rng.normal(size=n) * 2.0
+    perms = [rng.permutation(n) for _ in range(2)]
+    how = (f"register_activation({name}, family) declares its family if it is in fact applied "
+           "entry by entry, the same function on every unit")
+    # float32 first; then the default float dtype (float64 with x64: an activation holding a
+    # float64 scalar may refuse float32 under strict dtype promotion)
+    first = None
+    for dtype in dict.fromkeys([jnp.float32, jnp.result_type(float)]):
+        z = jnp.asarray(z64, dtype)
+        try:
+            y = jnp.asarray(fn(z))
+            ys = [jnp.asarray(fn(z[p])) for p in perms]
+            break
+        except Exception as e:  # noqa: BLE001 -- any failure means it cannot be checked
+            first = first or e
+    else:
+        raise ValueError(
+            f"activation {name!r} is not registered, and evaluating it on a vector of {n} entries "
+            f"(to check that it commutes with permutations of the units) raised "
+            f"{type(first).__name__}: {first}; {how}."
+        ) from first
+    if y.shape != z.shape:
+        raise ValueError(
+            f"activation {name!r} maps a vector of shape {z.shape} to shape {y.shape}: it is not "
+            f"applied entry by entry, so no permutation of the units is known to be a symmetry; {how}."
+        )
+    if not jnp.issubdtype(y.dtype, jnp.inexact):
+        return  # an integer-valued output compares exactly below
+    tol = 8 * float(jnp.finfo(y.dtype).eps) * float(jnp.max(jnp.abs(y)) + 1)
+    for p, yp in zip(perms, ys):
+        err = float(jnp.max(jnp.abs(yp - y[p]))) if yp.shape == y.shape else np.inf
+        if not err <= tol:
+            raise ValueError(
+                f"activation {name!r} is not registered and does not commute with permutations "
+                f"of the units (|sigma(P z) - P sigma(z)| = {err:.2g} on a random z of {n} entries): "
+                "it mixes units (MaxMin / GroupSort, a sort) or holds per-unit parameters (a "
+                "PReLU's slopes read from a global or an instance), so no gauge is derived "
+                f"from it; declare the gauge with gaugejax.Gauge, or {how}."
+            )
+
+
 def default_group(fn: Callable, n: int) -> AbstractGroup:
     """The largest site group on $\\mathbb{R}^n$ that the activation `fn` admits."""
-    return ADMITS[activation_family(fn)][0](n)
+    return ADMITS[activation_family(fn, n)][0](n)
 
 
 def admits(fn: Callable, group: AbstractGroup) -> bool:
     """Whether a hidden layer with activation `fn` is invariant under `group`."""
-    return isinstance(group, ADMITS[activation_family(fn)])
+    return isinstance(group, ADMITS[activation_family(fn, group.n)])
 
 
 register_activation(jax.nn.relu, "positive_homogeneous")

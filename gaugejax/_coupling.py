@@ -28,7 +28,8 @@ class Produce:
 
     **Arguments:**
 
-    - `leaf`: the leaf's path, e.g. `"layers[0].weight"`.
+    - `leaf`: the leaf's path, e.g. `"layers[0].weight"` (a key path from
+      `jax.tree_util.tree_flatten_with_path` is accepted too; the gauge stores the string).
     - `axis`: the axis indexed by the site (negative values count from the end).
     - `site`: the site's name.
     - `batch_axes`: for a batched site (e.g. one $GL(d_k)$ per head), the leaf axes that

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import equinox as eqx
@@ -70,7 +70,7 @@ def _detect_layers(params: Any) -> tuple[list[str], list[str | None], str | None
         # a missing bias may be written as `(W,)` or `(W, None)`
         bs = [f"[{i}][1]" if len(p) > 1 and p[1] is not None else None for i, p in enumerate(params)]
         return ws, bs, "out_in", "a list of (W, b) pairs"
-    if isinstance(params, (list, tuple)) and params and all(isinstance(p, dict) for p in params):
+    if isinstance(params, (list, tuple)) and params and all(isinstance(p, Mapping) for p in params):
         ws, bs, hints = [], [], []
         for i, p in enumerate(params):
             wk = next((k for k in ("weight", "W", "w", "kernel") if k in p), None)
@@ -82,16 +82,21 @@ def _detect_layers(params: Any) -> tuple[list[str], list[str | None], str | None
             bs.append(f"[{i}][{bk!r}]" if bk else None)
         keys = sorted({w.split("'")[1] for w in ws})
         return ws, bs, _one(hints), f"the weight keys {keys} of a list of dicts"
-    if isinstance(params, dict):
+    if isinstance(params, Mapping):
         tree = params.get("params", params)
         prefix = "['params']" if "params" in params else ""
-        dense = [k for k in tree if isinstance(tree[k], dict) and "kernel" in tree[k]]
+        dense = [k for k in tree if isinstance(tree[k], Mapping) and "kernel" in tree[k]]
 
         def ordered(names: list[str]) -> list[str]:
             # first layer first, by the index that ends each name (Dense_0, linear_1, ...);
             # a name without one ("output") or a repeated index leaves the order unknown
             found = [re.search(r"(\d+)$", n) for n in names]
             idx = [int(m.group(1)) if m else None for m in found]
+            # haiku and flax name a module's first instance bare and the next ones with
+            # _1, _2, ... ("linear", "linear_1"): the bare name is the first
+            bare = [n for n, i in zip(names, idx) if i is None]
+            if len(bare) == 1 and all(i is None or n == f"{bare[0]}_{i}" for n, i in zip(names, idx)):
+                idx = [0 if i is None else i for i in idx]
             if len(names) > 1 and (None in idx or len(set(idx)) < len(idx)):
                 raise ValueError(
                     f"cannot tell the order of the layers {names}: not every name ends in a distinct "
@@ -106,7 +111,7 @@ def _detect_layers(params: Any) -> tuple[list[str], list[str | None], str | None
             bs = [f"{prefix}[{k!r}]['bias']" if tree[k].get("bias") is not None else None for k in dense]
             return ws, bs, "in_out", "a flax parameter dict"
         # haiku: {"mlp/~/linear_0": {"w": (in, out), "b": (out,)}, ...}
-        linear = ordered([k for k in params if isinstance(params[k], dict) and "w" in params[k]])
+        linear = ordered([k for k in params if isinstance(params[k], Mapping) and "w" in params[k]])
         if linear:
             ws = [f"[{k!r}]['w']" for k in linear]
             bs = [f"[{k!r}]['b']" if params[k].get("b") is not None else None for k in linear]
@@ -160,7 +165,7 @@ def _named_layout(params: Any, key_paths: list[tuple]) -> str | None:
     for path in key_paths:
         name = _key_name(path[-1]) if path else None
         hint = _hint_of_key(name) if isinstance(name, str) else None
-        if name == "w" and isinstance(params, dict) and len(path) == 2 and all(
+        if name == "w" and isinstance(params, Mapping) and len(path) == 2 and all(
             isinstance(k, jtu.DictKey) for k in path
         ) and _haiku_module_name(_key_name(path[0])):
             hint = "in_out"  # haiku's {"mlp/~/linear_0": {"w": (in, out), "b": ...}}
@@ -336,6 +341,16 @@ def feedforward_gauge(
 
     w_shapes = [shape_of(w, f"weight of layer {l + 1}") for l, w in enumerate(weights)]
     b_shapes = [shape_of(b, f"bias of layer {l + 1}") for l, b in enumerate(biases)]
+    for l, (path, shape) in enumerate(zip(weights, w_shapes)):
+        if len(shape) != 2:  # a convolution kernel (kh, kw, in, out) is no dense layer
+            raise ValueError(
+                f"weight of layer {l + 1} ({path!r}) has shape {shape}: feedforward_gauge takes dense "
+                "layers, whose weights are matrices (a convolution's kernel holds spatial axes "
+                "too); declare the gauge of other layers with gaugejax.Gauge."
+            )
+    for l, (path, shape) in enumerate(zip(biases, b_shapes)):
+        if shape is not None and len(shape) != 1:
+            raise ValueError(f"bias of layer {l + 1} ({path!r}) has shape {shape}; expected a vector.")
     if layout is None:
         layout = _resolve_layout(hint, source, weights, w_shapes, b_shapes)
     if layout not in ("out_in", "in_out"):

@@ -259,6 +259,10 @@ class Gauge(eqx.Module):
     paths: tuple[str, ...] = eqx.field(static=True)
     plans: tuple[_LeafPlan, ...] = eqx.field(static=True)
     outer: tuple[tuple[str, tuple[str | None, ...]], ...] = eqx.field(static=True)
+    # (leaf index, family) of each registered activation among the non-array leaves (an
+    # equinox MLP's `activation`): parameters holding another activation there may not
+    # admit the gauge's groups
+    activations: tuple[tuple[int, str], ...] = eqx.field(static=True, default=())
 
     def __init__(
         self,
@@ -276,6 +280,11 @@ class Gauge(eqx.Module):
                     f"site {name!r}: expected a group such as gaugejax.PositiveDiagonal(n), "
                     f"got {group!r}."
                 )
+        if isinstance(couplings, (Produce, Consume, Link, Translate)):
+            raise TypeError(
+                f"`couplings` must be a sequence of couplings; got a single {type(couplings).__name__} "
+                f"({couplings!r}): wrap it in a list."
+            )
         couplings = tuple(couplings)
         for c in couplings:
             if not isinstance(c, (Produce, Consume, Link, Translate)):
@@ -289,7 +298,10 @@ class Gauge(eqx.Module):
         table = _paths.lookup_table(params)
 
         def resolve(c: Coupling) -> int:
-            path = _paths.normalise(c.leaf)
+            try:
+                path = _paths.normalise(c.leaf)
+            except TypeError as e:
+                raise TypeError(f"{_describe_coupling(c)}: {e}") from None
             if path not in table:
                 raise ValueError(
                     f"{_describe_coupling(c)}: no leaf at path {c.leaf!r} in the parameters."
@@ -327,7 +339,15 @@ class Gauge(eqx.Module):
                     f"are {sorted(site_map)}."
                 )
             used.add(name)
-            return site_map[name]
+            group = site_map[name]
+            leaf = leaves[resolve(c)]
+            if group.algebra_dim > 0 and not jnp.issubdtype(leaf.dtype, jnp.inexact):
+                raise ValueError(
+                    f"{_describe_coupling(c)}: the leaf {paths[resolve(c)]!r} has dtype {leaf.dtype}, but "
+                    f"site {name!r} carries the continuous group {group!r}, whose elements do not keep "
+                    "integers integer; couple only floating-point leaves to it."
+                )
+            return group
 
         linear: dict[int, list[_Linear]] = {}
         links: dict[int, list[_LinkPlan]] = {}
@@ -542,6 +562,10 @@ class Gauge(eqx.Module):
         self.paths = paths
         self.plans = tuple(plans)
         self.outer = tuple((name, tuple(o)) for name, o in outer.items())
+        from . import _activations  # a cycle at import time: _activations -> _groups only
+
+        self.activations = tuple((i, fam) for i, x in enumerate(leaves) if not hasattr(x, "shape")
+                                 and callable(x) and (fam := _activations._lookup(x)) is not None)
 
     # ------------------------------------------------------------------------------------
     # structure
@@ -666,7 +690,30 @@ class Gauge(eqx.Module):
                     f"leaf {plan.path!r} has shape {shape} but this gauge was built for "
                     f"shape {plan.shape}."
                 )
+        if self.activations:
+            self._check_activations(leaves)
         return leaves
+
+    def _check_activations(self, leaves: list[Any]) -> None:
+        """Refuse parameters whose activation (a registered function at a leaf where the
+        gauge was built with another) does not admit a group of the gauge that the old one
+        did: a ReLU gauge's positive scales applied to a tanh model."""
+        from . import _activations
+
+        for i, family in self.activations:
+            new = _activations._lookup(leaves[i]) if callable(leaves[i]) else None
+            if new is None or new == family:
+                continue
+            lost = [f"{n}: {g!r}" for n, g in self.sites if isinstance(g, _activations.ADMITS[family])
+                    and not isinstance(g, _activations.ADMITS[new])]
+            if lost:
+                name = getattr(leaves[i], "__name__", repr(leaves[i]))
+                raise ValueError(
+                    f"leaf {self.paths[i]!r} "
+                    f"is the activation {name!r} ({new}), but this gauge was built for parameters "
+                    f"with a {family} activation there, and {name!r} does not admit its sites {lost}: "
+                    "derive the gauge for these parameters."
+                )
 
     def _check_element(self, g: Any, check: bool, what: str = "gauge element") -> dict[str, Any]:
         if not isinstance(g, Mapping):

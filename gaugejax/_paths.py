@@ -34,7 +34,19 @@ def lookup_table(tree: Any) -> dict[str, int]:
     return table
 
 
-def normalise(path: str) -> str:
+_KEY_TYPES = (jtu.SequenceKey, jtu.DictKey, jtu.GetAttrKey, jtu.FlattenedIndexKey)
+
+
+def normalise(path: Any) -> str:
+    """A leaf path as a string without a leading dot: a string as given, or a key path
+    (as `jax.tree_util.tree_flatten_with_path` yields) written canonically."""
+    if isinstance(path, tuple) and all(isinstance(k, _KEY_TYPES) for k in path):
+        return canonical(path)
+    if not isinstance(path, str):
+        raise TypeError(
+            "a leaf path must be a string such as 'layers[0].weight' (or a key path from "
+            f"jax.tree_util.tree_flatten_with_path), got {path!r} of type {type(path).__name__}."
+        )
     return path.lstrip(".")
 
 

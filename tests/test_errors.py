@@ -264,3 +264,41 @@ def test_group_constructors_and_orthogonality_check():
         q = group.sample(jax.random.key(0), None, jnp.float32).astype(dtype)
         assert not bool(group.check(q)[1][0]), dtype
     assert bool(gj.Orthogonal(512).check(1.03 * jnp.eye(512, dtype=jnp.float32))[1][0])
+
+
+def test_coupling_leaves_key_paths_single_couplings_and_integer_leaves():
+    """A coupling's leaf given as a key path (as tree_flatten_with_path yields) or an int
+    failed with "'tuple' object has no attribute 'lstrip'", a single coupling not in a list
+    with "'Produce' object is not iterable", and an integer leaf on a continuous site was
+    accepted (act then asked for an integer positive diagonal)."""
+    params = [(jnp.ones((4, 3)), jnp.ones(4)), (jnp.ones((2, 4)), jnp.ones(2))]
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    gauge = gj.Gauge({"h": gj.PositiveDiagonal(4)},
+                     [gj.Produce(paths[0], 0, "h"), gj.Produce(paths[1], 0, "h"), gj.Consume(paths[2], 1, "h")], params)
+    assert [c.leaf for c in gauge.couplings] == ["[0][0]", "[0][1]", "[1][0]"]
+    with pytest.raises(TypeError, match=r"Produce\(leaf=0, .*a leaf path must be a string .* got 0 of type int"):
+        gj.Gauge({"h": gj.PositiveDiagonal(4)}, [gj.Produce(0, 0, "h")], params)
+    with pytest.raises(TypeError, match="got a single Produce .*wrap it in a list"):
+        gj.Gauge({"h": gj.PositiveDiagonal(4)}, gj.Produce("[0][0]", 0, "h"), params)
+    ints = [(jnp.ones((4, 3), jnp.int32), jnp.ones(4))]
+    with pytest.raises(ValueError, match=r"leaf '\[0\]\[0\]' has dtype int32, but site 'h' carries the continuous"):
+        gj.Gauge({"h": gj.PositiveDiagonal(4)}, [gj.Produce("[0][0]", 0, "h")], ints)
+    assert gj.Gauge({"h": gj.Permutation(4)}, [gj.Produce("[0][0]", 0, "h")], ints).sites
+
+
+def test_a_gauge_refuses_a_model_whose_activation_does_not_admit_it():
+    """A gauge derived for a ReLU eqx.nn.MLP acted on a tanh one (same structure and
+    shapes) with positive scales, which tanh does not admit: align, canonicalize and act
+    changed the function silently. A gauge of permutations only still fits both."""
+    import equinox as eqx
+
+    relu = eqx.nn.MLP(3, 2, 6, 1, activation=jax.nn.relu, key=jax.random.key(0))
+    tanh = eqx.nn.MLP(3, 2, 6, 1, activation=jnp.tanh, key=jax.random.key(1))
+    gauge = gj.derive_gauge(relu)
+    g = gauge.sample(jax.random.key(2))
+    with pytest.raises(ValueError, match=r"leaf 'activation' is the activation 'tanh' \(odd\).*PositiveMonomial"):
+        gauge.act(g, tanh)
+    leaky = eqx.nn.MLP(3, 2, 6, 1, activation=jax.nn.leaky_relu, key=jax.random.key(1))
+    gauge.act(g, leaky)  # the same family
+    perms = gj.derive_gauge(relu, group=gj.Permutation)
+    perms.act(perms.sample(jax.random.key(3)), tanh)

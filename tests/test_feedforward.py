@@ -1,6 +1,7 @@
 """MATH.md S1-S4 and the functional dimension, on feedforward networks."""
 
 import math
+from collections.abc import Mapping
 
 import equinox as eqx
 import jax
@@ -425,3 +426,94 @@ def test_functional_dimension_threshold_follows_the_coarsest_precision():
     half = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if eqx.is_inexact_array(a) else a, m)
     with pytest.raises(ValueError, match="threshold .* is not below 1 for bfloat16"):
         gj.functional_dimension(lambda p, x: p(x), half, x[:64].astype(jnp.bfloat16))
+
+
+_SLOPES = jnp.linspace(-1.0, 1.0, 6)
+
+
+def _global_prelu(z):  # per-unit slopes read from a module global
+    return jnp.where(z > 0, z, _SLOPES * z)
+
+
+def test_unregistered_activations_must_commute_with_permutations(getkey):
+    """An unregistered activation was filed "elementwise" unchecked: MaxMin (GroupSort),
+    a PReLU reading its slopes from a global or through a bound method got Permutation
+    sites that are not a symmetry (output changed by 0.2-1.5). Each is now evaluated on
+    permuted inputs first."""
+
+    def maxmin(z):  # pairs (z0, z1) -> (max, min): mixes units
+        a, b = z[..., ::2], z[..., 1::2]
+        return jnp.stack([jnp.maximum(a, b), jnp.minimum(a, b)], -1).reshape(z.shape)
+
+    class PerUnit(eqx.Module):
+        slopes: jax.Array
+
+        def act(self, z):
+            return jnp.where(z > 0, z, self.slopes * z)
+
+    params = [tuple(_normals(getkey(), (6, 4), (6,))), tuple(_normals(getkey(), (3, 6), (3,)))]
+    for fn in (maxmin, _global_prelu, PerUnit(_SLOPES).act):
+        with pytest.raises(ValueError, match="does not commute with permutations of the units"):
+            gj.feedforward_gauge(params, fn)
+    with pytest.raises(ValueError, match="does not commute"):
+        gj.activation_family(maxmin)
+    with pytest.raises(ValueError, match=r"maps a vector of shape \(8,\) to shape \(4,\)"):
+        gj.activation_family(lambda z: z[::2])
+    with pytest.raises(ValueError, match="evaluating it on a vector of 6 entries .* raised"):
+        gj.feedforward_gauge(params, lambda z: z @ jnp.ones((5, 5)))
+    # a global that is the same for every unit, and a registered escape hatch, still work
+    scale = jnp.asarray(0.3)
+    assert gj.activation_family(lambda z: jnp.where(z > 0, z, scale * z)) == "elementwise"
+    gj.register_activation(maxmin, "elementwise")
+    assert gj.activation_family(maxmin) == "elementwise"
+
+
+def test_detection_refuses_convolution_kernels_and_reads_bare_first_names(getkey):
+    """A flax Conv kernel (kh, kw, in, out) was read as a dense (in, out) matrix: a
+    bias-free CNN got a PositiveMonomial(kw) site on its spatial axes (output error 1.5).
+    haiku's default names ("linear", "linear_1", ...) and flax FrozenDicts (a Mapping,
+    not a dict) were refused."""
+    convs = {"params": {"Conv_0": {"kernel": jnp.ones((3, 3, 3, 16))}, "Conv_1": {"kernel": jnp.ones((3, 3, 16, 8))}}}
+    with pytest.raises(ValueError, match=r"'Conv_0'\]\['kernel'\]\"?\)? has shape \(3, 3, 3, 16\).*dense"):
+        gj.feedforward_gauge(convs, jax.nn.relu)
+
+    w0, b0, w1, b1, w2, b2 = _normals(getkey(), (4, 6), (6,), (6, 5), (5,), (5, 3), (3,))
+    haiku = {"linear_2": {"w": w2, "b": b2}, "linear": {"w": w0, "b": b0}, "linear_1": {"w": w1, "b": b1}}
+
+    def haiku_fn(p, x):
+        h = jax.nn.relu(x @ p["linear"]["w"] + p["linear"]["b"][None])
+        h = jax.nn.relu(h @ p["linear_1"]["w"] + p["linear_1"]["b"][None])
+        return h @ p["linear_2"]["w"] + p["linear_2"]["b"][None]
+
+    gauge = gj.feedforward_gauge(haiku, jax.nn.relu)
+    assert [s for s, _ in gauge.sites] == ["h1", "h2"] and _invariant(haiku_fn, gauge, haiku, 4, getkey())
+
+    @jax.tree_util.register_pytree_with_keys_class
+    class Frozen(Mapping):  # a FrozenDict-like mapping that is not a dict
+        def __init__(self, d):
+            self._d = dict(d)
+
+        def __getitem__(self, k):
+            return self._d[k]
+
+        def __iter__(self):
+            return iter(self._d)
+
+        def __len__(self):
+            return len(self._d)
+
+        def tree_flatten_with_keys(self):
+            keys = sorted(self._d)
+            return [(jax.tree_util.DictKey(k), self._d[k]) for k in keys], keys
+
+        @classmethod
+        def tree_unflatten(cls, keys, values):
+            return cls(zip(keys, values))
+
+    flax = Frozen({"params": Frozen({f"Dense_{i}": Frozen({"kernel": w, "bias": b})
+                                     for i, (w, b) in enumerate([(w0, b0), (w1, b1), (w2, b2)])})})
+    gauge = gj.feedforward_gauge(flax, jax.nn.relu)
+    assert _invariant(lambda p, x: haiku_fn({k: {"w": p["params"][d]["kernel"], "b": p["params"][d]["bias"]}
+                                             for k, d in [("linear", "Dense_0"), ("linear_1", "Dense_1"),
+                                                          ("linear_2", "Dense_2")]}, x),
+                      gauge, flax, 4, getkey())
