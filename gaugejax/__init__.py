@@ -72,6 +72,7 @@ from ._functional import (
     probe_inputs as probe_inputs,
 )
 from ._horizontal import (
+    HorizontalConvergenceWarning as HorizontalConvergenceWarning,
     horizontal as horizontal,
     vertical_adjoint as vertical_adjoint,
     vertical_coordinates as vertical_coordinates,

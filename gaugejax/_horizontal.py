@@ -25,6 +25,7 @@ the normal equations of $\\min_\\xi \\|v - V\\xi\\|$. Two ways to solve them:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -169,9 +170,11 @@ def vertical_coordinates(
       Gram matrix assembled and factored exactly by Cholesky: exact, $O(N^3)$ in the number
       of neurons), `"cg"` (matrix-free CG on $V^\\top V$ with JVPs and VJPs of the action:
       any gauge; unpreconditioned, so at points far from balance it can stop at
-      `max_steps` short of its tolerance, without an error: on a 4-layer ReLU MLP moved by
-      rescalings sampled at `scale=3`, in float32, the result's cosine with a vertical
-      generator reached 0.02-0.06, against 1e-6 structured or dense), or `"auto"`
+      `max_steps` short of its tolerance: on a 4-layer ReLU MLP moved by rescalings sampled
+      at `scale=3`, in float32, the result's cosine with a vertical generator reached
+      0.02-0.06, against 1e-6 structured or dense; on a linear MLP moved by $GL$ elements
+      at `scale=2-3`, 1e-3 in float32 and float64, against 0.1 for `v` itself; it then
+      warns, [`gaugejax.HorizontalConvergenceWarning`][]), or `"auto"`
       (structured when the gauge allows it, else CG). Where the structured CG breaks down
       (rounding in float32 far along the orbit) the dense solve takes over, up to
       `DENSE_FALLBACK_MAX` = 4096 scales (else the matrix-free CG).
@@ -234,7 +237,9 @@ def vertical_coordinates(
     if diag_ok and method != "cg":
         xi, finite = _solve_structured(gauge, params, v, method == "dense", rtol, atol, max_steps)
     else:
-        xi, finite = _solve_cg(gauge, params, v, rtol, atol, max_steps)
+        xi, finite, left = _solve_cg(gauge, params, v, rtol, atol, max_steps)
+        # NaN input: NaN out, no warning
+        _warn_unless_converged(jnp.where(finite, left, 0), max_steps, eps**0.5)
     # Under tracing nothing can be raised without stopping a training loop that handles
     # NaN itself (`optax.apply_if_finite`): NaN or inf in v or in the parameters reaches the
     # right-hand side V^T v, and then the coordinates (so the projection) are NaN on every
@@ -296,7 +301,43 @@ def _solve_cg(gauge, params, v, rtol, atol, max_steps):
 
     op = lx.FunctionLinearOperator(normal, jax.eval_shape(lambda: zeros), tags=lx.positive_semidefinite_tag)
     sol = lx.linear_solve(op, rhs, lx.CG(rtol=rtol, atol=atol, max_steps=max_steps), throw=False)
-    return sol.value, _finite_rhs(rhs)
+    # what is left of the vertical part, |V^T h| / |V^T v| (V^T h = V^T v - V^T V xi)
+    res = jax.tree.map(lambda a, b: a - b, normal(sol.value), rhs)
+    norm = lambda t: jnp.sqrt(sum(jnp.sum(jnp.abs(x) ** 2) for x in jtu.tree_leaves(t)))  # noqa: E731
+    left = jax.lax.stop_gradient(norm(res) / jnp.maximum(norm(rhs), jnp.finfo(dtype).tiny))
+    return sol.value, _finite_rhs(rhs), jnp.where(sol.result == lx.RESULTS.successful, 0, left).astype(dtype)
+
+
+class HorizontalConvergenceWarning(UserWarning):
+    """The matrix-free CG of [`gaugejax.horizontal`][] (and of
+    [`gaugejax.vertical_coordinates`][]) stopped at `max_steps` short of its tolerance, and
+    the projection keeps more than $\\sqrt{\\epsilon}$ of the vertical part,
+    $|V^\\top h| / |V^\\top v|$ ($\\epsilon$ the dtype's machine epsilon). Raised eagerly,
+    or when a jitted program runs (through `jax.debug.callback`); silence it with
+    `warnings.filterwarnings("ignore", category=gaugejax.HorizontalConvergenceWarning)`."""
+
+
+def _warn_unless_converged(left: Array, max_steps: int, limit: float) -> None:
+    """Warn (once per call site, Python's default filter) when the CG solve stopped short
+    of its tolerance leaving more than `limit` (the square root of the dtype's epsilon) of
+    the vertical part, `left` = $|V^\\top h| / |V^\\top v|$: eagerly at once; under `jit`
+    or `vmap` when the program runs."""
+
+    def warn(left):
+        worst = float(np.max(np.asarray(left)))
+        if worst > limit:
+            warnings.warn(
+                f"horizontal: the matrix-free CG stopped at max_steps={max_steps} short of its "
+                f"tolerance, and the result keeps {worst:.1e} of the vertical part "
+                "(|V^T h| / |V^T v|; far from balance the operator is ill-conditioned). Raise "
+                "max_steps, compute in float64, or project at a better-balanced point.",
+                HorizontalConvergenceWarning, stacklevel=4,
+            )
+
+    if isinstance(left, jax.core.Tracer):
+        jax.debug.callback(warn, left)
+    else:
+        warn(left)
 
 
 def horizontal(

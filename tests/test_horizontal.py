@@ -287,3 +287,23 @@ def test_half_precision_projection(dtype, getkey):
         assert float(jnp.max(jnp.abs(_flat(h).astype(jnp.float32) - ref))) <= 1e-2 * float(jnp.max(jnp.abs(ref)))
     xi = gj.vertical_coordinates(gauge, half, v)
     assert {x.dtype for x in xi.values()} == {jnp.dtype(dtype)}
+
+
+def test_matrix_free_cg_warns_when_it_stops_short(getkey):
+    """Far from balance the matrix-free CG stopped at max_steps short of its tolerance and
+    returned a projection keeping part of the vertical component (cosine 1e-3 with vertical
+    directions in float64, against 1e-14 converged), silently. It now warns, eagerly and
+    under jit; a converged solve does not."""
+    import warnings
+
+    model = gj.nn.MLP([4, 8, 8, 2], gj.identity, key=jax.random.key(0), dtype=jnp.float64)
+    gauge = gj.derive_gauge(model)
+    far = gauge.act(gauge.sample(jax.random.key(0), scale=3.0, dtype=jnp.float64), model)
+    v = jax.tree.map(lambda x: jax.random.normal(getkey(), x.shape, x.dtype), eqx.filter(far, eqx.is_inexact_array))
+    with pytest.warns(gj.HorizontalConvergenceWarning, match="stopped at max_steps=300"):
+        gj.horizontal(gauge, far, v, max_steps=300)
+    with pytest.warns(gj.HorizontalConvergenceWarning):
+        jax.block_until_ready(eqx.filter_jit(lambda p, v: gj.horizontal(gauge, p, v, max_steps=300))(far, v))
+    with warnings.catch_warnings():  # the same program at the unmoved model: converged
+        warnings.simplefilter("error", gj.HorizontalConvergenceWarning)
+        gj.horizontal(gauge, model, v, max_steps=300)
