@@ -33,9 +33,10 @@ class FactoredMatrix(eqx.Module):
     The factors are not gauge-invariant. For `qk_circuit` and `ov_circuit`, the product
     and everything computed from it are invariant under the per-head $GL$ parts of the
     transformer's gauge (and the key shift and MLP sites); a `heads` permutation reorders
-    the per-head results, and a `stream` rotation $Q$ conjugates the product
-    ($W \\mapsto Q W Q^T$: its singular values and eigenvalues are invariant, `dense()` and
-    the singular vectors are not).
+    the per-head results, and a `stream` rotation or permutation $Q$ (the `stream` site:
+    $O(d)$, or $S_d$ with `rotation=False`) conjugates the product ($W \\mapsto Q W Q^T$:
+    its singular values and eigenvalues are invariant, `dense()` and the singular vectors
+    are not).
     """
 
     left: Float[Array, "*batch m r"]

@@ -17,6 +17,7 @@ from typing import Any
 import diffrax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from ._groups._linalg import inv
@@ -95,6 +96,36 @@ def _particles(x0: Any, coeffs: Callable, what: str) -> Array:
     return x0
 
 
+def _final_time(T: Any, what: str) -> None:
+    """A `ValueError` naming `T` when it is concrete and not finite (diffrax takes no step to
+    a NaN end time and returns `x0`)."""
+    if isinstance(T, jax.core.Tracer):
+        return
+    try:
+        finite = bool(np.all(np.isfinite(np.asarray(T, dtype=float))))
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: `T` must be a finite number, got {T!r}.") from None
+    if not finite:
+        raise ValueError(f"{what}: `T` must be a finite number, got {T!r}.")
+
+
+def _num_layers(L: Any) -> Any:
+    """`L` as a Python `int` (or a traced integer), else a `ValueError` naming `L`: a bool or
+    a float (even an integral one, which `fori_loop` refuses beside its integer lower bound)
+    is no number of layers."""
+    msg = f"particle_residual_stack: `L` must be a positive integer number of layers; received {L!r}."
+    dtype = getattr(L, "dtype", None)
+    integral = (isinstance(L, (int, np.integer)) or (dtype is not None and jnp.ndim(L) == 0
+                                                      and jnp.issubdtype(dtype, jnp.integer)))
+    if isinstance(L, bool) or not integral:
+        raise ValueError(msg)
+    if isinstance(L, jax.core.Tracer):
+        return L
+    if int(L) < 1:
+        raise ValueError(msg)
+    return int(L)
+
+
 def particle_coefficients(B: Array, V: Array, C: Array) -> Callable[[Array], tuple[Array, Array, Array]]:
     """`t -> (B, V, C)`: time-independent coefficients for [`gaugejax.particle_flow`][]."""
     return lambda t: (B, V, C)
@@ -117,15 +148,16 @@ def particle_flow(
     - `coeffs`: `t -> (B, V, C)` (see [`gaugejax.particle_coefficients`][],
       [`gaugejax.particle_gauge_transform`][]).
     - `x0`: `(n, d)` initial particles (tokens).
-    - `T`: the final time. `T = 0` returns `x0`; a negative `T` solves backward in time,
-      from 0 down to `T` (with time-independent coefficients, the inverse of the flow to
-      `-T`).
+    - `T`: the final time, a finite number (NaN or inf is a `ValueError`). `T = 0`
+      returns `x0`; a negative `T` solves backward in time, from 0 down to `T` (with
+      time-independent coefficients, the inverse of the flow to `-T`).
     - `rtol`, `atol`: the step-size controller's tolerances.
 
     **Returns:** `(n, d)`, the particles at time `T`.
     """
 
     x0 = _particles(x0, coeffs, "particle_flow")
+    _final_time(T, "particle_flow")
 
     def f(t, x, args):
         return particle_velocity(*coeffs(t), x)
@@ -148,14 +180,15 @@ def particle_residual_stack(
     it converges to [`gaugejax.particle_flow`][] at rate $1/L$ (fitted log-log slope
     $-1.01$ over $L = 16 \\ldots 128$ in `tests/test_particles.py`).
 
-    **Arguments:** `coeffs`: `t -> (B, V, C)`; `x0`: `(n, d)`; `T`: depth as time;
-    `L`: the number of layers (may be traced).
+    **Arguments:** `coeffs`: `t -> (B, V, C)`; `x0`: `(n, d)`; `T`: depth as time (a
+    finite number); `L`: the number of layers, a positive integer (not a bool or a float;
+    may be a traced integer).
 
     **Returns:** `(n, d)`, the particles after $L$ layers.
     """
     x0 = _particles(x0, coeffs, "particle_residual_stack")
-    if not isinstance(L, jax.core.Tracer) and not (int(L) == L and L >= 1):
-        raise ValueError(f"particle_residual_stack: `L` must be a positive integer number of layers; received {L!r}.")
+    _final_time(T, "particle_residual_stack")
+    L = _num_layers(L)
     h = jnp.asarray(T, x0.dtype) / jnp.asarray(L, x0.dtype)  # L may be traced: one compilation
 
     def step(l, x):

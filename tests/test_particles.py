@@ -75,6 +75,16 @@ def test_bad_input():
     for L in (0, -3):  # returned x0 unchanged
         with pytest.raises(ValueError, match="`L` must be a positive integer"):
             gj.particle_residual_stack(coeffs, x0, T, L)
+    for L in (3.0, True, np.float64(2.0)):  # passed the check, then a TypeError in fori_loop
+        with pytest.raises(ValueError, match="`L` must be a positive integer"):
+            gj.particle_residual_stack(coeffs, x0, T, L)
+    with pytest.raises(ValueError, match="`L` must be a positive integer"):  # traced, but a float
+        jax.jit(gj.particle_residual_stack, static_argnums=0)(coeffs, x0, T, jnp.asarray(3.0, jnp.float64))
+    for bad_T in (float("nan"), jnp.asarray(jnp.inf, jnp.float64)):  # NaN returned x0 unchanged
+        with pytest.raises(ValueError, match="particle_flow: `T` must be a finite number"):
+            gj.particle_flow(coeffs, x0, bad_T)
+        with pytest.raises(ValueError, match="particle_residual_stack: `T` must be a finite number"):
+            gj.particle_residual_stack(coeffs, x0, bad_T, 4)
 
 
 def test_integer_inputs_and_float32():
