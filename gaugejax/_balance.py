@@ -17,7 +17,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import optimistix as optx
 from jaxtyping import Array, PyTree
 
 from . import _checks, _rescaling as _rs
@@ -60,18 +59,32 @@ def balance(
 
     Minimises $\\|\\exp(\\xi)\\cdot\\theta\\|^2$ over the log-scales $\\xi$ of every
     [`gaugejax.PositiveDiagonal`][] and [`gaugejax.PositiveMonomial`][] site with
-    Newton's method on the (convex) objective, run to tolerance rather than for a fixed
-    number of sweeps. At the result the moment map vanishes: each hidden neuron's
-    incoming and outgoing squared norms are equal (MATH.md, S4).
+    damped Newton on the objective (an Armijo backtracking line search, a fallback to the
+    Jacobi-preconditioned gradient, and no step to a non-finite point: finite parameters
+    give a finite result), run to tolerance rather than for a fixed number of sweeps. At
+    the result the moment map vanishes: each hidden neuron's incoming and outgoing
+    squared norms are equal (MATH.md, S4).
 
     For sites coupled by `Produce` / `Consume` (every feedforward and attention gauge) the
     Hessian is the structured Gram matrix of the log-scale generators, built from the
     squared parameters: each Newton step is a Jacobi-preconditioned CG solve with an
-    $O(|\\theta|)$ operator, followed by an Armijo backtracking line search (memory linear
-    in the parameters; a float32 784-512-512-512-10 MLP far from balanced is balanced and
-    ordered by `canonicalize` in about 0.1 s on 2 CPU cores, `benchmarks/orbits.py`). Sites
-    that are also coupled through a [`gaugejax.Link`][] (a ResNet's streams) use Newton on
-    the autodiff Hessian instead (one JVP per rescaled neuron per step).
+    $O(|\\theta|)$ operator (memory linear in the parameters; a float32
+    784-512-512-512-10 MLP far from balanced is balanced and ordered by `canonicalize` in
+    about 0.1 s on 2 CPU cores, `benchmarks/orbits.py`). Sites that are also coupled
+    through a [`gaugejax.Link`][] (a ResNet's or a neural ODE's streams) use the same
+    loop on the autodiff Hessian instead (one JVP per rescaled neuron per step), re-centred
+    after every step: the next step is computed at the point reached, not through the
+    action from the starting point. A link acts affinely, and from a far point its
+    diagonal $e^{d}(A_{ii} + 1/h) - 1/h$ cancels to an error of about
+    $\\epsilon e^{|d|}/h$: the result is then `gauge.act(g, params)` only up to that
+    rounding, and it is balanced to the tolerance at the point it is (a ReLU ResNet with
+    positive diagonal streams moved by `gauge.sample(scale=s)`, s up to 6, balances to a
+    relative residual below 1e-15 in float64 and 1e-6 in float32). The same rounding is in
+    the far point itself, so no method recovers the orbit's balanced point to better than
+    about $\\epsilon e^{|d|}$ relative from it: in that ResNet, $\\|\\theta\\|^2$ of the
+    balanced points of eight far points of one orbit spreads by 9e-11 (float64) and 2%
+    (float32) relative at s = 6, 2e-13 and 2e-4 at s = 4 (and by as much when the float32
+    far points are balanced exactly, in float64).
 
     A neuron whose incoming or outgoing weights are all zero (a *degenerate* neuron: dead
     by construction, pruned, or zero-initialised; in a recurrent gauge also one with a
@@ -86,7 +99,8 @@ def balance(
     `jit` and `vmap`): the derivative of the balanced point is implicit, from the moment
     map's vanishing, and Newton's loop is not differentiated. For `Produce` / `Consume`
     sites this factors the $N \\times N$ Gram matrix of the $N$ rescaled neurons once per
-    derivative; Link-coupled sites use optimistix's implicit adjoint. At parameters with
+    derivative; Link-coupled sites use the autodiff Hessian at the balanced point. At
+    parameters with
     degenerate neurons the balanced point is not continuous (a weight on the empty side
     gives the neuron a balanced point of its own): the derivative there is along
     directions that keep them degenerate.
@@ -98,10 +112,11 @@ def balance(
     - `rtol`, `atol`: stop when a Newton step moves every log-scale by less than
       `atol + rtol * max|xi|` (default $\\epsilon^{3/4}$ of the dtype).
     - `max_steps`: the Newton step limit. Reaching it returns the last iterate, without
-      an error (far from balance in float32, say): check
+      an error (a float32 model far from balance, say): check
       [`gaugejax.balance_residual`][] when it matters.
 
-    **Returns:** `(balanced_params, g)` with `balanced_params == gauge.act(g, params)`.
+    **Returns:** `(balanced_params, g)` with `balanced_params == gauge.act(g, params)`
+    (exactly, except on Link-coupled sites: see above).
     """
     _checks.tolerance(rtol, "rtol")
     _checks.tolerance(atol, "atol")
@@ -124,36 +139,250 @@ def balance(
     free = {n: ~d for n, d in _fixed_units(gauge, params).items()}
     if _rs.is_structured(gauge, positive):
         xi = _implicit_structured(gauge, params, positive, rtol, atol, max_steps, free)
-    else:
-        xi = _newton_generic(gauge, params, positive, rtol, atol, max_steps, free)
-    g = gauge.exp(xi, dtype)
-    return gauge.act(g, params, check=False), g
+        g = gauge.exp(xi, dtype)
+        return gauge.act(g, params, check=False), g
+    # Link-coupled sites: the result is the last re-centred point (`_newton_generic`)
+    xi, point = _implicit_generic(gauge, params, positive, rtol, atol, max_steps, free)
+    return eqx.combine(point, eqx.filter(params, eqx.is_inexact_array, inverse=True)), gauge.exp(xi, dtype)
 
 
-def _newton_generic(gauge, params, positive, rtol, atol, max_steps, free=None):
-    # Rescaling sites coupled through links (a ResNet's streams): the objective is no
-    # longer a sum of exponentials of linear forms, so Newton runs on the autodiff
-    # Hessian (N JVPs per step; fine for lattice gauges of modest width).
+_ARMIJO = 1e-4
+#: inexact Newton: each step's linear system is solved to this relative residual
+_CG_RTOL = 1e-6
+_CG_MAX_STEPS = 1000
+_MAX_HALVINGS = 40
+_RESOLVE = 1e3
+
+
+def _damped_newton(trial, local, gradient, centre, xi, *, dtype, rtol, atol, max_steps):
+    """Damped Newton on $F$, the loop both balance paths share: each step is the Newton
+    step (or, where that is no descent direction, the preconditioned gradient), with an
+    Armijo backtracking line search; a Newton step whose search fails is retried along the
+    preconditioned gradient, and a step is only ever taken to a point where $F$ is finite
+    (a non-finite step, from an inexact or ill-conditioned solve, is rejected).
+
+    The problem comes as functions of a *centre* `c` (the structured path: the log-scales
+    themselves; the Link path: the current parameters, re-centred after every step):
+
+    - `trial(c, d)`: `(new centre, F there)` for the centre moved by log-scales `d` ($F$
+      normalised to be O(1));
+    - `local(c)`: `(grad, diag, newton, fallback)` at `c`: the (masked) gradient, a
+      positive scale per log-scale (the Hessian's diagonal, zero only where the gradient
+      is), the Newton step and the preconditioned gradient step `-grad / diag`;
+    - `gradient(c)`: the gradient alone.
+
+    `xi` (the log-scales' pytree, zeros) accumulates the steps. Stops when a step moves
+    every log-scale by less than `atol + rtol * max|xi|`, when no step improves, or after
+    `max_steps` iterations (a retry counts as one). Returns `(xi, centre)`."""
+    eps = jnp.finfo(dtype).eps
+    leaves = jtu.tree_leaves
+    tmap = jax.tree_util.tree_map
+
+    def dot(a, b):
+        return sum(jnp.vdot(x, y) for x, y in zip(leaves(a), leaves(b)))
+
+    def largest(tree):
+        return jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0) for x in leaves(tree)]))
+
+    def measure(grad, diag):
+        # The largest Jacobi step |grad_i| / diag_i, with `diag` the Hessian's diagonal at
+        # the current point for the trial point too: a Jacobi version of the natural
+        # monotonicity test (the new gradient through the old Hessian). With each point's
+        # own diagonal (the relative residual |mu_i| / (|in_i|^2 + |out_i|^2)) it
+        # saturates: a nearly pruned neuron (incoming norm 1e-8 of its outgoing) reads 1.0
+        # to rounding before and after every step while its moment map shrinks by e^-1 per
+        # step, and "no improvement" there stopped balance far from the balanced point.
+        return jnp.max(jnp.stack([jnp.max(jnp.where(d > 0, jnp.abs(g) / jnp.where(d > 0, d, 1), 0), initial=0)
+                                  for g, d in zip(leaves(grad), leaves(diag))]))
+
+    def search(c, f, grad, diag, step, slope):
+        # Backtrack while the predicted decrease is above rounding in F. Below it, F cannot
+        # tell a good step from a bad one, so the step is judged by the gradient instead:
+        # taken if it reduces `measure` (quadratic convergence to the end), otherwise the
+        # iteration has converged to working precision.
+        resolvable = -slope > _RESOLVE * eps * f
+
+        def shrink(s):  # the first pass tries the full step (one trace of `trial`)
+            t, _, _, first = s
+            t = jnp.where(first, jnp.ones((), dtype), 0.5 * t)
+            return (t, *trial(c, tmap(lambda s: t * s, step)), jnp.zeros((), bool))
+
+        def too_high(s):
+            t, _, f_new, first = s
+            return first | (resolvable & ~(f_new <= f + _ARMIJO * t * slope) & (t > 2.0**-_MAX_HALVINGS))
+
+        t, new, f_new, _ = jax.lax.while_loop(too_high, shrink, (jnp.ones((), dtype), c, f, jnp.ones((), bool)))
+        improved = jnp.where(resolvable, f_new <= f + _ARMIJO * t * slope,
+                             measure(gradient(new), diag) < measure(grad, diag))
+        improved = improved & jnp.isfinite(f_new)
+        return tmap(lambda s: t * s, step), new, f_new, improved
+
+    def body(carry):
+        xi, c, f, it, _, retry, held = carry
+        # A Newton step that failed its line search (an inexact float32 solve far from the
+        # minimum) is retried along the preconditioned gradient before giving up.
+        grad, diag, newton, fallback = jax.lax.cond(retry, lambda: (*held[:2], held[2], held[2]), lambda: local(c))
+        # An inexact solve (float32, ill-conditioned Hessian) may not give a descent
+        # direction: fall back to the preconditioned gradient, which always is one.
+        slope = dot(grad, newton)
+        ok = (slope < 0) & jnp.isfinite(slope)
+        step = tmap(lambda a, b: jnp.where(ok, a, b), newton, fallback)
+        delta, new, f_new, improved = search(c, f, grad, diag, step, jnp.where(ok, slope, dot(grad, fallback)))
+        again = ~improved & ok & ~retry
+        xi_new = tmap(jnp.add, xi, delta)
+        converged = jnp.where(improved, largest(delta) <= atol + rtol * largest(xi_new), ~again)
+        keep = lambda a, b: tmap(lambda u, v: jnp.where(improved, u, v), a, b)  # noqa: E731
+        return (keep(xi_new, xi), keep(new, c), jnp.where(improved, f_new, f), it + 1, converged, again,
+                (grad, diag, fallback))
+
+    def cond(carry):
+        return (carry[3] < max_steps) & ~carry[4]
+
+    zero = tmap(jnp.zeros_like, xi)
+    false = jnp.zeros((), bool)
+    init = (xi, centre, trial(centre, zero)[1], jnp.zeros((), jnp.int32), false, false, (zero, zero, zero))
+    xi, centre, *_ = jax.lax.while_loop(cond, body, init)
+    return xi, centre
+
+
+@eqx.filter_jit
+def _newton_structured(gauge, params, positive, rtol, atol, max_steps, free=None):
+    """Damped Newton (`_damped_newton`) on $F(\\xi) = \\tfrac12\\|\\exp(\\xi)\\cdot\\theta\\|^2$
+    with the exact structured Hessian $2G$ (see `gaugejax/_rescaling.py`), each step a
+    Jacobi-preconditioned CG solve: globally convergent on this convex problem, quadratic
+    near the minimum. The centre is the log-scales themselves (no re-centring: the result
+    is `act(exp(xi), params)` exactly).
+
+    Only the log-scales where `free` (`{site: bool array}`, default all) is true move
+    (degenerate neurons stay at 0): the gradient is masked and each step solves the Newton
+    system restricted to them."""
+    if free is None:
+        free = {n: jnp.ones((), bool) for n in positive}
+    leaves = jtu.tree_leaves(params)
     dtype = _dtype(params)
-    zeros = {n: gauge.site_groups[n].algebra_zeros(dtype) for n in positive}
-    scale = _sq_norm(params)
+    pairs = _rs.couplings(gauge, positive)
+    # normalise so that F is O(1): the tolerances are then relative
+    scale = sum(jnp.sum(leaves[plan.index] ** 2) for plan, _ in pairs)
+    scale = jnp.where(scale > 0, scale, 1)
 
-    def objective(xi, _):
-        return _sq_norm(gauge.act(gauge.exp(xi, dtype), params, check=False)) / scale
+    def trial(xi, delta):
+        new = _axpy(1.0, delta, xi)
+        moved = _scaled(leaves, pairs, new)
+        return new, 0.5 * sum(jnp.sum(moved[p.index] ** 2) for p, _ in pairs) / scale
 
-    def gradient(xi, _):
-        if free is None:
-            return jax.grad(objective)(xi, None)
-        # degenerate neurons (`free` false) keep their scale: their equation is xi = 0
-        g = jax.grad(objective)({n: jnp.where(free[n], x, 0) for n, x in xi.items()}, None)
-        return {n: jnp.where(free[n], g[n], xi[n]) for n in xi}
+    def moment(xi):
+        cur = [x / jnp.sqrt(scale) if eqx.is_inexact_array(x) else x for x in _scaled(leaves, pairs, xi)]
+        grad = _rs.adjoint(gauge, cur, cur, positive)  # moment map / scale
+        grad = {n: jnp.where(free[n], g, 0) for n, g in grad.items()}
+        diag = _rs.gram_diagonal(gauge, cur, positive)  # |in|^2 + |out|^2 per neuron
+        return cur, grad, diag
 
-    # The gradient is the (normalised) moment map; Newton on it converges quadratically
-    # on this strictly convex problem.
-    sol = optx.root_find(
-        gradient, optx.Newton(rtol=rtol, atol=atol), zeros, max_steps=max_steps, throw=False
-    )
-    return sol.value
+    def local(xi):
+        cur, grad, diag = moment(xi)
+        # the Hessian of F is 2 G
+        rhs = {n: -x for n, x in grad.items()}
+        newton, pre = _rs.solve_gram(gauge, cur, rhs, diag, sites=positive, scale=2.0, rtol=_CG_RTOL,
+                                     atol=0.0, max_steps=_CG_MAX_STEPS, free=free)
+        return grad, {n: 2 * d for n, d in diag.items()}, newton, pre.mv(rhs)
+
+    xi0 = {n: gauge.site_groups[n].algebra_zeros(dtype) for n in positive}
+    xi, _ = _damped_newton(trial, local, lambda xi: moment(xi)[1], xi0, xi0,
+                           dtype=dtype, rtol=rtol, atol=atol, max_steps=max_steps)
+    return xi
+
+
+def _link_problem(gauge, params, positive, free):
+    """The pieces `_newton_generic` and its derivative share: `params` split into its
+    inexact leaves and the rest, the flat layout of the log-scales, which of them are free,
+    `moved(point, d)` (the inexact leaves of `exp(d) . point`, `d` flat) and
+    `half(point)` ($\\tfrac12\\|\\cdot\\|^2$ over the leaves the sites touch)."""
+    dtype = _dtype(params)
+    lay = _rs.layout(gauge, positive)
+    if free is None:
+        free = {n: jnp.ones((), bool) for n in positive}
+    free_vec = _rs.flatten({n: jnp.broadcast_to(free[n], shape) for n, (_, shape) in lay.items()}, lay)
+    point, static = eqx.partition(params, eqx.is_inexact_array)
+    sites = set(positive)
+    touched = [plan.index for plan in gauge.plans
+               if any(lin.site in sites for lin in plan.linear)
+               or any(lp.out_site in sites or lp.in_site in sites for lp in plan.links)]
+
+    def moved(p, d):
+        out = gauge.act(gauge.exp(_rs.unflatten(d, lay), dtype), eqx.combine(p, static), check=False)
+        return eqx.filter(out, eqx.is_inexact_array)
+
+    def half(p):
+        ls = jtu.tree_leaves(eqx.combine(p, static))
+        return 0.5 * sum(jnp.sum(ls[i] ** 2) for i in touched)
+
+    return point, lay, free_vec, moved, half
+
+
+@eqx.filter_jit
+def _newton_generic(gauge, params, positive, rtol, atol, max_steps, free=None):
+    """Damped Newton (`_damped_newton`) on the autodiff Hessian of $F$, for rescaling sites
+    coupled through a [`gaugejax.Link`][] (a ResNet's or a neural ODE's streams). A link
+    acts affinely, $A \\mapsto g A g'^{-1} + (g g'^{-1} - I)/h$, so $F$ is not a sum of
+    exponentials of linear forms and the structured Gram matrix does not apply: each step
+    takes $N$ JVPs of the gradient ($N$ rescaled neurons; fine for lattice gauges of modest
+    width) and a Jacobi-scaled Cholesky solve (an indefinite Hessian far from the minimum
+    gives a non-finite step, and the loop falls back to the gradient).
+
+    Every accepted step re-centres: the parameters move to the new point, and the next
+    step is a Newton step at log-scales 0 there. Acting from the starting point instead,
+    a link's diagonal $e^{d}(A_{ii} + 1/h) - 1/h$ cancels to an error of
+    $\\epsilon e^{|d|}/h$, which bounds the moment map (with this same loop, a ReLU ResNet
+    moved by `gauge.sample(scale=4)` / `(scale=5)` stalled at relative residuals of 1e-8 /
+    1.5e-7 in float64 and 2e-3 in float32); at the current point the final steps are small
+    and exact.
+
+    Returns `(xi, point)`: the summed log-scales `{site: array}` and the inexact leaves of
+    the last point (`None` elsewhere), which is `act(exp(xi), params)` up to the rounding
+    of the action."""
+    dtype = _dtype(params)
+    point, lay, free_vec, moved, half = _link_problem(gauge, params, positive, free)
+    # normalise so that F is O(1): the tolerances are then relative
+    scale = 2 * half(point)
+    scale = jnp.where(scale > 0, scale, 1)
+    zero = jnp.zeros((_rs.num_scales(gauge, positive),), dtype)
+
+    def value(p, d):
+        return half(moved(p, d)) / scale
+
+    def trial(p, d):
+        new = moved(p, d)
+        return new, half(new) / scale
+
+    def gradient(p):
+        return jnp.where(free_vec, jax.grad(value, argnums=1)(p, zero), 0)
+
+    def local(p):
+        def grad_aux(d):
+            g = jax.grad(value, argnums=1)(p, d)
+            return g, g
+
+        hess, grad = jax.jacfwd(grad_aux, has_aux=True)(zero)  # one trace of the gradient
+        grad = jnp.where(free_vec, grad, 0)
+        d = jnp.diagonal(hess)
+        pos = free_vec & (d > 0)
+        ref = jnp.max(jnp.where(pos, d, 0), initial=0)
+        diag = jnp.where(pos, d, jnp.where(ref > 0, ref, 1))
+        newton = jnp.where(free_vec, _implicit_solve(hess, -grad, free_vec), 0)
+        return grad, diag, newton, -grad / diag
+
+    xi, point = _damped_newton(trial, local, gradient, point, zero,
+                               dtype=dtype, rtol=rtol, atol=atol, max_steps=max_steps)
+    return _rs.unflatten(xi, lay), point
+
+
+def _implicit_solve(hess: Array, rhs: Array, free: Array) -> Array:
+    """`hess^{-1} rhs` restricted to the `free` entries (zero on the others), by the
+    Jacobi-scaled Cholesky solve of `_rescaling.cholesky_solve`: the fixed rows and
+    columns are replaced by a multiple of the identity scaled like the free diagonal."""
+    ref = jnp.max(jnp.where(free, jnp.diagonal(hess), 0), initial=0)
+    ref = jnp.where(ref > 0, ref, 1)
+    h = jnp.where(free[:, None] & free[None, :], hess, 0) + jnp.diag(jnp.where(free, 0, ref))
+    return _rs.cholesky_solve(h, jnp.where(free, rhs, 0))
 
 
 def _scaled(leaves: list, pairs, xi: Mapping[str, Array]) -> list:
@@ -211,120 +440,45 @@ def _implicit_structured_jvp(primals, tangents):
     free_vec = free_vec & (jnp.diagonal(gram) > 0)
     # 2G on the free log-scales, a multiple of the identity on the fixed ones (their
     # tangent is zero), scaled like G's diagonal to keep the factorisation well-conditioned
-    ref = jnp.max(jnp.where(free_vec, 2 * jnp.diagonal(gram), 0), initial=0)
-    ref = jnp.where(ref > 0, ref, 1)
-    hess = jnp.where(free_vec[:, None] & free_vec[None, :], 2 * gram, 0) + jnp.diag(jnp.where(free_vec, 0, ref))
-    x = _rs.cholesky_solve(hess, jnp.where(free_vec, -_rs.flatten(rhs, lay), 0))
+    x = _implicit_solve(2 * gram, -_rs.flatten(rhs, lay), free_vec)
     return xi, _rs.unflatten(x, lay)
 
 
-_ARMIJO = 1e-4
-#: inexact Newton: each step's linear system is solved to this relative residual
-_CG_RTOL = 1e-6
-_CG_MAX_STEPS = 1000
-_MAX_HALVINGS = 40
-_RESOLVE = 1e3
+@eqx.filter_custom_jvp
+def _implicit_generic(gauge, params, positive, rtol, atol, max_steps, free):
+    """`_newton_generic`'s `(xi, point)`, differentiable in `params` by the implicit
+    function theorem, as `_implicit_structured`, with the autodiff Hessian; everything is
+    evaluated at the balanced point, where it is well conditioned: the tangent of
+    `params` is carried there by the action at fixed log-scales, $\\dot p$, and then
+    $\\dot\\xi = -H^{-1}\\,\\partial_p\\mu\\,[\\dot p]$ and $\\dot{\\mathrm{point}} = \\dot p +
+    V\\dot\\xi$ (for positive rescalings, $\\exp(\\xi + \\eta) = \\exp(\\eta)\\exp(\\xi)$)."""
+    return _newton_generic(gauge, params, positive, rtol, atol, max_steps, free)
 
 
-@eqx.filter_jit
-def _newton_structured(gauge, params, positive, rtol, atol, max_steps, free=None):
-    """Damped Newton on $F(\\xi) = \\tfrac12\\|\\exp(\\xi)\\cdot\\theta\\|^2$ with the exact
-    structured Hessian $2G$ (see `gaugejax/_rescaling.py`) and an Armijo backtracking line
-    search: globally convergent on this convex problem, quadratic near the minimum.
-
-    Only the log-scales where `free` (`{site: bool array}`, default all) is true move
-    (degenerate neurons stay at 0): the gradient is masked and each step solves the Newton
-    system restricted to them."""
-    if free is None:
-        free = {n: jnp.ones((), bool) for n in positive}
-    leaves = jtu.tree_leaves(params)
-    dtype = _dtype(params)
-    pairs = _rs.couplings(gauge, positive)
-    # normalise so that F is O(1): the tolerances are then relative
-    scale = sum(jnp.sum(leaves[plan.index] ** 2) for plan, _ in pairs)
-    scale = jnp.where(scale > 0, scale, 1)
-
-    def scaled(xi):
-        return _scaled(leaves, pairs, xi)
-
-    def value(xi):
-        return 0.5 * sum(jnp.sum(x**2) for x in (scaled(xi)[p.index] for p, _ in pairs)) / scale
-
-    def moment(xi):
-        cur = [x / jnp.sqrt(scale) if eqx.is_inexact_array(x) else x for x in scaled(xi)]
-        grad = _rs.adjoint(gauge, cur, cur, positive)  # moment map / scale
-        grad = {n: jnp.where(free[n], g, 0) for n, g in grad.items()}
-        diag = _rs.gram_diagonal(gauge, cur, positive)  # |in|^2 + |out|^2 per neuron
-        return cur, grad, diag
-
-    def residual(grad, diag):  # the relative moment map, as balance_residual
-        return jnp.max(jnp.stack([jnp.max(jnp.abs(grad[n]) / jnp.where(diag[n] > 0, diag[n], 1))
-                                  for n in positive]))
-
-    def direction(cur, grad, diag):
-        # the Hessian of F is 2 G
-        rhs = {n: -x for n, x in grad.items()}
-        newton, pre = _rs.solve_gram(gauge, cur, rhs, diag, sites=positive, scale=2.0, rtol=_CG_RTOL,
-                                     atol=0.0, max_steps=_CG_MAX_STEPS, free=free)
-        # An inexact solve (float32, ill-conditioned Gram) may not give a descent
-        # direction: fall back to the preconditioned gradient, which always is one.
-        slope = _dot(grad, newton, positive)
-        ok = (slope < 0) & jnp.isfinite(slope)
-        fallback = pre.mv(rhs)
-        step = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), newton, fallback)
-        return step, jnp.where(ok, slope, _dot(grad, fallback, positive)), fallback
-
-    def body(carry):
-        xi, f, it, _ = carry
-        cur, grad, diag = moment(xi)
-        step, slope, fallback = direction(cur, grad, diag)
-        new, f_new, improved, size = search(xi, f, grad, diag, step, slope)
-        # A Newton step that fails its line search (an inexact float32 solve far from the
-        # minimum) is retried along the preconditioned gradient before giving up.
-        retry = lambda: search(xi, f, grad, diag, fallback, _dot(grad, fallback, positive))  # noqa: E731
-        new, f_new, improved, size = jax.lax.cond(improved, lambda: (new, f_new, improved, size), retry)
-        ref = jnp.max(jnp.stack([jnp.max(jnp.abs(new[n])) for n in positive]))
-        converged = (size <= atol + rtol * ref) | ~improved
-        new = jax.tree_util.tree_map(lambda a, b: jnp.where(improved, a, b), new, xi)
-        return new, jnp.where(improved, f_new, f), it + 1, converged
-
-    def search(xi, f, grad, diag, step, slope):
-        def shrink(c):
-            t, _ = c
-            t = 0.5 * t
-            return t, value(_axpy(t, step, xi))
-
-        # Backtrack while the predicted decrease is above rounding in F. Below it, F cannot
-        # tell a good step from a bad one, so the step is judged by the moment map instead:
-        # taken if it reduces the relative residual (quadratic convergence to the end),
-        # otherwise the iteration has converged to working precision.
-        resolvable = -slope > _RESOLVE * jnp.finfo(dtype).eps * f
-
-        def too_high(c):
-            t, f_new = c
-            return resolvable & ~(f_new <= f + _ARMIJO * t * slope) & (t > 2.0**-_MAX_HALVINGS)
-
-        t, f_new = jax.lax.while_loop(too_high, shrink, (jnp.ones((), dtype), value(_axpy(1.0, step, xi))))
-        new = _axpy(t, step, xi)
-        _, grad_new, diag_new = moment(new)
-        improved = jnp.where(resolvable, f_new <= f + _ARMIJO * t * slope,
-                             residual(grad_new, diag_new) < residual(grad, diag))
-        improved = improved & jnp.isfinite(f_new)
-        size = jnp.max(jnp.stack([jnp.max(jnp.abs(t * step[n])) for n in positive]))
-        return new, f_new, improved, size
-
-    def cond(carry):
-        _, _, it, converged = carry
-        return (it < max_steps) & ~converged
-
-    xi0 = {n: gauge.site_groups[n].algebra_zeros(dtype) for n in positive}
-    init = (xi0, value(xi0), jnp.zeros((), jnp.int32), jnp.zeros((), bool))
-    xi, _, _, _ = jax.lax.while_loop(cond, body, init)
-    return xi
-
-
-def _dot(a, b, names) -> Array:
-    return sum(jnp.vdot(a[n], b[n]) for n in names)
+@_implicit_generic.def_jvp
+def _implicit_generic_jvp(primals, tangents):
+    gauge, params, positive, rtol, atol, max_steps, free = primals
+    xi, point = _implicit_generic(*primals)
+    zeros = jax.tree.map(jnp.zeros_like, (xi, point))
+    if tangents[1] is None:
+        return (xi, point), zeros
+    diff, lay, free_vec, moved, half = _link_problem(gauge, params, positive, free)
+    t_leaves = jtu.tree_structure(params).flatten_up_to(tangents[1])
+    t_diff = jtu.tree_unflatten(jtu.tree_structure(params), [
+        None if not eqx.is_inexact_array(x) else jnp.zeros_like(x) if t is None else t
+        for x, t in zip(jtu.tree_leaves(params), t_leaves)])
+    xi_vec = _rs.flatten(xi, lay)
+    zero = jnp.zeros_like(xi_vec)
+    # the tangent carried to the balanced point by the action at fixed log-scales
+    _, p_dot = jax.jvp(lambda p: moved(p, xi_vec), (diff,), (t_diff,))
+    moment = jax.grad(lambda p, d: half(moved(p, d)), argnums=1)
+    _, rhs = jax.jvp(lambda p: moment(p, zero), (point,), (p_dot,))
+    hess = jax.hessian(lambda d: half(moved(point, d)))(zero)
+    live = free_vec & (jnp.diagonal(hess) > 0)
+    xi_dot = _implicit_solve(hess, -rhs, live)
+    _, vertical = jax.jvp(lambda d: moved(point, d), (zero,), (xi_dot,))
+    point_dot = jax.tree.map(jnp.add, p_dot, vertical)
+    return (xi, point), (_rs.unflatten(xi_dot, lay), point_dot)
 
 
 def _axpy(t, step, xi):
@@ -339,7 +493,8 @@ def balance_residual(gauge: Gauge, params: PyTree) -> Array:
 
     Degenerate neurons (incoming or outgoing weights all zero, and the like, see
     [`gaugejax.degenerate_units`][]) are left out: they have no balanced point, and their
-    relative residual is 1 wherever they are on the orbit."""
+    relative residual is 1 wherever they are on the orbit. A NaN or infinite parameter
+    that a neuron scales makes the result NaN."""
     params = gauge._complete(params)  # an equinox.filter-ed model too
     gauge, params, _, _ = without_views(gauge, params)
     mu = moment_map(gauge, params)
@@ -349,7 +504,9 @@ def balance_residual(gauge: Gauge, params: PyTree) -> Array:
     res = []
     for n, (n_in, n_out) in sides.items():
         total = n_in + n_out
-        keep = ~dead[n] & (total > 0)
+        # only degenerate neurons and those with no weights are left out: a NaN (total > 0
+        # is false) counts, and the maximum is NaN (it read 0, "balanced", once)
+        keep = ~dead[n] & ~(total == 0)
         res.append(jnp.max(jnp.where(keep, jnp.abs(mu[n]) / jnp.where(keep, total, 1), 0)))
     return jnp.max(jnp.stack(res))
 
